@@ -1,0 +1,155 @@
+"""ResNet encoders for Barlow Twins, as torchvision builds them, with the options self-supervised training needs.
+
+* `resnet50`: the paper's backbone (2048-d features after global average pooling), torchvision's "v1.5" layout
+  (stride on the 3x3 convolution of a bottleneck).
+* `resnet18` / `resnet34`: 512-d; with `stem="cifar"` the first layer is a 3x3 stride-1 convolution and the max-pool
+  is dropped, the usual variant for 32 px images (solo-learn's CIFAR recipe).
+* `zero_init_residual=True` (the official code's torchvision flag): the last BatchNorm's gamma in each residual
+  branch starts at zero, so every block starts as the identity.
+* `synchronized_bn=True`: BatchNorm statistics over the global batch under `tf.distribute`, so N replicas train
+  exactly as one device (the official code converts to SyncBatchNorm for the same reason).
+
+Weights are randomly initialised (Kaiming normal, fan-out, as torchvision); there is nothing to download.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import keras
+
+_STAGE_WIDTHS = (64, 128, 256, 512)
+_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
+_BOTTLENECK = {"resnet18": False, "resnet34": False, "resnet50": True}
+_KAIMING = keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
+
+
+class _Builder:
+    """Holds the options shared by every layer of one network, so the block functions stay short."""
+
+    def __init__(self, synchronized_bn: bool, zero_init_residual: bool):
+        self.synchronized_bn = synchronized_bn
+        self.zero_init_residual = zero_init_residual
+
+    def conv(self, x, filters, kernel, stride, name):
+        if stride > 1 and kernel > 1:  # torch-style symmetric padding, not TF's "same" (which pads bottom/right).
+            x = keras.layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)
+            padding = "valid"
+        else:
+            padding = "same"
+        return keras.layers.Conv2D(
+            filters, kernel, stride, padding=padding, use_bias=False, kernel_initializer=_KAIMING, name=name
+        )(x)
+
+    def bn(self, x, name, last_in_branch=False):
+        gamma = "zeros" if (last_in_branch and self.zero_init_residual) else "ones"
+        return keras.layers.BatchNormalization(
+            momentum=0.9, epsilon=1e-5, gamma_initializer=gamma, synchronized=self.synchronized_bn, name=name
+        )(x)
+
+    def shortcut(self, x, filters, stride, name):
+        if stride == 1 and x.shape[-1] == filters:
+            return x
+        return self.bn(self.conv(x, filters, 1, stride, f"{name}_down_conv"), f"{name}_down_bn")
+
+    def basic_block(self, x, filters, stride, name):
+        shortcut = self.shortcut(x, filters, stride, name)
+        y = keras.layers.ReLU()(self.bn(self.conv(x, filters, 3, stride, f"{name}_conv1"), f"{name}_bn1"))
+        y = self.bn(self.conv(y, filters, 3, 1, f"{name}_conv2"), f"{name}_bn2", last_in_branch=True)
+        return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add()([shortcut, y]))
+
+    def bottleneck_block(self, x, filters, stride, name):
+        shortcut = self.shortcut(x, 4 * filters, stride, name)
+        y = keras.layers.ReLU()(self.bn(self.conv(x, filters, 1, 1, f"{name}_conv1"), f"{name}_bn1"))
+        y = keras.layers.ReLU()(self.bn(self.conv(y, filters, 3, stride, f"{name}_conv2"), f"{name}_bn2"))
+        y = self.bn(self.conv(y, 4 * filters, 1, 1, f"{name}_conv3"), f"{name}_bn3", last_in_branch=True)
+        return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add()([shortcut, y]))
+
+
+def resnet(
+    depth_name: str,
+    *,
+    input_shape=(224, 224, 3),
+    stem: str = "imagenet",
+    width_multiplier: float = 1.0,
+    blocks: tuple[int, ...] | None = None,
+    zero_init_residual: bool = True,
+    synchronized_bn: bool = True,
+    name: str | None = None,
+) -> keras.Model:
+    """Builds a ResNet encoder mapping normalised NHWC float images to pooled features.
+
+    Args:
+      depth_name: "resnet18", "resnet34" or "resnet50".
+      input_shape: (height, width, channels); height/width may be None for any size.
+      stem: "imagenet" (7x7 stride-2 conv + 3x3 stride-2 max-pool) or "cifar" (3x3 stride-1 conv, no pool).
+      width_multiplier: scales every stage's width (1.0 is the standard network; small values make tiny test nets).
+      blocks: residual blocks per stage, overriding the depth's standard (2, 2, 2, 2) / (3, 4, 6, 3); 1 to 4 stages.
+        With width_multiplier, this makes the small, fast networks of tests and the offline demo.
+      zero_init_residual: start each residual branch's last BN gamma at zero (official code: True).
+      synchronized_bn: global-batch BN statistics under tf.distribute.
+      name: the model's name (default: depth_name).
+
+    Example:
+      >>> encoder = resnet("resnet18", input_shape=(32, 32, 3), stem="cifar")
+      >>> encoder.output_shape
+      (None, 512)
+    """
+    if depth_name not in _BLOCKS:
+        raise ValueError(f"Unknown ResNet {depth_name!r}; choose one of {sorted(_BLOCKS)}.")
+    if stem not in ("imagenet", "cifar"):
+        raise ValueError(f"Unknown stem {stem!r}; choose 'imagenet' (7x7/2 + max-pool) or 'cifar' (3x3/1).")
+    if width_multiplier <= 0:
+        raise ValueError(f"width_multiplier must be positive, got {width_multiplier}.")
+    blocks = tuple(blocks) if blocks is not None else _BLOCKS[depth_name]
+    if not 1 <= len(blocks) <= 4 or any(int(b) < 1 for b in blocks):
+        raise ValueError(f"blocks must list 1 to 4 stages of at least one block each, got {blocks}.")
+
+    build = _Builder(synchronized_bn, zero_init_residual)
+    widths = [max(1, int(round(w * width_multiplier))) for w in _STAGE_WIDTHS]
+    inputs = keras.Input(shape=input_shape, name="images")
+    if stem == "imagenet":
+        x = build.conv(inputs, widths[0], 7, 2, "stem_conv")
+        x = keras.layers.ReLU(name="stem_relu")(build.bn(x, "stem_bn"))
+        x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+        x = keras.layers.MaxPooling2D(3, 2, name="stem_pool")(x)
+    else:
+        x = build.conv(inputs, widths[0], 3, 1, "stem_conv")
+        x = keras.layers.ReLU(name="stem_relu")(build.bn(x, "stem_bn"))
+
+    block = build.bottleneck_block if _BOTTLENECK[depth_name] else build.basic_block
+    for stage, (filters, stage_blocks) in enumerate(zip(widths, blocks)):
+        for i in range(stage_blocks):
+            stride = 2 if (i == 0 and stage > 0) else 1
+            x = block(x, filters, stride, f"stage{stage + 1}_block{i + 1}")
+    features = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    return keras.Model(inputs, features, name=name or depth_name)
+
+
+def resnet18(**kwargs) -> keras.Model:
+    """ResNet-18 (512-d features). Keyword arguments as `resnet`."""
+    return resnet("resnet18", **kwargs)
+
+
+def resnet34(**kwargs) -> keras.Model:
+    """ResNet-34 (512-d features). Keyword arguments as `resnet`."""
+    return resnet("resnet34", **kwargs)
+
+
+def resnet50(**kwargs) -> keras.Model:
+    """ResNet-50 (2048-d features), the paper's backbone. Keyword arguments as `resnet`."""
+    return resnet("resnet50", **kwargs)
+
+
+BACKBONES: dict[str, Callable[..., keras.Model]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+}
+
+
+def get_backbone(name: str, **kwargs) -> keras.Model:
+    """Builds a registered backbone by name, e.g. `get_backbone("resnet18", stem="cifar", input_shape=(32, 32, 3))`."""
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown backbone {name!r}; registered backbones: {sorted(BACKBONES)}.")
+    return BACKBONES[name](**kwargs)

@@ -1,0 +1,129 @@
+"""The Barlow Twins redundancy-reduction loss, exact over the global batch.
+
+Barlow Twins (Zbontar et al., ICML 2021, eq. 1) normalises each view's embedding along the batch, forms the
+cross-correlation matrix ``C = z1n^T z2n / N`` (D x D) and asks it to be the identity:
+
+    loss = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2
+
+Everything here is over the GLOBAL batch. Called inside a `tf.distribute` replica context with more than one
+replica, the batch statistics and C are summed across replicas with `all_reduce`, which is differentiable, so every
+replica computes the same, exact global loss. (The official PyTorch code all-reduces C without a gradient instead;
+see `BarlowTwins.train_step` for how we turn per-replica gradients into the true gradient of the global loss.)
+
+The batch normalisation is BatchNorm without scale and offset in training mode, as in the official code: biased
+variance, epsilon 1e-5 (torch's default). All arithmetic is float32 under a mixed-precision policy (float16/bfloat16 embeddings are cast up); float64
+embeddings stay float64, which the exactness tests use to separate maths from float32 round-off.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+EPSILON = 1e-5  # torch.nn.BatchNorm1d's default, used by the official code's affine-free BN.
+DEFAULT_LAMBDA = 0.0051  # official code's default (the paper's text says 5e-3).
+
+
+def _replicas_in_sync() -> int:
+    context = tf.distribute.get_replica_context()
+    return context.num_replicas_in_sync if context is not None else 1
+
+
+def _global_sum(x: tf.Tensor) -> tf.Tensor:
+    """Sums `x` over all replicas when called in a multi-replica context; identity otherwise."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return x
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+
+def _check_embeddings(z1, z2) -> tuple[tf.Tensor, tf.Tensor]:
+    z1 = tf.convert_to_tensor(z1)
+    z2 = tf.convert_to_tensor(z2)
+    for name, z in (("z1", z1), ("z2", z2)):
+        if not z.dtype.is_floating:
+            raise ValueError(
+                f"Barlow Twins loss: {name} has dtype {z.dtype.name}; embeddings must be floating point. "
+                "Cast the inputs (e.g. images to float32) before the encoder."
+            )
+        if z.shape.rank != 2:
+            raise ValueError(f"Barlow Twins loss: {name} must be a [batch, dim] matrix, got shape {z.shape}.")
+    if not z1.shape.is_compatible_with(z2.shape):
+        raise ValueError(
+            f"Barlow Twins loss: the two views' embeddings differ in shape, z1 {z1.shape} vs z2 {z2.shape}. "
+            "Both views must go through the same encoder and projector with the same batch size."
+        )
+    local_batch = z1.shape[0]
+    if local_batch is not None and local_batch * _replicas_in_sync() < 2:
+        raise ValueError(
+            "Barlow Twins loss: the global batch has 1 example; batch statistics (mean, variance) need at least "
+            "2, and the method is meant for large batches (the paper uses 2048). Increase the batch size."
+        )
+    dtype = tf.float64 if z1.dtype == tf.float64 else tf.float32
+    return tf.cast(z1, dtype), tf.cast(z2, dtype)
+
+
+def _batch_normalize(z: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+    """Normalises `z` along the (global) batch: zero mean, unit biased variance, as BatchNorm in training mode."""
+    mean = _global_sum(tf.reduce_sum(z, axis=0)) / count
+    centred = z - mean
+    variance = _global_sum(tf.reduce_sum(tf.square(centred), axis=0)) / count
+    return centred * tf.math.rsqrt(variance + EPSILON)
+
+
+def cross_correlation(z1, z2) -> tf.Tensor:
+    """The D x D cross-correlation matrix of two views' embeddings over the global batch.
+
+    Args:
+      z1, z2: `[batch, D]` embeddings of the two views (this replica's share of the batch inside a replica context).
+
+    Returns:
+      `C` with `C[i, j] = sum_b z1n[b, i] * z2n[b, j] / N`, where `zkn` is `zk` normalised along the global batch
+      and N the global batch size. Identical on every replica.
+
+    Example:
+      >>> z = tf.random.normal([64, 8])
+      >>> c = cross_correlation(z, z)  # diagonal ~1: a view correlates perfectly with itself.
+    """
+    z1, z2 = _check_embeddings(z1, z2)
+    count = _global_sum(tf.cast(tf.shape(z1)[0], z1.dtype))
+    z1n = _batch_normalize(z1, count)
+    z2n = _batch_normalize(z2, count)
+    return _global_sum(tf.matmul(z1n, z2n, transpose_a=True)) / count
+
+
+def barlow_twins_loss(z1, z2, lambd: float = DEFAULT_LAMBDA) -> dict[str, tf.Tensor]:
+    """The Barlow Twins loss of two views' embeddings, over the global batch.
+
+    Args:
+      z1, z2: `[batch, D]` projector outputs of the two views.
+      lambd: weight of the redundancy-reduction (off-diagonal) term; 0.0051 in the official code.
+
+    Returns:
+      A dict of float32 scalars: `loss` = `on_diagonal` + lambd * `off_diagonal`, where `on_diagonal` =
+      sum_i (1 - C_ii)^2 (invariance) and `off_diagonal` = sum_{i != j} C_ij^2 (redundancy, unweighted);
+      and `cross_correlation`, the matrix C itself, for pictures and diagnostics.
+    """
+    c = cross_correlation(z1, z2)
+    diagonal = tf.linalg.diag_part(c)
+    on_diagonal = tf.reduce_sum(tf.square(1.0 - diagonal))
+    # One pass over C for all squares, then remove the diagonal's share: cheaper than masking a D x D matrix.
+    off_diagonal = tf.reduce_sum(tf.square(c)) - tf.reduce_sum(tf.square(diagonal))
+    return {
+        "loss": on_diagonal + lambd * off_diagonal,
+        "on_diagonal": on_diagonal,
+        "off_diagonal": off_diagonal,
+        "cross_correlation": c,
+    }
+
+
+def embedding_std(z) -> tf.Tensor:
+    """Mean per-dimension standard deviation, over the global batch, of the L2-normalised embeddings `z`.
+
+    The collapse signal of Chen & He (SimSiam, 2021): 0 when every example maps to the same point, about
+    1/sqrt(D) when the embeddings spread over the unit sphere. Logged by `BarlowTwins` as `embedding_std`.
+    """
+    z = tf.math.l2_normalize(tf.cast(z, tf.float32), axis=1)
+    count = _global_sum(tf.cast(tf.shape(z)[0], tf.float32))
+    mean = _global_sum(tf.reduce_sum(z, axis=0)) / count
+    variance = _global_sum(tf.reduce_sum(tf.square(z - mean), axis=0)) / count
+    return tf.reduce_mean(tf.sqrt(variance))

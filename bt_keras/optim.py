@@ -1,0 +1,157 @@
+"""LARS and the warm-up + cosine learning-rate schedule, as the official Barlow Twins code uses them.
+
+LARS (You et al., 2017) in the official code's form, for every variable `w` with gradient `g`:
+
+    d  = g + weight_decay * w                              (weights only)
+    d *= eta * ||w|| / ||d||   (1 when either norm is 0)   (weights only: the trust ratio)
+    mu = momentum * mu + d
+    w -= lr * mu
+
+"Weights" are variables of rank >= 2 (kernels); 1-D variables (biases, BatchNorm gamma/beta) get neither weight decay
+nor the trust ratio, and their own learning rate `lr * bias_lr_scale`: the official 0.2 / 0.0048 split is
+`bias_lr_scale = 0.0048 / 0.2 = 0.024`.
+
+Note that weight decay enters BEFORE the trust ratio, so a global scale s of the gradient changes the effective weight
+decay (x 1/s) and the biases' step (x s). `BarlowTwins.train_step` hands LARS the true gradient of the global loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="bt_keras")
+class LARS(keras.optimizers.Optimizer):
+    """Layer-wise Adaptive Rate Scaling, with the official Barlow Twins exclusions for 1-D variables.
+
+    Args:
+      learning_rate: float or `LearningRateSchedule` for weights (rank >= 2 variables).
+      momentum: heavy-ball momentum (0.9 in the paper).
+      eta: trust coefficient (0.001 in the paper; 0.02 in the CIFAR recipe).
+      weight_decay: L2 coefficient added to the gradient before the trust ratio (1.5e-6 in the paper).
+      bias_lr_scale: 1-D variables use `learning_rate * bias_lr_scale` (0.0048 / 0.2 = 0.024 officially).
+      exclude_1d: exempt 1-D variables from weight decay and the trust ratio (True officially).
+      name, **kwargs: as `keras.optimizers.Optimizer` (clipnorm, loss_scale_factor, ...). Keras's own decoupled
+        `weight_decay` mechanism is not used.
+
+    Example:
+      >>> opt = LARS(WarmupCosine(0.2 * 2048 / 256, warmup_steps=10 * 625, total_steps=1000 * 625))
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.2,
+        momentum: float = 0.9,
+        eta: float = 0.001,
+        weight_decay: float = 1.5e-6,
+        bias_lr_scale: float = 0.0048 / 0.2,
+        exclude_1d: bool = True,
+        name: str = "lars",
+        **kwargs,
+    ):
+        super().__init__(learning_rate=learning_rate, name=name, weight_decay=None, **kwargs)
+        for arg, value in (("momentum", momentum), ("eta", eta), ("weight_decay", weight_decay),
+                           ("bias_lr_scale", bias_lr_scale)):
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"LARS: {arg} must be a finite number >= 0, got {value!r}.")
+        if momentum >= 1:
+            raise ValueError(f"LARS: momentum must be in [0, 1), got {momentum}.")
+        self.momentum = float(momentum)
+        self.eta = float(eta)
+        self.lars_weight_decay = float(weight_decay)
+        self.bias_lr_scale = float(bias_lr_scale)
+        self.exclude_1d = bool(exclude_1d)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.momentums = self.add_optimizer_variables(variables, "momentum")
+
+    def _is_excluded(self, variable) -> bool:
+        return self.exclude_1d and len(variable.shape) <= 1
+
+    def update_step(self, gradient, variable, learning_rate):
+        """One LARS update of `variable` (called per variable, inside `tf.distribute` updates)."""
+        dtype = variable.dtype
+        lr = ops.cast(learning_rate, dtype)
+        update = ops.cast(gradient, dtype)
+        if self._is_excluded(variable):
+            lr = lr * ops.cast(self.bias_lr_scale, dtype)
+        else:
+            if self.lars_weight_decay:
+                update = update + ops.cast(self.lars_weight_decay, dtype) * variable
+            weight_norm = ops.sqrt(ops.sum(ops.square(variable)))
+            update_norm = ops.sqrt(ops.sum(ops.square(update)))
+            ratio = ops.where(
+                ops.logical_and(weight_norm > 0, update_norm > 0),
+                ops.cast(self.eta, dtype) * weight_norm / ops.maximum(update_norm, 1e-30),
+                ops.ones_like(weight_norm),
+            )
+            update = update * ratio
+        momentum = self.momentums[self._get_variable_index(variable)]
+        self.assign(momentum, ops.cast(self.momentum, dtype) * momentum + update)
+        self.assign_sub(variable, lr * momentum)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            momentum=self.momentum,
+            eta=self.eta,
+            weight_decay=self.lars_weight_decay,
+            bias_lr_scale=self.bias_lr_scale,
+            exclude_1d=self.exclude_1d,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="bt_keras")
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from 0 to `base_lr` over `warmup_steps`, then cosine decay to `base_lr * end_scale`.
+
+    As the official code's `adjust_learning_rate`, evaluated per step:
+      step < warmup:  base_lr * step / warmup_steps
+      after:          base_lr * (end_scale + (1 - end_scale) * 0.5 * (1 + cos(pi * t))),
+                      t = (step - warmup_steps) / (total_steps - warmup_steps), clipped to [0, 1].
+
+    Args:
+      base_lr: peak learning rate (the paper: 0.2 * batch_size / 256 for weights).
+      warmup_steps: length of the linear warm-up (10 epochs' steps in the paper).
+      total_steps: total training steps; the schedule stays at the floor afterwards.
+      end_scale: the floor as a fraction of base_lr (0.001 officially).
+    """
+
+    def __init__(self, base_lr: float, warmup_steps: int, total_steps: int, end_scale: float = 0.001):
+        if base_lr < 0:
+            raise ValueError(f"WarmupCosine: base_lr must be >= 0, got {base_lr}.")
+        if not 0 <= warmup_steps <= total_steps or total_steps <= 0:
+            raise ValueError(
+                f"WarmupCosine: need 0 <= warmup_steps <= total_steps and total_steps > 0, "
+                f"got warmup_steps={warmup_steps}, total_steps={total_steps}."
+            )
+        if not 0 <= end_scale <= 1:
+            raise ValueError(f"WarmupCosine: end_scale must be in [0, 1], got {end_scale}.")
+        self.base_lr = float(base_lr)
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+        self.end_scale = float(end_scale)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        warmup = float(max(self.warmup_steps, 1))
+        warm = self.base_lr * step / warmup
+        decay_steps = float(max(self.total_steps - self.warmup_steps, 1))
+        t = ops.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+        cosine = self.base_lr * (self.end_scale + (1.0 - self.end_scale) * 0.5 * (1.0 + ops.cos(math.pi * t)))
+        return ops.where(step < self.warmup_steps, warm, cosine)
+
+    def get_config(self):
+        return {
+            "base_lr": self.base_lr,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "end_scale": self.end_scale,
+        }

@@ -1,0 +1,41 @@
+"""Installs bt_keras: Barlow Twins self-supervised learning for TensorFlow/Keras.
+
+TensorFlow is named as ``tensorflow>=2.21``. That wheel runs on CPU everywhere and on NVIDIA GPUs when the CUDA
+libraries are present; GPU users get them with ``pip install "tensorflow[and-cuda]>=2.21"`` before (or instead of)
+the plain requirement, and CPU-only machines may install ``tensorflow-cpu`` first to save about 400 MB. See README.
+"""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "tensorflow>=2.21",
+    "keras>=3.15",
+    "tensorflow-datasets>=4.9.10",
+    "importlib_resources>=6.0",  # tensorflow-datasets 4.9.10 imports it at run time on Python 3.11
+    "absl-py>=2.1",
+    "ml-collections>=1.0",
+    "numpy>=1.26",
+    "scikit-learn>=1.4",  # the embedded `digits` dataset and the L-BFGS linear probe
+    "pillow>=10.0",
+    "matplotlib>=3.8",  # cross-correlation pictures in TensorBoard
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8.0"],
+    "serving": ["tensorflow-serving-api>=2.18"],
+    # keras-cv is optional: every augmentation we need is in keras.layers or our own ops.
+    "keras-cv": ["keras-cv>=0.9"],
+}
+
+setup(
+    name="bt_keras",
+    version="0.1.0",
+    description="Barlow Twins (Zbontar et al., ICML 2021) for TensorFlow/Keras: exact under tf.distribute, exportable.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["bt_keras", "bt_keras.*", "export", "export.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

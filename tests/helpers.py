@@ -1,0 +1,25 @@
+"""Small networks and data shared by the tests: tiny enough to keep the suite fast, real enough to test the maths."""
+
+import numpy as np
+
+from bt_keras import backbones, heads
+from bt_keras.model import BarlowTwins
+
+
+def tiny_model(image_size=8, projector="32-32", lambd=0.0051, seed=0, blocks=(1, 1)):
+    """A two-stage, width-1/16 CIFAR ResNet-18 (fast to trace) with a small projector; synchronized BN throughout."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    encoder = backbones.resnet18(
+        input_shape=(image_size, image_size, 3), stem="cifar", width_multiplier=1 / 16, blocks=blocks
+    )
+    return BarlowTwins(encoder, heads.projector(projector), lambd=lambd)
+
+
+def view_pair(batch, image_size=8, seed=0):
+    """Two correlated float32 'views' of random images."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(batch, image_size, image_size, 3)).astype("float32")
+    noise = rng.normal(size=images.shape).astype("float32")
+    return images, (images + 0.3 * noise).astype("float32")

@@ -1,0 +1,125 @@
+"""N replicas with global batch B must train exactly as one device on the same B examples.
+
+Runs MirroredStrategy over 2 and 4 logical CPU devices (see conftest.py) against the default single-device strategy,
+from identical initial weights and data: the loss, every gradient, and the weights after one `model.fit` step with
+LARS (BatchNorm moving statistics included) must agree to 1e-5.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+
+from bt_keras.optim import LARS
+from tests.helpers import tiny_model, view_pair
+
+GLOBAL_BATCH = 8
+_GROUP_KEYS = itertools.count(1000, 1000)
+
+
+def _strategy(replicas):
+    if replicas == 1:
+        return tf.distribute.get_strategy()  # the default strategy: one device, no replicas
+    # Collective all-reduces (MirroredStrategy's default for in-replica all_reduce) number their groups from 1 in
+    # every strategy; a second strategy after a 2-device one in the same process then fails with "joining a group
+    # with size 4, but that group has size 2". Give each strategy its own group keys (private TF API, tests only).
+    from tensorflow.python.distribute import cross_device_ops, cross_device_utils
+
+    devices = [f"/cpu:{i}" for i in range(replicas)]
+    all_reduce = cross_device_ops.CollectiveAllReduce(
+        devices=devices,
+        group_size=replicas,
+        options=tf.distribute.experimental.CommunicationOptions(),
+        collective_keys=cross_device_utils.CollectiveKeys(group_key_start=next(_GROUP_KEYS)),
+    )
+    return tf.distribute.MirroredStrategy(devices, cross_device_ops=all_reduce)
+
+
+def _one_step(replicas, initial_weights, views, dtype="float32"):
+    """Returns (loss, gradients, weights after one fit step) computed under `replicas` replicas."""
+    strategy = _strategy(replicas)
+    keras.config.set_dtype_policy(dtype)
+    try:
+        with strategy.scope():
+            model = tiny_model()
+            model.set_weights(initial_weights)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    views = tuple(v.astype(dtype) for v in views)
+    with strategy.scope():
+        model.compile(optimizer=LARS(0.5, momentum=0.9, eta=0.02, weight_decay=1e-3))
+
+    @tf.function
+    def gradients(v1, v2):
+        grads, terms = strategy.run(model.compute_gradients, args=(v1, v2))
+        summed = [strategy.reduce(tf.distribute.ReduceOp.SUM, g, axis=None) for g in grads]
+        return summed, strategy.reduce(tf.distribute.ReduceOp.MEAN, terms["loss"], axis=None)
+
+    dataset = tf.data.Dataset.from_tensors(views)
+    v1, v2 = next(iter(strategy.experimental_distribute_dataset(dataset)))
+    grads, loss = gradients(v1, v2)
+    history = model.fit(dataset, epochs=1, verbose=0)
+    assert history.history["loss"][0] == pytest.approx(float(loss), rel=1e-5)
+    return float(loss), [g.numpy() for g in grads], model.get_weights()
+
+
+_SINGLE = {}
+
+
+def _single_device(dtype):
+    if dtype not in _SINGLE:
+        initial = tiny_model().get_weights()
+        views = view_pair(GLOBAL_BATCH)
+        _SINGLE[dtype] = initial, views, _one_step(1, [w.astype(dtype) for w in initial], views, dtype)
+    return _SINGLE[dtype]
+
+
+# float64 separates the maths from round-off: any error in the replica scaling or a per-replica statistic would
+# show as an O(1) difference. float32 (what users train in) agrees to round-off relative to the gradients' size.
+@pytest.mark.parametrize("replicas, dtype", [(2, "float64"), (4, "float64"), (2, "float32")])
+def test_mirrored_equals_single_device(replicas, dtype):
+    initial, views, (loss_1, grads_1, weights_1) = _single_device(dtype)
+    loss_n, grads_n, weights_n = _one_step(replicas, [w.astype(dtype) for w in initial], views, dtype)
+    grad_diff = max(float(np.abs(a - b).max()) for a, b in zip(grads_1, grads_n))
+    weight_diff = max(float(np.abs(a - b).max()) for a, b in zip(weights_1, weights_n))
+    grad_scale = max(float(np.abs(g).max()) for g in grads_1)
+    print(f"replicas={replicas} {dtype}: |dloss|={abs(loss_n - loss_1):.2e} max|dgrad|={grad_diff:.2e} "
+          f"(max|grad|={grad_scale:.1f}) max|dweight|={weight_diff:.2e}")
+    tolerance = 1e-5 if dtype == "float64" else 1e-5 * grad_scale
+    assert abs(loss_n - loss_1) <= 1e-5 * max(1.0, abs(loss_1))
+    assert grad_diff <= tolerance
+    assert weight_diff <= 1e-5
+    # The step must have moved the weights, or equality would prove nothing.
+    assert max(float(np.abs(a - b).max()) for a, b in zip(initial, weights_1)) > 1e-3
+
+
+def test_gradient_without_replica_scaling_would_be_wrong():
+    """Sanity check that the test can fail: a per-replica mean-loss gradient (summed) is R times too large."""
+    initial, views, (_, grads_1, _) = _single_device("float32")
+    strategy = _strategy(2)
+    with strategy.scope():
+        model = tiny_model()
+        model.set_weights(initial)
+
+    def unscaled(v1, v2):
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss_terms(v1, v2)["loss"]
+        return tape.gradient(loss, model.trainable_variables)
+
+    v1, v2 = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(views))))
+    grads = tf.function(lambda a, b: [strategy.reduce("SUM", g, axis=None) for g in strategy.run(unscaled, (a, b))])(v1, v2)
+    ratios = [np.linalg.norm(g.numpy()) / np.linalg.norm(r) for g, r in zip(grads, grads_1) if np.linalg.norm(r) > 1e-6]
+    assert np.median(ratios) == pytest.approx(2.0, rel=1e-3)
+
+
+def test_global_batch_not_divisible_by_replicas_is_refused():
+    strategy = _strategy(4)
+    with strategy.scope():
+        model = tiny_model()
+        model.compile(optimizer=LARS(0.1))
+    dataset = tf.data.Dataset.from_tensor_slices(view_pair(12)).batch(6, drop_remainder=True)
+    with pytest.raises(ValueError, match="not divisible by the number of replicas"):
+        model.fit(dataset, epochs=1, verbose=0)

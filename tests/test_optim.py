@@ -1,0 +1,96 @@
+"""LARS against a NumPy reference of the official update rule, and the warm-up + cosine schedule's values."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bt_keras.optim import LARS, WarmupCosine
+
+
+def numpy_lars(weights, grads_per_step, lr, momentum, eta, wd, bias_lr_scale):
+    """The official code's LARS.step, in float64, for a list of arrays over several steps."""
+    weights = [np.asarray(w, np.float64).copy() for w in weights]
+    mus = [np.zeros_like(w) for w in weights]
+    for grads in grads_per_step:
+        for i, (w, g) in enumerate(zip(weights, grads)):
+            d = np.asarray(g, np.float64).copy()
+            step_lr = lr
+            if w.ndim > 1:
+                d = d + wd * w
+                w_norm, d_norm = np.linalg.norm(w), np.linalg.norm(d)
+                d = d * (eta * w_norm / d_norm if (w_norm > 0 and d_norm > 0) else 1.0)
+            else:
+                step_lr = lr * bias_lr_scale
+            mus[i] = momentum * mus[i] + d
+            weights[i] = w - step_lr * mus[i]
+    return weights
+
+
+def test_lars_matches_numpy_reference_with_exclusions_and_zero_norms():
+    rng = np.random.default_rng(0)
+    initial = [
+        rng.normal(size=(4, 3)),  # an ordinary kernel
+        np.zeros((3, 2)),  # zero weight norm: trust ratio 1
+        np.zeros((2, 2)),  # zero weight AND zero gradient: update norm 0, ratio 1, stays 0
+        rng.normal(size=(3,)),  # a bias: no weight decay, no trust ratio, own learning rate
+    ]
+    grads = [
+        [rng.normal(size=w.shape) for w in initial[:2]] + [np.zeros((2, 2)), rng.normal(size=(3,))] for _ in range(3)
+    ]
+    hyper = dict(lr=0.5, momentum=0.9, eta=0.02, wd=1e-2, bias_lr_scale=0.024)
+    expected = numpy_lars(initial, grads, **hyper)
+
+    variables = [keras.Variable(w.astype("float32")) for w in initial]
+    opt = LARS(hyper["lr"], momentum=hyper["momentum"], eta=hyper["eta"], weight_decay=hyper["wd"],
+               bias_lr_scale=hyper["bias_lr_scale"])
+    for step_grads in grads:
+        opt.apply_gradients([(tf.constant(g, tf.float32), v) for g, v in zip(step_grads, variables)])
+    for got, want in zip(variables, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    assert np.all(variables[2].numpy() == 0)
+
+
+def test_lars_without_exclusions_treats_biases_as_weights():
+    w, g = np.array([1.0, -2.0]), np.array([0.5, 0.5])
+    var = keras.Variable(w.astype("float32"))
+    LARS(1.0, momentum=0.0, eta=0.1, weight_decay=0.0, exclude_1d=False).apply_gradients([(tf.constant(g, tf.float32), var)])
+    ratio = 0.1 * np.linalg.norm(w) / np.linalg.norm(g)
+    np.testing.assert_allclose(var.numpy(), w - ratio * g, rtol=1e-6)
+
+
+def test_lars_config_round_trip():
+    schedule = WarmupCosine(1.6, warmup_steps=10, total_steps=100)
+    opt = LARS(schedule, momentum=0.8, eta=0.02, weight_decay=1e-4, bias_lr_scale=0.5)
+    clone = LARS.from_config(opt.get_config())
+    assert clone.get_config() == opt.get_config()
+    assert clone.lars_weight_decay == 1e-4 and clone.eta == 0.02
+    assert isinstance(clone._learning_rate, WarmupCosine)
+
+
+@pytest.mark.parametrize("bad", [dict(momentum=1.0), dict(eta=-1.0), dict(weight_decay=float("nan"))])
+def test_lars_rejects_bad_hyperparameters(bad):
+    with pytest.raises(ValueError, match="LARS"):
+        LARS(0.1, **bad)
+
+
+def test_warmup_cosine_values():
+    base, warmup, total, floor = 2.0, 10, 110, 0.001
+    schedule = WarmupCosine(base, warmup, total, end_scale=floor)
+    value = lambda step: float(schedule(step))  # noqa: E731
+    assert value(0) == 0.0
+    assert value(5) == pytest.approx(base * 5 / warmup)
+    assert value(warmup) == pytest.approx(base)  # end of warm-up: the peak
+    assert value(warmup + 50) == pytest.approx(base * (floor + (1 - floor) * 0.5))  # midway through the cosine
+    assert value(total) == pytest.approx(base * floor)  # end: the floor
+    assert value(total + 1000) == pytest.approx(base * floor)
+    q = 0.5 * (1 + math.cos(math.pi * 0.25))  # the official formula at a quarter of the decay
+    assert value(warmup + 25) == pytest.approx(base * q + base * floor * (1 - q), rel=1e-6)
+    assert WarmupCosine.from_config(schedule.get_config()).get_config() == schedule.get_config()
+
+
+def test_warmup_cosine_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="warmup_steps"):
+        WarmupCosine(1.0, warmup_steps=20, total_steps=10)

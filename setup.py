@@ -17,7 +17,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "scikit-learn>=1.4",  # the embedded `digits` dataset and the L-BFGS linear probe
     "pillow>=10.0",
-    "matplotlib>=3.8",  # cross-correlation pictures in TensorBoard
+    "tensorboard>=2.20",  # tf.summary needs it installed (the tensorflow wheel no longer pulls it in)
 ]
 
 EXTRAS_REQUIRE = {

@@ -28,3 +28,64 @@ def check_global_batch(global_batch_size: int, num_replicas: int) -> int:
             f"Use a multiple of {num_replicas}, e.g. {lower or num_replicas} or {lower + num_replicas}."
         )
     return global_batch_size // num_replicas
+
+
+def split_cpu(num_devices: int) -> None:
+    """Splits the host CPU into `num_devices` logical devices, so `mirrored` can be tried (and tested) without GPUs.
+
+    Must run before TensorFlow initialises its devices (before any op runs).
+    """
+    if num_devices < 1:
+        raise ValueError(f"--cpu_devices must be >= 1, got {num_devices}.")
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_devices)
+    except RuntimeError as error:
+        raise RuntimeError(f"Could not split the CPU into {num_devices} devices: TensorFlow is already initialised "
+                           f"({error}). Call split_cpu before anything else.") from error
+
+
+def make_strategy(name: str, tpu: str | None = None) -> tf.distribute.Strategy:
+    """Returns the strategy called `name`.
+
+    * `default`: one device (the first GPU if any, else the CPU).
+    * `mirrored`: all local GPUs; without GPUs, all logical CPU devices (see `split_cpu`), else the CPU alone.
+    * `multi_worker`: MultiWorkerMirroredStrategy from the `TF_CONFIG` environment variable.
+    * `tpu`: TPUStrategy on the TPU named by `tpu` (a name or grpc:// address; "" or None: the local TPU VM).
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable describing the cluster, "
+                             'e.g. {"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
+                             '"index": 0}}.')
+        try:
+            json.loads(os.environ["TF_CONFIG"])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"TF_CONFIG is not valid JSON: {error}") from error
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, tf.errors.OpError, RuntimeError) as error:
+        raise RuntimeError(f"--strategy=tpu: no TPU found (tpu={tpu!r}): {error}. Run on a TPU VM, or pass --tpu with "
+                           "the TPU's name or grpc:// address; use --strategy=default or mirrored elsewhere.") from error
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the worker that writes checkpoints and logs (always true outside multi-worker training)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type is None or task_type == "chief" or (task_type == "worker" and task_id == 0
+                                                          and "chief" not in resolver.cluster_spec().as_dict())

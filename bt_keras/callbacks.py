@@ -1,0 +1,150 @@
+"""Keras callbacks that let a researcher watch Barlow Twins train: logs, TensorBoard, C itself, and kNN accuracy.
+
+They work with `model.fit` and with `bt_keras.train`'s loop alike:
+
+* `MetricsLogger`: every logged step and epoch as a JSON line (`metrics.jsonl`) and as TensorBoard scalars
+  (loss, on/off-diagonal terms, learning rate, embedding std, images per second, kNN accuracy).
+* `CrossCorrelationPicture`: the cross-correlation matrix C of a fixed batch, as a TensorBoard image and a PNG.
+  Red is +1, blue -1, white 0: training should turn it into a red diagonal on white.
+* `KnnMonitor`: weighted kNN accuracy (k=200, temperature 0.1, as in Wu et al. 2018 and most SSL papers) of the
+  encoder's features on a labelled split, every few epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from bt_keras import data
+
+SCALARS = ("loss", "on_diagonal", "off_diagonal", "embedding_std", "lr", "images/s", "knn_top1", "knn_top5")
+
+
+class MetricsLogger(keras.callbacks.Callback):
+    """Appends logs to `workdir/metrics.jsonl` and writes them as TensorBoard scalars under `workdir/tensorboard`."""
+
+    def __init__(self, workdir):
+        super().__init__()
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.writer = tf.summary.create_file_writer(str(Path(workdir) / "tensorboard"))
+
+    def _write(self, kind: str, step: int, logs: dict) -> None:
+        values = {k: float(v) for k, v in logs.items() if k in SCALARS}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"kind": kind, "step": int(step), "time": round(time.time(), 3),
+                                **{k: round(v, 6) for k, v in values.items()}}) + "\n")
+        with self.writer.as_default(step=int(step)):
+            for name, value in values.items():
+                tf.summary.scalar(f"{kind}/{name.replace('/', '_per_')}", value)
+        self.writer.flush()
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        self._write("train", logs.get("step", batch), logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self._write("epoch", logs.get("step", epoch + 1), {**logs})
+
+
+def correlation_image(c: np.ndarray, max_size: int = 256) -> np.ndarray:
+    """uint8 RGB picture of C (its top-left `max_size` block when larger): red +1, white 0, blue -1."""
+    c = np.clip(np.asarray(c, np.float32)[:max_size, :max_size], -1.0, 1.0)
+    positive, negative = np.clip(c, 0, 1), np.clip(-c, 0, 1)
+    rgb = np.stack([1 - negative, 1 - positive - negative, 1 - positive], axis=-1)
+    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+class CrossCorrelationPicture(keras.callbacks.Callback):
+    """Draws C for a fixed batch of view pairs every `every_epochs` epochs (TensorBoard image + latest PNG)."""
+
+    def __init__(self, views: tuple, workdir, every_epochs: int = 1):
+        super().__init__()
+        self.views = views
+        self.workdir = Path(workdir)
+        self.every_epochs = every_epochs
+        self.writer = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every_epochs:
+            return
+        c = self.model.compute_loss_terms(*self.views, training=False)["cross_correlation"].numpy()
+        picture = correlation_image(c)
+        with self.writer.as_default(step=int((logs or {}).get("step", epoch + 1))):
+            tf.summary.image("cross_correlation", picture[None], max_outputs=1)
+        self.writer.flush()
+        keras.utils.save_img(self.workdir / "cross_correlation.png", picture, scale=False)
+
+
+class KnnMonitor(keras.callbacks.Callback):
+    """Weighted kNN top-1/top-5 of the encoder's features every `every_epochs` epochs; adds `knn_top1`/`knn_top5`
+    to the epoch's logs (so MetricsLogger, placed after it, records them) and to `history`."""
+
+    def __init__(self, train_data: tf.data.Dataset, test_data: tf.data.Dataset, num_classes: int,
+                 every_epochs: int = 1, k: int = 200, temperature: float = 0.1):
+        super().__init__()
+        self.train_data, self.test_data = train_data, test_data
+        self.num_classes, self.every_epochs, self.k, self.temperature = num_classes, every_epochs, k, temperature
+        self.history = []
+
+    def evaluate(self, encoder) -> tuple[float, float]:
+        from bt_keras.evaluate.knn import knn_accuracy
+        from bt_keras.evaluate.common import extract_features
+
+        train_x, train_y = extract_features(encoder, self.train_data)
+        test_x, test_y = extract_features(encoder, self.test_data)
+        return knn_accuracy(train_x, train_y, test_x, test_y, k=self.k, temperature=self.temperature,
+                            num_classes=self.num_classes)
+
+    def on_train_begin(self, logs=None):
+        if not self.history:  # the starting point (random initialisation, or the resumed encoder)
+            top1, top5 = self.evaluate(self.model.encoder)
+            self.history.append({"step": int((logs or {}).get("step", 0)), "knn_top1": top1, "knn_top5": top5})
+            logging.info("kNN before training: top-1 %.4f top-5 %.4f", top1, top5)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or (epoch + 1) % self.every_epochs:
+            return
+        top1, top5 = self.evaluate(self.model.encoder)
+        logs.update(knn_top1=top1, knn_top5=top5)
+        self.history.append({"step": int(logs.get("step", 0)), "knn_top1": top1, "knn_top5": top5})
+        print(f"\nepoch {epoch + 1}: kNN top-1 {top1:.4f}  top-5 {top5:.4f}", flush=True)
+
+
+def knn_monitor_from_config(config) -> KnnMonitor | None:
+    """A KnnMonitor on the config's labelled splits (None when `config.knn.every_epochs` is 0)."""
+    knn = config.knn
+    if not knn.every_epochs:
+        return None
+    info = data.dataset_info(config.dataset, config.data_dir, config.download)
+    if not info.num_classes:
+        logging.warning("kNN monitor disabled: %s has no labels.", config.dataset)
+        return None
+
+    def split(name, limit):
+        ds = data.labelled_dataset(config.dataset, split=name, batch_size=256, image_size=config.image_size,
+                                   data_dir=config.data_dir, download=config.download, shuffle=False)
+        return ds.unbatch().take(limit).batch(256) if limit else ds
+
+    return KnnMonitor(split(knn.train_split, knn.train_examples), split(knn.test_split, knn.test_examples),
+                      info.num_classes, every_epochs=knn.every_epochs, k=knn.k, temperature=knn.temperature)
+
+
+def default_callbacks(config, workdir, views, enabled: bool = True) -> list[keras.callbacks.Callback]:
+    """What `bt_keras.train` attaches: kNN monitor (if configured), C picture, then the logger (last, so it sees
+    the others' additions to the logs). Empty on non-chief workers."""
+    if not enabled:
+        return []
+    fixed = data.pretrain_dataset(config.dataset, global_batch_size=min(config.batch_size, 256), views=views,
+                                  data_dir=config.data_dir, download=config.download, split=config.split,
+                                  seed=config.seed + 1, repeat=False)
+    result = [knn_monitor_from_config(config),
+              CrossCorrelationPicture(next(iter(fixed)), workdir, every_epochs=config.picture_every_epochs),
+              MetricsLogger(workdir)]
+    return [cb for cb in result if cb is not None]

@@ -1,0 +1,66 @@
+"""Every field a pre-training recipe has, with its default: the schema that `experiments/*.py` fill in.
+
+Recipes are ml_collections ConfigDicts (big_vision style): `experiments/NAME.py` defines `get_config()`, starting
+from `base_config()` and changing what the recipe changes. Any field can be overridden on the command line,
+e.g. `--config.batch_size=512 --config.optimizer.lr_weights=0.3 --config.view2.solarize_prob=0.3`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = ""  # recipe name, recorded with the encoder
+
+    # Data (bt_keras.data names: tfds:NAME, folder:PATH, digits).
+    c.dataset = "digits"
+    c.split = "train"
+    c.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir
+    c.download = False  # never download unless asked: offline machines must fail fast
+    c.image_size = 32  # crop size fed to the encoder
+    c.shuffle_buffer = 10_000
+    c.checkpoint_iterator = True  # input pipeline state in checkpoints: bit-exact resume (set False for ImageNet)
+    c.view1 = ml_collections.ConfigDict()  # augment.ViewConfig fields, filled by the recipe (trainer.recipe_views)
+    c.view2 = ml_collections.ConfigDict()
+
+    # Networks.
+    c.backbone = "resnet18"  # bt_keras.backbones registry
+    c.stem = "cifar"  # "imagenet" (7x7/2 + max-pool) or "cifar" (3x3/1)
+    c.width_multiplier = 1.0
+    c.blocks = ml_collections.FieldReference(None, field_type=tuple)  # override blocks per stage (small demos)
+    c.synchronized_bn = True  # global-batch BN: N replicas == 1 device
+    c.projector = "2048-2048-2048"
+    c.lambd = 0.0051
+
+    # Optimisation (LARS + warm-up/cosine, bt_keras.optim).
+    c.batch_size = 256  # GLOBAL batch, split over replicas
+    c.epochs = 100
+    c.steps_per_epoch = ml_collections.FieldReference(None, field_type=int)  # default: examples // batch_size
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr_weights = 0.2
+    c.optimizer.lr_biases = 0.0048
+    c.optimizer.scale_by_batch = True  # multiply both by batch_size / 256 (the paper)
+    c.optimizer.momentum = 0.9
+    c.optimizer.eta = 0.001
+    c.optimizer.weight_decay = 1.5e-6
+    c.optimizer.warmup_epochs = 10.0
+    c.optimizer.end_lr_scale = 0.001
+    c.jit_compile = False
+    c.seed = 0
+
+    # Checkpoints and monitoring.
+    c.checkpoint_every_epochs = 1
+    c.keep_checkpoints = 3
+    c.log_every_steps = 10
+    c.picture_every_epochs = 1
+    c.knn = ml_collections.ConfigDict()
+    c.knn.every_epochs = 0  # 0: no online kNN monitor
+    c.knn.train_split = "train"
+    c.knn.test_split = "test"
+    c.knn.train_examples = 10_000  # 0: the whole split
+    c.knn.test_examples = 2_000
+    c.knn.k = 200
+    c.knn.temperature = 0.1
+    return c

@@ -21,7 +21,13 @@ import keras
 _STAGE_WIDTHS = (64, 128, 256, 512)
 _BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
 _BOTTLENECK = {"resnet18": False, "resnet34": False, "resnet50": True}
-_KAIMING = keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
+
+
+def _kaiming():
+    """torchvision's conv init (Kaiming normal, fan-out). A new instance per layer: a Keras initializer draws its
+    seed when constructed, so one shared instance would give every same-shaped kernel the same values, and a
+    module-level one would ignore `keras.utils.set_random_seed`."""
+    return keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
 
 
 class _Builder:
@@ -38,7 +44,7 @@ class _Builder:
         else:
             padding = "same"
         return keras.layers.Conv2D(
-            filters, kernel, stride, padding=padding, use_bias=False, kernel_initializer=_KAIMING, name=name
+            filters, kernel, stride, padding=padding, use_bias=False, kernel_initializer=_kaiming(), name=name
         )(x)
 
     def bn(self, x, name, last_in_branch=False):

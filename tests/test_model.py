@@ -95,3 +95,16 @@ def test_bad_constructor_arguments():
         BarlowTwins(keras.Sequential([keras.layers.Dense(2)]), heads.projector("4"), lambd=-1.0)
     with pytest.raises(ValueError, match="Unknown backbone"):
         backbones.get_backbone("vit")
+
+
+def test_backbone_initialisation_is_seeded_and_per_layer():
+    def build():
+        keras.utils.set_random_seed(3)
+        return backbones.resnet18(input_shape=(8, 8, 3), stem="cifar", width_multiplier=1 / 16, blocks=(2,))
+
+    first, second = build(), build()
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # Same-shaped kernels must not share their initial values.
+    kernels = [l.kernel.numpy() for l in first.layers if isinstance(l, keras.layers.Conv2D) and l.kernel.shape == (3, 3, 4, 4)]
+    assert len(kernels) >= 3 and not np.array_equal(kernels[0], kernels[1])

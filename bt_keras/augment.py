@@ -1,0 +1,446 @@
+"""Barlow Twins augmentations as batched TensorFlow ops with per-image randomness.
+
+The two views follow the paper (Zbontar et al. 2021, Sec. 3 and Appendix) and the official code
+(facebookresearch/barlowtwins, ``main.py: Transform``): random resized crop, horizontal flip p=0.5,
+colour jitter p=0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, torchvision meaning),
+grayscale p=0.2, Gaussian blur p=1.0 / 0.1 with sigma ~ U[0.1, 2.0], solarisation p=0.0 / 0.2,
+then mean/std normalisation. Every random decision is drawn per image, also inside a batch.
+
+Order of operations: crop -> flip -> colour jitter -> grayscale -> blur -> solarise -> normalise,
+as in the official code. Colour jitter applies its four adjustments in a random order per image,
+like ``torchvision.transforms.ColorJitter``; each adjustment clamps to [0, 1].
+
+Randomness is stateless: ``augment_batch(images, config, seed)`` with an int or an int tensor of
+shape [2] as seed is a pure function of its inputs (reproducible); ``seed=None`` draws a fresh
+seed. The tf.data pipelines in ``bt_keras.data`` derive one seed per batch (and per image for the
+per-image crops) from a base seed and the element index, so results do not depend on threading.
+
+Two crop implementations, both with torchvision's ``RandomResizedCrop`` sampling rule:
+``augment_batch`` crops equal-size images with ``tf.image.crop_and_resize`` (one box per image,
+fast; bilinear without antialiasing, which matters only when a crop is shrunk, never for images at
+their native size such as CIFAR at 32 px); ``random_resized_crop`` crops one image of any size with
+antialiased bicubic resizing as in the paper, for datasets whose images differ in size.
+
+Speed: the colour steps (jitter, grayscale, solarise, normalise) are fused with XLA
+(``jit_compile``; compiled once per batch shape, about a second), blur with p < 1 runs only on the
+selected images. See benchmarks/input_pipeline.py for measured throughput.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.247, 0.243, 0.261)
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale (ITU-R 601-2 luma)
+SOLARIZE_THRESHOLD = 128.0 / 255.0  # PIL ImageOps.solarize(threshold=128): values >= 128 invert
+BLUR_REFERENCE_SIZE = 224  # the paper's blur sigma range is in pixels of a 224-px crop
+_CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
+
+
+def _pair(value, name: str) -> tuple[float, float]:
+    value = tuple(float(v) for v in value)
+    if len(value) != 2 or value[0] > value[1]:
+        raise ValueError(f"ViewConfig.{name} must be a (low, high) pair with low <= high, got {value}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewConfig:
+    """Augmentation parameters of one view. Probabilities are per image; ranges are (low, high).
+
+    ``blur_sigma`` is in pixels of the output crop; the blur kernel spans 10% of the crop side
+    (radius ``crop_size // 20``: 23 taps at 224 px, as in SimCLR/BYOL). ``brightness``, ``contrast``
+    and ``saturation`` draw a factor from U[max(0, 1 - v), 1 + v], ``hue`` a shift from U[-v, v]
+    (fraction of the hue circle), as in torchvision. ``mean``/``std`` normalise the [0, 1] output.
+    """
+
+    crop_size: int
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: float = 0.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        if isinstance(self.crop_size, bool) or not isinstance(self.crop_size, int) or self.crop_size < 2:
+            raise ValueError(f"ViewConfig.crop_size must be an int >= 2, got {self.crop_size!r}")
+        for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+            put(name, _pair(getattr(self, name), name))
+        if not (0.0 < self.crop_scale[0] and self.crop_scale[1] <= 1.0):
+            raise ValueError(f"ViewConfig.crop_scale must lie in (0, 1], got {self.crop_scale}")
+        if self.crop_ratio[0] <= 0.0:
+            raise ValueError(f"ViewConfig.crop_ratio must be positive, got {self.crop_ratio}")
+        if self.blur_sigma[0] <= 0.0:
+            raise ValueError(f"ViewConfig.blur_sigma must be positive, got {self.blur_sigma}")
+        for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+            value = float(getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"ViewConfig.{name} must be a probability in [0, 1], got {value}")
+            put(name, value)
+        for name, high in (("brightness", math.inf), ("contrast", math.inf), ("saturation", math.inf), ("hue", 0.5)):
+            value = float(getattr(self, name))
+            if not 0.0 <= value <= high:
+                raise ValueError(f"ViewConfig.{name} must lie in [0, {high}], got {value}")
+            put(name, value)
+        for name in ("mean", "std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 3 or (name == "std" and min(value) <= 0.0):
+                raise ValueError(f"ViewConfig.{name} must be 3 per-channel values (std > 0), got {value}")
+            put(name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of ints, floats and lists (fits ml_collections / JSON)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values) -> "ViewConfig":
+        """Inverse of ``to_dict``; accepts any mapping (e.g. a ConfigDict), rejects unknown keys."""
+        values = dict(values)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown ViewConfig field(s) {unknown}")
+        return cls(**values)
+
+
+def imagenet_views(crop_size: int = 224) -> tuple[ViewConfig, ViewConfig]:
+    """The paper's two views. Blur sigma U[0.1, 2.0] px at 224 px is scaled by crop_size / 224."""
+    scale = crop_size / BLUR_REFERENCE_SIZE
+    sigma = (0.1 * scale, 2.0 * scale)
+    return (ViewConfig(crop_size, blur_prob=1.0, blur_sigma=sigma, solarize_prob=0.0),
+            ViewConfig(crop_size, blur_prob=0.1, blur_sigma=sigma, solarize_prob=0.2))
+
+
+def cifar_views(crop_size: int = 32) -> tuple[ViewConfig, ViewConfig]:
+    """Small-image recipe: the paper's views without blur, CIFAR-10 mean/std."""
+    common = dict(blur_prob=0.0, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    return ViewConfig(crop_size, solarize_prob=0.0, **common), ViewConfig(crop_size, solarize_prob=0.2, **common)
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _to_unit_float(images) -> tf.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1]; floats are taken to be in [0, 1] already."""
+    images = tf.convert_to_tensor(images)
+    if images.dtype == tf.uint8:
+        return tf.cast(images, tf.float32) / 255.0
+    if not images.dtype.is_floating:
+        raise ValueError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype.name}")
+    return tf.cast(images, tf.float32)
+
+
+def normalize(images, mean, std) -> tf.Tensor:
+    """(x / 255 - mean) / std for uint8, (x - mean) / std for float [0, 1]; any leading shape."""
+    return (_to_unit_float(images) - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def _as_seed(seed) -> tf.Tensor:
+    """None -> a fresh random seed; int n -> [n, 0]; else an int tensor of shape [2] as is."""
+    if seed is None:
+        return tf.random.uniform([2], maxval=tf.int32.max, dtype=tf.int32)
+    if isinstance(seed, numbers.Integral):
+        return tf.constant([int(seed), 0], tf.int64)
+    return seed
+
+
+def _bernoulli(seed, n, p: float) -> tf.Tensor:
+    return tf.random.stateless_uniform([n], seed) < p
+
+
+def sample_crop_boxes(height, width, scale, ratio, seed):
+    """Per-image crop boxes by torchvision's ``RandomResizedCrop.get_params`` rule.
+
+    ``height``/``width``: int tensors [B]. Tries 10 (area fraction ~ U[scale], log aspect ratio ~
+    U[log ratio]) candidates per image and keeps the first that fits; otherwise falls back to the
+    largest central crop with the ratio clamped into range. Returns int32 (top, left, h, w), each [B].
+    """
+    height, width = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    n = tf.shape(height)[0]
+    s_area, s_ratio, s_top, s_left = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+    area = (height * width)[:, None] * tf.random.stateless_uniform([n, _CROP_ATTEMPTS], s_area, *scale)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = tf.exp(tf.random.stateless_uniform([n, _CROP_ATTEMPTS], s_ratio, log_lo, log_hi))
+    w = tf.round(tf.sqrt(area * aspect))
+    h = tf.round(tf.sqrt(area / aspect))
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+    w, h = tf.gather(w, first, batch_dims=1), tf.gather(h, first, batch_dims=1)
+    found = tf.reduce_any(fits, axis=1)
+    # Fallback: central crop of the whole image with its aspect ratio clamped into `ratio`.
+    in_ratio = width / height
+    fb_w = tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width)
+    fb_h = tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height)
+    h, w = tf.where(found, h, fb_h), tf.where(found, w, fb_w)
+    u_top = tf.random.stateless_uniform([n], s_top)
+    u_left = tf.random.stateless_uniform([n], s_left)
+    top = tf.where(found, tf.floor(u_top * (height - h + 1)), tf.floor((height - h) / 2))
+    left = tf.where(found, tf.floor(u_left * (width - w + 1)), tf.floor((width - w) / 2))
+    return tuple(tf.cast(v, tf.int32) for v in (top, left, h, w))
+
+
+def _crop_and_flip_batch(x: tf.Tensor, config: ViewConfig, seed) -> tf.Tensor:
+    """Per-image random resized crop + horizontal flip of an equal-size float batch, in one
+    ``crop_and_resize`` call: a flipped image gets its box with x1 > x2 (mirrored sampling).
+
+    Boxes are set so the sample points are the pixel centres of a half-pixel-aligned resize
+    (torchvision/PIL convention); a 1-pixel edge pad makes border samples clamp, not go black.
+    """
+    shape = tf.shape(x)
+    n, height, width, size = shape[0], shape[1], shape[2], config.crop_size
+    s_box, s_flip = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    top, left, h, w = sample_crop_boxes(tf.fill([n], height), tf.fill([n], width),
+                                        config.crop_scale, config.crop_ratio, s_box)
+    padded = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+
+    def span(start, extent, full):  # normalised first/last sample coordinate in the padded image
+        start, extent = tf.cast(start, tf.float32) + 1.0, tf.cast(extent, tf.float32)
+        step, denom = extent / size, tf.cast(full + 1, tf.float32)
+        return (start + 0.5 * step - 0.5) / denom, (start + extent - 0.5 * step - 0.5) / denom
+
+    y1, y2 = span(top, h, height)
+    x1, x2 = span(left, w, width)
+    flip = _bernoulli(s_flip, n, config.flip_prob)
+    x1, x2 = tf.where(flip, x2, x1), tf.where(flip, x1, x2)
+    boxes = tf.stack([y1, x1, y2, x2], axis=1)
+    return tf.image.crop_and_resize(padded, boxes, tf.range(n), [size, size], method="bilinear")
+
+
+def _on_subset(x: tf.Tensor, mask: tf.Tensor, fn) -> tf.Tensor:
+    """Apply ``fn(images, indices)`` only to the images where ``mask`` is True (gather/scatter),
+    so a costly step with probability p costs about p of a full-batch step."""
+
+    def apply():
+        indices = tf.where(mask)
+        return tf.tensor_scatter_nd_update(x, indices, fn(tf.gather_nd(x, indices), indices[:, 0]))
+
+    return tf.cond(tf.reduce_any(mask), apply, lambda: x)
+
+
+def _images(mask: tf.Tensor) -> tf.Tensor:
+    """[B] -> [B, 1, 1, 1], to broadcast a per-image value over an image batch."""
+    return tf.reshape(mask, [-1, 1, 1, 1])
+
+
+def _shift_hue(x: tf.Tensor, shift: tf.Tensor) -> tf.Tensor:
+    """torchvision adjust_hue: rotate H in HSV by ``shift`` (fraction of the circle) per image."""
+    hsv = tf.image.rgb_to_hsv(x)
+    hue = tf.math.floormod(hsv[..., :1] + _images(shift), 1.0)
+    return tf.clip_by_value(tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], axis=-1)), 0.0, 1.0)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _color_pixels(x, factors, order, hue, shift_hue, to_gray):
+    """Colour jitter then grayscale on x [B, S, S, 3] in [0, 1], fused by XLA (2-4x faster on CPU
+    than op by op; compiled once per batch shape; the parameters are per-image tensors).
+
+    ``factors`` [B, 3]: brightness b, contrast c, saturation s, applied in the per-image ``order``
+    [B, 4] (op 0, 1, 2 = those, 3 = hue) as torchvision's blends ``f * x + (1 - f) * target`` with
+    target black, the image's mean gray level and the per-pixel gray image: one 3x3 colour matrix
+    plus bias per image and step, clamped to [0, 1]. Hue rotates H in HSV by ``hue`` [B] where
+    ``shift_hue`` [B]. ``to_gray`` [B]: replace by the 3-channel gray image. Factor 1 and no hue
+    shift leave an image exactly unchanged.
+    """
+    weights = tf.constant(GRAY_WEIGHTS, tf.float32)
+    eye, gray = tf.eye(3), tf.tile(weights[:, None], [1, 3])  # x @ gray = gray level, 3 channels
+    factors = tf.concat([factors, tf.ones_like(factors[:, :1])], axis=1)  # the hue step blends nothing
+    for step in range(4):
+        op = order[:, step]
+        f = tf.gather(factors, op, batch_dims=1)[:, None, None]
+        matrices = tf.where((op == 2)[:, None, None], f * eye + (1.0 - f) * gray, f * eye)
+        mean_gray = tf.reduce_sum(tf.reduce_mean(x, axis=[1, 2]) * weights, axis=1)
+        bias = tf.where(op == 1, (1.0 - factors[:, 1]) * mean_gray, 0.0)
+        x = tf.clip_by_value(tf.einsum("bhwc,bcd->bhwd", x, matrices) + _images(bias), 0.0, 1.0)
+        x = tf.where(_images((op == 3) & shift_hue), _shift_hue(x, hue), x)
+    return tf.where(_images(to_gray), tf.einsum("bhwc,cd->bhwd", x, gray), x)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _solarize_and_normalize(x, solarize, mean, std):
+    """Invert values >= 128/255 of the images where ``solarize`` [B], then (x - mean) / std (XLA)."""
+    x = tf.where(_images(solarize) & (x >= SOLARIZE_THRESHOLD), 1.0 - x, x)
+    return (x - mean) / std
+
+
+def _jitter_params(config: ViewConfig, n, seed):
+    """Per-image ColorJitter draws: (factors [n, 3], order [n, 4], hue [n], shift_hue [n]).
+    Factors ~ U[max(0, 1 - v), 1 + v], hue ~ U[-hue, hue], order a random permutation; images
+    without jitter (probability 1 - jitter_prob) get factors 1 and no hue shift."""
+    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
+    apply = _bernoulli(seeds[0], n, config.jitter_prob)
+    factors = tf.stack([tf.random.stateless_uniform([n], s, max(0.0, 1.0 - v), 1.0 + v) for s, v in
+                        zip(seeds[1:4], (config.brightness, config.contrast, config.saturation))], axis=1)
+    factors = tf.where(apply[:, None], factors, 1.0)
+    hue = tf.random.stateless_uniform([n], seeds[4], -config.hue, config.hue)
+    order = tf.argsort(tf.random.stateless_uniform([n, 4], seeds[5]), axis=1)
+    return factors, order, hue, apply & (config.hue > 0)
+
+
+def _blur(images: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
+    """Separable Gaussian blur, sigma [B] per image: one depthwise conv over (batch x channel)
+    planes, reflect padding as torchvision's GaussianBlur."""
+    taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-tf.square(taps) / (2.0 * tf.square(sigma[:, None])))
+    kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)
+    kernel = tf.transpose(tf.repeat(kernel, 3, axis=0))  # [K, B*3]: one kernel per image channel
+    shape = tf.shape(images)
+    planes = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, shape[1], shape[2], shape[0] * 3])
+    planes = tf.pad(planes, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+    planes = tf.nn.depthwise_conv2d(planes, kernel[None, :, :, None], [1, 1, 1, 1], "VALID")
+    planes = tf.nn.depthwise_conv2d(planes, kernel[:, None, :, None], [1, 1, 1, 1], "VALID")
+    return tf.transpose(tf.reshape(planes, [shape[1], shape[2], shape[0], 3]), [2, 0, 1, 3])
+
+
+def augment_batch(images, config: ViewConfig, seed=None, *, geometric: bool = True) -> tf.Tensor:
+    """One augmented view of a batch: uint8 (or float [0, 1]) [B, H, W, 3] -> float32 [B, S, S, 3].
+
+    ``seed``: None (fresh random draw), an int, or an int tensor [2] (stateless; reproducible).
+    ``geometric=False`` skips crop and flip, for batches that ``random_resized_crop`` already
+    cropped (and flipped) image by image to S x S (the variable-size pipeline).
+    Colour steps run fused under XLA (compiled once per batch shape); blur with p < 1 runs only
+    on the selected images; steps with probability 0 are skipped.
+    """
+    x = _to_unit_float(images)
+    if x.shape.rank != 4 or x.shape[-1] not in (3, None):
+        raise ValueError(f"images must be a batch [B, H, W, 3], got shape {x.shape}")
+    seeds = tf.unstack(tf.random.experimental.stateless_split(_as_seed(seed), 5))
+    n = tf.shape(x)[0]
+    if geometric:
+        x = _crop_and_flip_batch(x, config, seeds[0])
+    else:
+        x = tf.ensure_shape(x, [None, config.crop_size, config.crop_size, 3])
+    if config.jitter_prob > 0 or config.grayscale_prob > 0:
+        x = _color_pixels(x, *_jitter_params(config, n, seeds[1]), _bernoulli(seeds[2], n, config.grayscale_prob))
+    if config.blur_prob > 0:
+        s_apply, s_sigma = tf.unstack(tf.random.experimental.stateless_split(seeds[3], 2))
+        sigma = tf.random.stateless_uniform([n], s_sigma, *config.blur_sigma)
+        radius = max(1, config.crop_size // 20)
+        if config.blur_prob == 1.0:
+            x = _blur(x, sigma, radius)
+        else:
+            blur = _bernoulli(s_apply, n, config.blur_prob)
+            x = _on_subset(x, blur, lambda images, idx: _blur(images, tf.gather(sigma, idx), radius))
+    return _solarize_and_normalize(x, _bernoulli(seeds[4], n, config.solarize_prob),
+                                   tf.constant(config.mean), tf.constant(config.std))
+
+
+class TwoViews:
+    """``(images[, seed]) -> (view1, view2)``: two independent augmentations of the same batch."""
+
+    def __init__(self, view1: ViewConfig, view2: ViewConfig):
+        self.view1, self.view2 = view1, view2
+
+    def __call__(self, images, seed=None):
+        seed = _as_seed(seed)
+        s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        return augment_batch(images, self.view1, s1), augment_batch(images, self.view2, s2)
+
+
+class TwoViewAugmentation(keras.layers.Layer):
+    """Keras layer wrapping ``TwoViews`` to augment on the accelerator (TensorFlow backend only).
+
+    ``call(images)`` returns ``(view1, view2)``; a ``keras.random.SeedGenerator`` seeded with
+    ``seed`` gives each call a new stateless seed, so a seeded layer is reproducible. The layer is
+    not XLA-compilable as a whole (crop_and_resize has no XLA kernel; the blur subset is dynamic),
+    so it sets ``supports_jit = False`` and Keras will not jit-compile a model containing it.
+    """
+
+    def __init__(self, view1, view2, seed: int | None = None, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+        self.supports_jit = False
+        self.views = TwoViews(*(v if isinstance(v, ViewConfig) else ViewConfig.from_dict(v) for v in (view1, view2)))
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images):
+        return self.views(images, seed=self.seed_generator.next())
+
+    def compute_output_shape(self, input_shape):
+        return tuple((input_shape[0], v.crop_size, v.crop_size, 3) for v in (self.views.view1, self.views.view2))
+
+    def get_config(self):
+        return {**super().get_config(), "view1": self.views.view1.to_dict(),
+                "view2": self.views.view2.to_dict(), "seed": self.seed}
+
+
+# ------------------------------------------------------------------------ single-image transforms
+
+
+def random_resized_crop(image, size: int, scale, ratio, seed, flip_prob: float = 0.0,
+                        method: str = "bicubic") -> tf.Tensor:
+    """Random resized crop (+ horizontal flip with ``flip_prob``) of ONE uint8 image [H, W, 3] of
+    any size -> uint8 [size, size, 3], for datasets whose images differ in size.
+
+    Same sampling rule as the batched crop; antialiased resize (bicubic for pretraining as in
+    the paper, bilinear for the linear probe as torchvision's default), rounded back to uint8
+    as PIL does, so batches of crops stay small.
+    """
+    image = tf.convert_to_tensor(image)
+    s_box, s_flip = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    hw = tf.shape(image)[:2]
+    top, left, h, w = (v[0] for v in sample_crop_boxes(hw[:1], hw[1:], scale, ratio, s_box))
+    crop = image[top:top + h, left:left + w]
+    flip = tf.random.stateless_uniform([], s_flip) < flip_prob
+    crop = tf.cond(flip, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
+    resized = tf.image.resize(crop, [size, size], method=method, antialias=True)
+    return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
+
+
+def eval_transform(image, image_size: int, mean, std, crop_fraction: float = 0.875) -> tf.Tensor:
+    """Deterministic evaluation transform of ONE decoded uint8 image [H, W, 3] -> float32 [S, S, 3].
+
+    If the image is already image_size x image_size (e.g. CIFAR at 32 px) it is only normalised.
+    Otherwise its shorter side is resized to round(image_size / crop_fraction) (bilinear,
+    antialiased, the longer side scaled by the same factor and truncated, as torchvision.Resize;
+    no intermediate uint8 rounding), the central image_size x image_size square is cut (offsets
+    rounded half to even, as torchvision.CenterCrop), and the result is normalised with mean/std.
+    Used by the linear probe and the SavedModel export, so both see identical pixels.
+    """
+    if not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(f"crop_fraction must lie in (0, 1], got {crop_fraction}")
+    image = tf.convert_to_tensor(image)
+    image.shape.assert_has_rank(3)
+    short_target = float(round(image_size / crop_fraction))
+
+    def resize_and_crop():
+        hw = tf.cast(tf.shape(image)[:2], tf.float32)
+        new_hw = tf.cast(tf.floor(hw * short_target / tf.reduce_min(hw)), tf.int32)
+        new_hw = tf.maximum(new_hw, int(short_target))  # the shorter side is exact
+        resized = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
+        top, left = (tf.cast(tf.round(tf.cast(new_hw - image_size, tf.float32) / 2.0), tf.int32)[i] for i in (0, 1))
+        return resized[top:top + image_size, left:left + image_size]
+
+    same_size = tf.reduce_all(tf.equal(tf.shape(image)[:2], image_size))
+    out = tf.cond(same_size, lambda: tf.cast(image, tf.float32), resize_and_crop)
+    out = tf.ensure_shape(out, [image_size, image_size, 3])
+    return normalize(out / 255.0 if image.dtype == tf.uint8 else out, mean, std)
+
+
+def train_eval_transform(image, image_size: int, mean, std, seed=None) -> tf.Tensor:
+    """Linear-probe training transform of ONE uint8 image [H, W, 3] -> float32 [S, S, 3]: random
+    resized crop (scale 0.08-1, ratio 3/4-4/3, bilinear) + horizontal flip p=0.5, normalised, as
+    the official evaluate.py (torchvision RandomResizedCrop + RandomHorizontalFlip)."""
+    seed = _as_seed(seed)
+    crop = random_resized_crop(image, image_size, (0.08, 1.0), (3 / 4, 4 / 3), seed, flip_prob=0.5, method="bilinear")
+    return normalize(crop, mean, std)

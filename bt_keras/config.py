@@ -21,7 +21,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.download = False  # never download unless asked: offline machines must fail fast
     c.image_size = 32  # crop size fed to the encoder
     c.shuffle_buffer = 10_000
-    c.checkpoint_iterator = True  # input pipeline state in checkpoints: bit-exact resume (set False for ImageNet)
     c.view1 = ml_collections.ConfigDict()  # augment.ViewConfig fields, filled by the recipe (trainer.recipe_views)
     c.view2 = ml_collections.ConfigDict()
 

@@ -1,14 +1,15 @@
 """The pre-training loop behind `python -m bt_keras.train`: one code path for every strategy.
 
 Why a loop of our own rather than `model.fit`: Keras 3.15's `fit` fails under MultiWorkerMirroredStrategy
-(keras-team/keras#20585), and resuming bit-exactly after a kill needs the input iterator in the checkpoint, which
-`fit` does not expose. The loop drives the very same `BarlowTwins.train_step` inside `strategy.run`, so the maths is
+(keras-team/keras#20585), and resuming bit-exactly after a kill needs control of where the input stream restarts.
+The loop drives the very same `BarlowTwins.train_step` inside `strategy.run`, so the maths is
 the one `model.fit` users get; Keras callbacks (kNN monitor, pictures, logs) are called at the usual hooks.
 
-Checkpoints (`tf.train.Checkpoint`: model, optimizer with its step counter, and the input iterator when
-`config.checkpoint_iterator`) are written by `tf.train.CheckpointManager`, which writes data files first and the
-`checkpoint` index last, so a kill at any moment leaves the previous checkpoint intact. A run started again in the
-same workdir resumes from the latest one.
+Checkpoints (`tf.train.Checkpoint`: model, and optimizer with its step counter) are written by
+`tf.train.CheckpointManager`, which writes data files first and the `checkpoint` index last, so a kill at any
+moment leaves the previous checkpoint intact. A run started again in the same workdir resumes from the latest one.
+The input stream is a pure function of (seed, step) (`data.pretrain_dataset(start_batch=...)`), so a resumed run
+sees exactly the batches the uninterrupted run would have: resuming is bit-exact on a deterministic device.
 """
 
 from __future__ import annotations
@@ -131,15 +132,16 @@ class Trainer:
                                jit_compile=bool(config.jit_compile))
             self.model.optimizer.build(self.model.trainable_variables)
 
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
+        # Non-chief workers must take part in saving (it is collective) but write to a scratch folder.
+        self.output_dir = self.workdir if self.chief else self.workdir / ".scratch" / f"task{self._task_id()}"
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.output_dir / "checkpoints"),
+                                                  max_to_keep=config.keep_checkpoints)
+        self.start_step = self.restore()
+        # The input stream is a pure function of (seed, step), so it restarts exactly where the checkpoint left off
+        # (tf.distribute's iterators cannot be checkpointed, and re-reading skipped batches would cost an epoch).
         self.dataset = strategy.distribute_datasets_from_function(self._dataset_fn)
         self.iterator = iter(self.dataset)
-        state = {"model": self.model, "optimizer": self.model.optimizer}
-        if config.checkpoint_iterator:
-            state["iterator"] = self.iterator
-        self.checkpoint = tf.train.Checkpoint(**state)
-        # Non-chief workers must take part in saving (it is collective) but write to a scratch folder.
-        ckpt_dir = self.workdir / "checkpoints" if self.chief else self.workdir / ".scratch" / f"task{self._task_id()}"
-        self.manager = tf.train.CheckpointManager(self.checkpoint, str(ckpt_dir), max_to_keep=config.keep_checkpoints)
         self._step_fn = self._make_step_fn()
 
     def _task_id(self) -> int:
@@ -148,9 +150,11 @@ class Trainer:
 
     def _dataset_fn(self, input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         c = self.config
+        replicas_per_pipeline = input_context.num_replicas_in_sync // input_context.num_input_pipelines
         return data.pretrain_dataset(
             c.dataset, global_batch_size=c.batch_size, views=self.views, data_dir=c.data_dir, download=c.download,
             split=c.split, shuffle_buffer=c.shuffle_buffer, seed=c.seed, input_context=input_context,
+            start_batch=self.start_step * replicas_per_pipeline,
         )
 
     def _make_step_fn(self):
@@ -179,7 +183,7 @@ class Trainer:
     def run(self, extra_callbacks=()) -> dict:
         """Trains to `config.epochs`; returns the last epoch's logs."""
         c = self.config
-        start = self.restore()
+        start = self.start_step
         if self.chief:
             checkpoints.atomic_write_json(self.workdir / "config.json", c.to_dict())
         cbs = keras.callbacks.CallbackList(
@@ -223,18 +227,17 @@ class Trainer:
         return logs
 
     def save_encoder(self) -> None:
-        """Writes `workdir/encoder.keras` + `encoder.json`, the artefact evaluation and export read."""
-        if not self.chief:
-            return
+        """Writes `workdir/encoder.keras` + `encoder.json`, the artefact evaluation and export read (other workers
+        of a multi-worker run write theirs to their scratch folder, where tests compare them with the chief's)."""
         c = self.config
         view = self.views[0]
-        checkpoints.save_encoder(self.model.encoder, self.workdir, {
+        checkpoints.save_encoder(self.model.encoder, self.output_dir, {
             "backbone": c.backbone, "image_size": c.image_size, "mean": list(view.mean), "std": list(view.std),
             "dataset": c.dataset, "step": self.step, "epochs": c.epochs, "projector": c.projector,
             "recipe": c.get("name", ""),
         })
         # The projector too, for exports that serve the projection (a BarlowTwins .keras holds both).
-        checkpoints.atomic_write(self.workdir / "barlow_twins.keras", self.model.save, suffix=".keras")
+        checkpoints.atomic_write(self.output_dir / "barlow_twins.keras", self.model.save, suffix=".keras")
 
 
 def summary(logs: dict) -> str:

@@ -20,7 +20,6 @@ def get_config():
     # flip 0.5; jitter 0.4/0.4/0.2/0.1 p=0.8; grayscale 0.2; blur p=1.0 / 0.1, sigma U[0.1, 2]; solarise 0 / 0.2
     c.view1, c.view2 = recipe_views("imagenet", 224)
     c.shuffle_buffer = 50_000
-    c.checkpoint_iterator = False  # the shuffle buffer of JPEGs would make every checkpoint gigabytes
     c.backbone = "resnet50"  # 2048-d, zero-initialised last BN gamma per residual block (official code)
     c.stem = "imagenet"
     c.projector = "8192-8192-8192"  # paper Sec. 4

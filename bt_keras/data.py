@@ -370,6 +370,10 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
         ds = source
         if shuffle_buffer:
             shuffle_seed = (pair[0] * 1_000_003 + 7919 * pair[1] + e) % (2**62) if deterministic else None
+            # This function is traced into its own graph; with tf.random.set_seed(0) in force, TF's get_seed
+            # compares our tensor seed in Python ("symbolic Tensor as a bool"). The order must depend on
+            # shuffle_seed alone anyway, so the traced graph gets no graph-level seed.
+            tf.compat.v1.get_default_graph().seed = None
             ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
         return ds.batch(batch_size, drop_remainder=True)
 

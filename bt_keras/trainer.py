@@ -73,10 +73,16 @@ def build_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """LARS with the warm-up + cosine schedule; learning rates scaled by batch/256 when the recipe says so."""
     o = config.optimizer
     scale = config.batch_size / 256 if o.scale_by_batch else 1.0
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = int(o.warmup_epochs * steps_per_epoch)
+    if warmup_steps > total_steps:
+        logging.warning("Warm-up (%d steps) is longer than the run (%d steps): shortened to the run.",
+                        warmup_steps, total_steps)
+        warmup_steps = total_steps
     schedule = optim.WarmupCosine(
         o.lr_weights * scale,
-        warmup_steps=int(o.warmup_epochs * steps_per_epoch),
-        total_steps=config.epochs * steps_per_epoch,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
         end_scale=o.end_lr_scale,
     )
     return optim.LARS(schedule, momentum=o.momentum, eta=o.eta, weight_decay=o.weight_decay,

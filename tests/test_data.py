@@ -220,6 +220,7 @@ def test_start_batch_resumes_the_seeded_stream_exactly():
     views = augment.cifar_views(32)
     full = data.pretrain_dataset("digits", global_batch_size=100, views=views, seed=3)
     reference = [batch for _, batch in zip(range(33), full)]  # 14 batches an epoch: spans three epochs
+    tf.random.set_seed(0)  # the trainer's global seed: it once broke tensor shuffle seeds in traced graphs
     resumed = data.pretrain_dataset("digits", global_batch_size=100, views=views, seed=3, start_batch=17)
     for want, got in zip(reference[17:], resumed):
         np.testing.assert_array_equal(want[0].numpy(), got[0].numpy())

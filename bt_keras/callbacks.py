@@ -143,7 +143,7 @@ def default_callbacks(config, workdir, views, enabled: bool = True) -> list[kera
         return []
     fixed = data.pretrain_dataset(config.dataset, global_batch_size=min(config.batch_size, 256), views=views,
                                   data_dir=config.data_dir, download=config.download, split=config.split,
-                                  seed=config.seed + 1, repeat=False)
+                                  seed=config.seed + 1, repeat=False, cache=False, shuffle_buffer=1024)
     result = [knn_monitor_from_config(config),
               CrossCorrelationPicture(next(iter(fixed)), workdir, every_epochs=config.picture_every_epochs),
               MetricsLogger(workdir)]

@@ -66,7 +66,8 @@ def save_encoder(encoder: keras.Model, directory: str | os.PathLike, metadata: d
 
 
 def load_encoder(path: str | os.PathLike) -> tuple[keras.Model, dict]:
-    """Loads an encoder and its metadata from a training workdir, an `encoder.keras` file or a BarlowTwins `.keras`.
+    """Loads an encoder and its metadata from a training workdir, an `encoder.keras` file, a BarlowTwins `.keras`, or
+    a training checkpoint (`workdir/checkpoints/ckpt-STEP`, rebuilt from the run's `config.json`).
 
     Returns `(encoder, metadata)`; `metadata` is `{}` when no `encoder.json` lies beside the model file.
     Raises FileNotFoundError naming what was looked for, ValueError for a file that is not an encoder.
@@ -74,6 +75,8 @@ def load_encoder(path: str | os.PathLike) -> tuple[keras.Model, dict]:
     import bt_keras.model  # noqa: F401  (registers BarlowTwins, LARS, ... for deserialisation)
 
     path = Path(path)
+    if Path(f"{path}.index").is_file():
+        return _encoder_from_training_checkpoint(path)
     if path.is_dir():
         path = path / ENCODER_FILE
     if not path.is_file():
@@ -92,3 +95,24 @@ def load_encoder(path: str | os.PathLike) -> tuple[keras.Model, dict]:
     metadata_path = path.parent / ENCODER_METADATA
     metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
     return model, metadata
+
+
+def _encoder_from_training_checkpoint(prefix: Path) -> tuple[keras.Model, dict]:
+    """Rebuilds the run's model from `config.json` beside `checkpoints/` and restores `prefix` into it."""
+    import ml_collections
+    import tensorflow as tf
+
+    from bt_keras import trainer  # the recipe -> model builder (a late import: trainer imports this module)
+
+    config_path = prefix.parent.parent / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"Checkpoint {prefix} has no config.json two folders up ({config_path}); a training "
+                                "checkpoint is read with the recipe of the run that wrote it.")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    model = trainer.build_model(config)
+    tf.train.Checkpoint(model=model).read(str(prefix)).expect_partial()
+    views = trainer.views_from_config(config)
+    step = int(str(prefix).rsplit("-", 1)[-1]) if str(prefix).rsplit("-", 1)[-1].isdigit() else None
+    return model.encoder, {"backbone": config.backbone, "image_size": config.image_size, "mean": list(views[0].mean),
+                           "std": list(views[0].std), "dataset": config.dataset, "step": step,
+                           "feature_dim": int(model.encoder.output_shape[-1]), "checkpoint": str(prefix)}

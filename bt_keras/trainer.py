@@ -192,6 +192,8 @@ class Trainer:
         start = self.start_step
         if self.chief:
             checkpoints.atomic_write_json(self.workdir / "config.json", c.to_dict())
+        if start == 0 and not self.manager.latest_checkpoint:
+            self.save()  # ckpt-0: the random initialisation, the baseline every evaluation is compared with
         cbs = keras.callbacks.CallbackList(
             list(callbacks.default_callbacks(c, self.workdir, self.views, enabled=self.chief)) + list(extra_callbacks),
             model=self.model,

@@ -92,9 +92,12 @@ def test_sigkill_mid_training_resumes_bit_exactly(uninterrupted, tmp_path):
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     process = subprocess.Popen(train_command(workdir, epochs=4, steps=6), cwd=REPO, env=environment,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    index = workdir / "checkpoints" / "checkpoint"
+    def latest_step():  # ckpt-0 (the initialisation) is written first; wait for one written by training
+        latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
+        return int(latest.rsplit("-", 1)[1]) if latest else -1
+
     deadline = time.time() + 180
-    while not index.exists() and process.poll() is None and time.time() < deadline:
+    while latest_step() < 6 and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     assert process.wait(30) == -signal.SIGKILL, "the run finished before it could be killed"
@@ -104,7 +107,7 @@ def test_sigkill_mid_training_resumes_bit_exactly(uninterrupted, tmp_path):
     for path in state.all_model_checkpoint_paths:
         assert Path(path + ".index").exists() and list(Path(path).parent.glob(Path(path).name + ".data-*"))
     killed_at = int(state.model_checkpoint_path.rsplit("-", 1)[1])
-    assert killed_at < 24
+    assert 6 <= killed_at < 24
 
     result = run_cli(train_command(workdir, epochs=4, steps=6))
     assert result.returncode == 0, result.stderr[-3000:]

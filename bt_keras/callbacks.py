@@ -44,6 +44,10 @@ class MetricsLogger(keras.callbacks.Callback):
                 tf.summary.scalar(f"{kind}/{name.replace('/', '_per_')}", value)
         self.writer.flush()
 
+    def on_train_begin(self, logs=None):
+        logs = logs or {}
+        self._write("start", logs.get("step", 0), logs)
+
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
         self._write("train", logs.get("step", batch), logs)
@@ -106,7 +110,9 @@ class KnnMonitor(keras.callbacks.Callback):
         if not self.history:  # the starting point (random initialisation, or the resumed encoder)
             top1, top5 = self.evaluate(self.model.encoder)
             self.history.append({"step": int((logs or {}).get("step", 0)), "knn_top1": top1, "knn_top5": top5})
-            logging.info("kNN before training: top-1 %.4f top-5 %.4f", top1, top5)
+            if logs is not None:
+                logs.update(knn_top1=top1, knn_top5=top5)
+            print(f"kNN at the start: top-1 {top1:.4f}  top-5 {top5:.4f}", flush=True)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or (epoch + 1) % self.every_epochs:

@@ -91,6 +91,64 @@ def cross_correlation(z1, z2) -> tf.Tensor:
     return _global_sum(tf.matmul(z1n, z2n, transpose_a=True)) / count
 
 
+def _correlation_terms(z1n, z2n, count, lambd: float) -> tuple[tf.Tensor, ...]:
+    """(loss, on_diagonal, off_diagonal, C) from batch-normalised embeddings, with a hand-written gradient.
+
+    With D x D matrices of 8192^2 floats (256 MiB), the loss is memory-bound unless every pass over C counts. Autodiff
+    of the plain formula writes C, C^2, the broadcast upstream, 2 C, a diagonal matrix and their sum (six D x D
+    tensors) and reads them back. Here the forward pass writes C once and reads it once (sum of squares), and the
+    backward pass reads it twice (the two matmuls), using dL/dC = 2 lambd C + diag(-2 (1 - C_ii) - 2 lambd C_ii):
+
+        dL/dz1n = (2 lambd z2n C^T + z2n * g) / N,   dL/dz2n = (2 lambd z1n C + z1n * g) / N,   g_i the diagonal part.
+
+    On one replica with B <= D, the backward pass does not read C at all: z2n C^T = (z2n z2n^T) z1n / N, a product
+    through the B x B Gram matrix (same maths, B^2 D instead of B D^2 multiply-adds), so C (256 MiB at D = 8192) is
+    not kept from the forward pass to the backward pass.
+
+    Under several replicas C is summed across them (differentiably in the maths: the backward pass of that sum gives
+    each replica R times its share, exactly what autodiff through `all_reduce` gives; see `BarlowTwins`).
+    The returned C carries no gradient (it is for pictures and diagnostics; `cross_correlation` is differentiable).
+    """
+    replicas = _replicas_in_sync()
+    batch, dim = z1n.shape[0], z1n.shape[1]
+    use_gram = replicas == 1 and batch is not None and dim is not None and batch <= dim
+    held = {}
+
+    @tf.custom_gradient
+    def terms(a, b):
+        a_over_n = a / count  # fold 1/N into the B x D factor rather than dividing the D x D product
+        c = _global_sum(tf.matmul(a_over_n, b, transpose_a=True))
+        held["c"] = c
+        diagonal = tf.linalg.diag_part(c)
+        on_diagonal = tf.reduce_sum(tf.square(1.0 - diagonal))
+        # L2Loss reads C once (sum of squares / 2) instead of writing C^2 and reading it back.
+        off_diagonal = 2.0 * tf.nn.l2_loss(c) - tf.reduce_sum(tf.square(diagonal))
+        loss = on_diagonal + lambd * off_diagonal
+
+        def grad(d_loss, d_on, d_off):
+            zero = tf.zeros([], c.dtype)
+            d_loss = zero if d_loss is None else tf.cast(d_loss, c.dtype)
+            d_on = zero if d_on is None else tf.cast(d_on, c.dtype)
+            d_off = zero if d_off is None else tf.cast(d_off, c.dtype)
+            coefficient = 2.0 * (lambd * d_loss + d_off)  # dL/dC = coefficient * C + diag(g)
+            g = -2.0 * (1.0 - diagonal) * (d_loss + d_on) - coefficient * diagonal
+            if use_gram:
+                # One replica and B <= D: b C^T = (b b^T) a/N and (a/N) C = ((a/N)(a/N)^T) b, with B x B Gram
+                # matrices: the backward pass never reads C, so C is freed right after the forward pass.
+                d_a = (coefficient * tf.matmul(tf.matmul(b, b, transpose_b=True), a_over_n) + b * g) / count
+                d_b = coefficient * tf.matmul(tf.matmul(a_over_n, a_over_n, transpose_b=True), b) + a_over_n * g
+                return d_a, d_b
+            scale = tf.cast(replicas, c.dtype)
+            d_a = (coefficient * tf.matmul(b, c, transpose_b=True) + b * g) * (scale / count)
+            d_b = (coefficient * tf.matmul(a_over_n, c) + a_over_n * g) * scale
+            return d_a, d_b
+
+        return (loss, on_diagonal, off_diagonal), grad
+
+    loss, on_diagonal, off_diagonal = terms(z1n, z2n)
+    return loss, on_diagonal, off_diagonal, tf.stop_gradient(held["c"])
+
+
 def barlow_twins_loss(z1, z2, lambd: float = DEFAULT_LAMBDA) -> dict[str, tf.Tensor]:
     """The Barlow Twins loss of two views' embeddings, over the global batch.
 
@@ -101,15 +159,18 @@ def barlow_twins_loss(z1, z2, lambd: float = DEFAULT_LAMBDA) -> dict[str, tf.Ten
     Returns:
       A dict of float32 scalars: `loss` = `on_diagonal` + lambd * `off_diagonal`, where `on_diagonal` =
       sum_i (1 - C_ii)^2 (invariance) and `off_diagonal` = sum_{i != j} C_ij^2 (redundancy, unweighted);
-      and `cross_correlation`, the matrix C itself, for pictures and diagnostics.
+      and `cross_correlation`, the matrix C itself, for pictures and diagnostics (without gradient; use
+      `cross_correlation` to differentiate C). `loss` carries the exact gradient of the formula, computed with
+      few passes over the D x D matrix (see `_correlation_terms`); the gradient of `on_diagonal`/`off_diagonal`
+      is exact too.
     """
-    c = cross_correlation(z1, z2)
-    diagonal = tf.linalg.diag_part(c)
-    on_diagonal = tf.reduce_sum(tf.square(1.0 - diagonal))
-    # One pass over C for all squares, then remove the diagonal's share: cheaper than masking a D x D matrix.
-    off_diagonal = tf.reduce_sum(tf.square(c)) - tf.reduce_sum(tf.square(diagonal))
+    z1, z2 = _check_embeddings(z1, z2)
+    count = _global_sum(tf.cast(tf.shape(z1)[0], z1.dtype))
+    loss, on_diagonal, off_diagonal, c = _correlation_terms(
+        _batch_normalize(z1, count), _batch_normalize(z2, count), count, float(lambd)
+    )
     return {
-        "loss": on_diagonal + lambd * off_diagonal,
+        "loss": loss,
         "on_diagonal": on_diagonal,
         "off_diagonal": off_diagonal,
         "cross_correlation": c,

@@ -30,6 +30,71 @@ def _kaiming():
     return keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
 
 
+@keras.saving.register_keras_serializable(package="bt_keras")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """`keras.layers.BatchNormalization` whose training step runs TensorFlow's fused kernel when that is exact.
+
+    Same maths, variables, config and moving-statistics update (biased batch variance, as Keras) as the Keras layer.
+    Keras 3 computes training-mode BatchNorm from separate ops (and, with `synchronized=True`, from sums of x and
+    x^2 plus a tensor of ones), about ten passes over each activation forward and backward; the fused kernel
+    (oneDNN on CPU, cuDNN on GPU) makes two each way. It is used when the batch statistics are those of the local
+    batch anyway: one replica in sync (or `synchronized=False`), float32/float16/bfloat16, the channel axis last,
+    rank 2 or 4, no mask, no renorm. Otherwise (several replicas with synchronized statistics, float64, ...) the
+    Keras computation runs unchanged.
+    """
+
+    def _fusable(self, inputs, mask) -> bool:
+        import tensorflow as tf
+
+        if mask is not None or self.renorm or keras.backend.backend() != "tensorflow":
+            return False
+        rank = inputs.shape.rank
+        if rank not in (2, 4) or self.axis not in (-1, rank - 1):
+            return False
+        if inputs.dtype not in (tf.float32, tf.float16, tf.bfloat16):
+            return False
+        context = tf.distribute.get_replica_context()
+        if self.synchronized and context is not None and context.num_replicas_in_sync > 1:
+            return False
+        count = 1
+        for dim in inputs.shape[:-1]:
+            if dim is None:
+                return False
+            count *= int(dim)
+        return count > 1  # the unbiased -> biased variance conversion below needs n > 1
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable and self._fusable(inputs, mask)):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        x = tf.cast(inputs, tf.float32)  # statistics in float32, as the Keras layer
+        channels = x.shape[-1]
+        rank = x.shape.rank
+        if rank == 2:
+            x = tf.reshape(x, [-1, 1, 1, channels])
+        count = 1
+        for dim in inputs.shape[:-1]:
+            count *= int(dim)
+        gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels], tf.float32)
+        beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels], tf.float32)
+        empty = tf.zeros([0], tf.float32)
+        y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=self.epsilon,
+            exponential_avg_factor=1.0, data_format="NHWC", is_training=True,
+        )
+        # The kernel returns the unbiased (Bessel-corrected) variance; Keras's moving average uses the biased one.
+        variance = variance * ((count - 1) / count)
+        momentum = self.momentum
+        self.moving_mean.assign(tf.cast(self.moving_mean, tf.float32) * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(
+            tf.cast(self.moving_variance, tf.float32) * momentum + variance * (1.0 - momentum)
+        )
+        if rank == 2:
+            y = tf.reshape(y, [-1, channels])
+        return tf.cast(y, self.compute_dtype)
+
+
 class _Builder:
     """Holds the options shared by every layer of one network, so the block functions stay short."""
 
@@ -49,7 +114,7 @@ class _Builder:
 
     def bn(self, x, name, last_in_branch=False):
         gamma = "zeros" if (last_in_branch and self.zero_init_residual) else "ones"
-        return keras.layers.BatchNormalization(
+        return BatchNormalization(
             momentum=0.9, epsilon=1e-5, gamma_initializer=gamma, synchronized=self.synchronized_bn, name=name
         )(x)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from bt_keras import losses
+from bt_keras import heads, losses
 from bt_keras.distribute import check_global_batch
 
 
@@ -116,8 +116,9 @@ class BarlowTwins(keras.Model):
         """Loss terms (see `losses.barlow_twins_loss`) plus `embedding_std`, over the global batch."""
         _check_views(view1, view2)
         features1 = self.encoder(view1, training=training)
-        z1 = self.projector(features1, training=training)
-        z2 = self.projector(self.encoder(view2, training=training), training=training)
+        features2 = self.encoder(view2, training=training)
+        # Same maths as projector(features1), projector(features2); each Dense layer reads its kernel once.
+        z1, z2 = heads.project_views(self.projector, features1, features2, training=training)
         terms = losses.barlow_twins_loss(z1, z2, self.lambd)
         terms["embedding_std"] = tf.stop_gradient(losses.embedding_std(features1))
         return terms

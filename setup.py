@@ -1,14 +1,31 @@
 """Installs bt_keras: Barlow Twins self-supervised learning for TensorFlow/Keras.
 
 TensorFlow is named as ``tensorflow>=2.21``. That wheel runs on CPU everywhere and on NVIDIA GPUs when the CUDA
-libraries are present; GPU users get them with ``pip install "tensorflow[and-cuda]>=2.21"`` before (or instead of)
-the plain requirement, and CPU-only machines may install ``tensorflow-cpu`` first to save about 400 MB. See README.
+libraries are present (``tensorflow[and-cuda]`` pulls them in). ``tensorflow-cpu`` is a different distribution
+name, so installing it first does not satisfy ``tensorflow``: pip would add the full wheel beside it. To build
+against another TensorFlow distribution, name it in ``BT_KERAS_TENSORFLOW`` at install time, e.g.
+``BT_KERAS_TENSORFLOW=tensorflow-cpu pip install -e .`` or ``BT_KERAS_TENSORFLOW="tensorflow[and-cuda]"``.
 """
+
+import os
+import re
 
 from setuptools import find_packages, setup
 
+
+def tensorflow_requirement() -> str:
+    """`tensorflow>=2.21`, or the distribution named in BT_KERAS_TENSORFLOW (same lower bound)."""
+    name = os.environ.get("BT_KERAS_TENSORFLOW", "tensorflow").strip()
+    if not re.fullmatch(r"tensorflow(-cpu|-macos|-intel)?(\[[a-z0-9_,-]+\])?", name):
+        raise SystemExit(
+            f"BT_KERAS_TENSORFLOW={name!r} is not a TensorFlow distribution; use e.g. tensorflow, "
+            "tensorflow-cpu or tensorflow[and-cuda]."
+        )
+    return f"{name}>=2.21"
+
+
 INSTALL_REQUIRES = [
-    "tensorflow>=2.21",
+    tensorflow_requirement(),
     "keras>=3.15",
     "tensorflow-datasets>=4.9.10",
     "importlib_resources>=6.0",  # tensorflow-datasets 4.9.10 imports it at run time on Python 3.11

@@ -1,0 +1,448 @@
+"""Steady-state Barlow Twins training-step throughput on this machine, against the fp32 matmul rate of the same run.
+
+What is timed: `BarlowTwins.fit` on synthetic float32 view pairs already in memory (one batch, repeated), i.e. the
+step a user's `fit` runs -- forward and backward of both views, the global-batch loss, LARS -- and not the input
+pipeline (benchmarks/input_pipeline.py measures that). An "image" is one sample with both of its views.
+
+Each configuration runs in its own child process (allocator settings such as MALLOC_* must be in place before a
+process starts; TensorFlow's thread pools are fixed at its first op). The child reports:
+
+  images/s           batch / median step time
+  step s             median, p10, p90 of the timed steps (wall clock of one `train_function` call, `on_train_batch_begin`
+                     to `on_train_batch_end`, the loss read back)
+  GFLOP/image        training FLOPs counted from the model: 2 views x 3 (forward + 2 backward) x 2 x MACs of every
+                     convolution and dense layer, plus 3 x 2 x D^2 for the cross-correlation matrix
+  GFLOP/s            batch x GFLOP/image / median step time
+  matmul             fp32 4096 x 4096 matmul rate measured in the SAME child: once right before every timed step, and
+                     3 times before and after them (median of all)
+  % matmul           median over the timed steps of (the step's GFLOP/s) / (the matmul rate measured just before
+                     it): paired measurements cancel most of the drift when other processes share the cores
+  CPU s/step         user + system CPU seconds of the process per step (cores busy x step time)
+  peak RSS           the child's peak resident memory (getrusage ru_maxrss)
+  faults/step        minor page faults per timed step (ru_minflt); large values mean the allocator hands memory
+                     back to the system and the step page-faults it in again
+
+Allocators (--allocator, several allowed). TensorFlow's oneDNN build (the x86 default) serves CPU tensors of
+256 KiB and more from its own BFC pool (MklCPUAllocator: grows, never returns memory) and smaller ones from malloc.
+  default       the process as users start it: that pool, glibc malloc with its defaults
+  tuned         default + bt_keras.perf.tune_malloc() (mallopt: no mmap, no trimming, one arena)
+  system        TF_ONEDNN_USE_SYSTEM_ALLOCATOR=true: every tensor from glibc malloc, glibc defaults (large blocks are
+                mmap'ed and unmapped each step: the page faults the PyTorch issue describes)
+  system-env    system + MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_ MALLOC_TOP_PAD_ in the environment
+  system-tuned  system + tune_malloc() at start-up: bt_keras.perf.configure_host(allocator="system")
+
+Examples:
+  python benchmarks/train_step.py                                   # cifar + imagenet_small, default vs system (~10 min)
+  python benchmarks/train_step.py --preset cifar --allocator tuned
+  python benchmarks/train_step.py --preset cifar --sweep-batch 64 128 256 512 --allocator default system-tuned
+  python benchmarks/train_step.py --preset cifar --sweep-projector 2048-2048-2048 8192-8192-8192
+  python benchmarks/train_step.py --preset imagenet_small --profile /tmp/bt_profile   # adds the top ops
+  python benchmarks/train_step.py --backbone resnet50 --image-size 64 --batch-size 16 --projector 4096-4096
+  python benchmarks/train_step.py --preset cifar --strategy mirrored:2 --jit --dtype-policy mixed_bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+PRESETS = {
+    # ResNet-18 with the CIFAR stem at 32 px, the CIFAR recipe's batch and projector.
+    "cifar": dict(backbone="resnet18", stem="cifar", image_size=32, batch_size=256, projector="2048-2048-2048"),
+    # ResNet-50 at 96 px with the paper's projector.
+    "imagenet_small": dict(backbone="resnet50", stem="imagenet", image_size=96, batch_size=32,
+                           projector="8192-8192-8192"),
+}
+DEFAULT_STEPS = {"cifar": (2, 6), "imagenet_small": (3, 10)}  # (warm-up, timed) steps
+
+ALLOCATOR_ENV_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_",
+                      "TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "TF_CPU_ALLOCATOR_USE_BFC", "TF_MKL_ALLOC_MAX_BYTES", "LD_PRELOAD")
+ALLOCATORS = ("default", "tuned", "system", "system-env", "system-tuned")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Child: builds one configuration, times it, prints one JSON line.
+# ----------------------------------------------------------------------------------------------------------------
+
+def _rusage():
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_maxrss * 1024  # Linux reports ru_maxrss in KiB
+
+
+def _current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def count_flops(model, batch_size: int) -> dict:
+    """Training FLOPs per step, counted from the layers: 2 views x 3 x 2 x MACs + 3 x 2 x D^2 x batch."""
+    import keras
+
+    def macs(layer):
+        if isinstance(layer, keras.layers.Conv2D):
+            _, h, w, c_out = layer.output.shape
+            kh, kw, c_in, _ = layer.kernel.shape
+            return h * w * c_out * kh * kw * c_in
+        if isinstance(layer, keras.layers.Dense):
+            return int(layer.kernel.shape[0]) * int(layer.kernel.shape[1])
+        if isinstance(layer, keras.Model):
+            return sum(macs(sub) for sub in layer.layers)
+        return 0
+
+    encoder_macs = macs(model.encoder)
+    projector_macs = macs(model.projector)
+    dim = int(model.projector.layers[-1].units)
+    per_image = 2 * 3 * 2 * (encoder_macs + projector_macs) + 3 * 2 * dim * dim
+    return {
+        "encoder_gmac_per_view": encoder_macs / 1e9,
+        "projector_gmac_per_view": projector_macs / 1e9,
+        "embedding_dim": dim,
+        "gflop_per_image": per_image / 1e9,
+        "gflop_per_step": per_image * batch_size / 1e9,
+    }
+
+
+def matmul_fn(tf, n: int = 4096):
+    """Returns a function measuring the fp32 n x n matmul rate (GFLOP/s, one product) with this process's threads.
+
+    The operands are filled inside the measured function (their fill time, measured separately, is subtracted), so
+    that they do not stay resident through the training steps and inflate the peak memory reported for the step.
+    """
+    fill = tf.function(lambda v: tf.reduce_sum(tf.fill([n, n], v)[:1, :1] + tf.fill([n, n], v)[:1, :1]))
+    product = tf.function(lambda v: tf.reduce_sum(tf.matmul(tf.fill([n, n], v), tf.fill([n, n], v))[:1, :1]))
+    value = tf.constant(1.0 / n)
+
+    def seconds(fn) -> float:
+        start = time.perf_counter()
+        fn(value).numpy()
+        return time.perf_counter() - start
+
+    fill(value).numpy()
+    product(value).numpy()
+    fill_s = statistics.median(seconds(fill) for _ in range(5))
+
+    def rate() -> float:
+        return 2 * n**3 / max(seconds(product) - fill_s, 1e-9) / 1e9
+
+    return rate
+
+
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def top_ops_from_trace(logdir: str, limit: int = 25) -> list[dict]:
+    """Aggregates the TensorFlow op events of a profiler trace (xplane.pb) by op type: total ms, count, share.
+
+    Op events are those named "<node name>:<op type>" on the executor threads (tf_Compute*) of the host plane.
+    """
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    totals: dict[str, list] = {}
+    for path in Path(logdir).rglob("*.xplane.pb"):
+        space = xplane_pb2.XSpace()
+        space.ParseFromString(path.read_bytes())
+        for plane in space.planes:
+            if not plane.name.startswith("/host:CPU"):
+                continue
+            names = {k: v.name for k, v in plane.event_metadata.items()}
+            for line in plane.lines:
+                if not line.name.startswith("tf_Compute"):
+                    continue
+                for event in line.events:
+                    name = names.get(event.metadata_id, "")
+                    if ":" not in name or "::" in name:  # executor bookkeeping (ExecutorState::Process, ...)
+                        continue
+                    entry = totals.setdefault(name.rsplit(":", 1)[1], [0.0, 0])
+                    entry[0] += event.duration_ps / 1e9  # ms
+                    entry[1] += 1
+    total = sum(v[0] for v in totals.values()) or 1.0
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])[:limit]
+    return [{"op": k, "ms": round(v[0], 2), "count": v[1], "share": round(v[0] / total, 4)} for k, v in rows]
+
+
+def run_child(config: dict) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from bt_keras import perf
+
+    host = {"malloc_tuned": perf.tune_malloc() if config["allocator"] in ("tuned", "system-tuned") else False}
+    strategy_name = config["strategy"]
+    replicas = int(strategy_name.split(":")[1]) if strategy_name.startswith("mirrored:") else 1
+
+    import tensorflow as tf
+
+    if replicas > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    if config["threads"] != "tf-default":
+        host.update(perf.configure_threads(config["threads"], config["inter_op"]))
+    else:
+        host.update(intra_op=0, inter_op=0, applied=False)
+
+    import keras
+    import numpy as np
+
+    from bt_keras import BarlowTwins, backbones, heads
+    from bt_keras.optim import LARS, WarmupCosine
+
+    keras.config.set_dtype_policy(config["dtype_policy"])
+    strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)]) if replicas > 1
+                else tf.distribute.get_strategy())
+    size, batch = config["image_size"], config["batch_size"]
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        encoder = backbones.get_backbone(config["backbone"], input_shape=(size, size, 3), stem=config["stem"])
+        model = BarlowTwins(encoder, heads.projector(config["projector"]))
+        # The CIFAR recipe's optimizer: LARS with warm-up + cosine (the schedule's cost is part of the step).
+        model.compile(optimizer=LARS(WarmupCosine(0.3 * batch / 256, 10, 1000), eta=0.02, weight_decay=1e-4),
+                      jit_compile=config["jit"])
+    flops = count_flops(model, batch)
+
+    rng = np.random.default_rng(0)
+    views = tuple(rng.standard_normal((batch, size, size, 3), dtype=np.float32) for _ in range(2))
+    dataset = tf.data.Dataset.from_tensors(views).repeat()
+
+    # Each timed step is preceded by one fp32 matmul measurement, so every step has a matmul rate measured within a
+    # second of it: the paired ratios cancel most of the drift when other processes share the cores.
+    matmul = matmul_fn(tf)
+    steps_log: list[dict] = []
+    warmup, steps = config["warmup"], config["steps"]
+
+    class Timer(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch_index, logs=None):
+            self.rate = matmul() if batch_index >= warmup else None
+            self.cpu = _cpu_seconds()
+            self.faults = _rusage()[0]
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch_index, logs=None):
+            float(logs["loss"])  # the step's result is ready
+            steps_log.append({"s": time.perf_counter() - self.start, "cpu_s": _cpu_seconds() - self.cpu,
+                              "faults": _rusage()[0] - self.faults, "matmul": self.rate})
+
+    rate_before = statistics.median([matmul() for _ in range(3)])
+    model.fit(dataset, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[Timer()])
+    rate_after = statistics.median([matmul() for _ in range(3)])
+
+    timed = steps_log[warmup:]
+    times = [t["s"] for t in timed]
+    median = statistics.median(times)
+    quantiles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [median] * 9
+    paired = [flops["gflop_per_step"] / t["s"] / t["matmul"] for t in timed]
+    rates = [t["matmul"] for t in timed] + [rate_before, rate_after]
+    result = {
+        "config": config,
+        "host": host,
+        "first_step_s": steps_log[0]["s"],
+        "step_s": {"median": median, "p10": quantiles[0], "p90": quantiles[-1], "all": times},
+        "cpu_s_per_step": statistics.median(t["cpu_s"] for t in timed),
+        "images_per_s": batch / median,
+        "page_faults_per_step": statistics.median(t["faults"] for t in timed),
+        "peak_rss_gib": _rusage()[1] / 2**30,
+        "rss_after_gib": _current_rss() / 2**30,
+        "matmul_gflops": {"before": rate_before, "after": rate_after, "per_step": [t["matmul"] for t in timed],
+                          "median": statistics.median(rates)},
+        **flops,
+    }
+    result["achieved_gflops"] = flops["gflop_per_step"] / median
+    # The headline ratio: median over steps of (this step's GFLOP/s) / (the matmul rate measured just before it).
+    result["fraction_of_matmul"] = statistics.median(paired)
+    result["fraction_of_matmul_all"] = paired
+
+    if config.get("profile"):
+        logdir = os.path.join(config["profile"], config["name"])
+        tf.profiler.experimental.start(logdir)
+        model.fit(dataset, steps_per_epoch=2, epochs=1, verbose=0)
+        tf.profiler.experimental.stop()
+        result["profile_dir"] = logdir
+        result["top_ops"] = top_ops_from_trace(logdir)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parent: runs the children, prints the table, writes JSON.
+# ----------------------------------------------------------------------------------------------------------------
+
+def child_env(allocator: str) -> dict:
+    from bt_keras.perf import ALLOCATOR_ENV
+
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {allocator!r}; choose from {ALLOCATORS}")
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV_VARS}
+    if allocator.startswith("system"):
+        env["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] = "true"
+    if allocator == "system-env":
+        env.update(ALLOCATOR_ENV)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def machine_info() -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cores": os.cpu_count()}
+    try:
+        info["usable_cores"] = len(os.sched_getaffinity(0))
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = f.read()
+        info["cpu"] = next(l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name"))
+        flags = next(l for l in cpuinfo.splitlines() if l.startswith("flags")).split()
+        info["avx512"] = "avx512f" in flags
+        info["mem_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+        info["glibc"] = platform.libc_ver()[1]
+    except (OSError, StopIteration, AttributeError, ValueError):
+        pass
+    try:
+        with open("/proc/loadavg") as f:
+            info["loadavg_at_start"] = f.read().split()[:3]
+    except OSError:
+        pass
+    return info
+
+
+def versions() -> dict:
+    code = "import tensorflow as tf, keras, numpy; print(tf.__version__, keras.__version__, numpy.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout.split()
+    return dict(zip(("tensorflow", "keras", "numpy"), out))
+
+
+def run_config(config: dict, log) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(config)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(config["allocator"]))
+    log.write(f"=== {config['name']}\n{proc.stderr}\n")
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.splitlines()[-15:])
+        return {"config": config, "error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def format_table(results: list[dict]) -> str:
+    header = ("config", "img/s", "step s med [p10, p90]", "CPU s/step", "GFLOP/img", "GFLOP/s", "matmul",
+              "% matmul", "peak RSS GiB", "faults/step")
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append((r["config"]["name"], "error", r["error"].splitlines()[-1][:60], "", "", "", "", "", "", ""))
+            continue
+        s = r["step_s"]
+        rows.append((
+            r["config"]["name"], f"{r['images_per_s']:.1f}", f"{s['median']:.3f} [{s['p10']:.3f}, {s['p90']:.3f}]",
+            f"{r['cpu_s_per_step']:.2f}",
+            f"{r['gflop_per_image']:.2f}", f"{r['achieved_gflops']:.0f}", f"{r['matmul_gflops']['median']:.0f}",
+            f"{100 * r['fraction_of_matmul']:.0f}%", f"{r['peak_rss_gib']:.2f}", f"{r['page_faults_per_step']:.0f}",
+        ))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def build_configs(args) -> list[dict]:
+    configs = []
+    presets = args.preset or (["custom"] if args.backbone else ["cifar", "imagenet_small"])
+    for preset in presets:
+        base = dict(PRESETS.get(preset, PRESETS["cifar"]))
+        for key in ("backbone", "stem", "image_size", "batch_size", "projector"):
+            if getattr(args, key) is not None:
+                base[key] = getattr(args, key)
+        warmup, steps = DEFAULT_STEPS.get(preset, (2, 6))
+        variants = [{}]
+        if args.sweep_batch:
+            variants = [dict(batch_size=b) for b in args.sweep_batch]
+        if args.sweep_projector:
+            variants = [dict(v, projector=p) for v in variants for p in args.sweep_projector]
+        for variant in variants:
+            for allocator in args.allocator:
+                config = dict(base, **variant, allocator=allocator, strategy=args.strategy, jit=args.jit,
+                              dtype_policy=args.dtype_policy, threads=args.threads, inter_op=args.inter_op,
+                              warmup=args.warmup if args.warmup is not None else warmup,
+                              steps=args.steps if args.steps is not None else steps, profile=args.profile)
+                tags = [preset]
+                tags += [f"b{config['batch_size']}"] if (args.sweep_batch or args.batch_size) else []
+                tags += [f"p{config['projector'].split('-')[-1]}"] if (args.sweep_projector or args.projector) else []
+                tags += [allocator]
+                tags += [args.strategy] if args.strategy != "default" else []
+                tags += ["xla"] if args.jit else []
+                tags += [args.dtype_policy] if args.dtype_policy != "float32" else []
+                if args.threads == "tf-default":
+                    tags += ["tf-threads"]
+                elif args.threads is not None or args.inter_op is not None:
+                    tags += [f"t{args.threads or 'cores'}i{args.inter_op}"]
+                config["name"] = "/".join(tags)
+                configs.append(config)
+    return configs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", nargs="*", choices=sorted(PRESETS) + ["custom"],
+                        help="default: cifar and imagenet_small (or custom when --backbone is given)")
+    parser.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--stem", choices=["imagenet", "cifar"])
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--batch-size", type=int, help="global batch")
+    parser.add_argument("--projector", help='e.g. "8192-8192-8192"')
+    parser.add_argument("--strategy", default="default", help='"default" or "mirrored:N" (N logical CPU devices)')
+    parser.add_argument("--allocator", nargs="+", default=None, choices=ALLOCATORS,
+                        help="default: default system (see above)")
+    parser.add_argument("--threads", type=lambda v: v if v == "tf-default" else int(v), default=None,
+                        help="intra-op threads (default: usable cores); 'tf-default' leaves TensorFlow's defaults")
+    parser.add_argument("--inter-op", type=int, default=None,
+                        help="inter-op threads (default: TensorFlow's, the number of cores)")
+    parser.add_argument("--jit", action="store_true", help="compile the step with XLA (jit_compile=True)")
+    parser.add_argument("--dtype-policy", default="float32", help="float32, mixed_bfloat16 or mixed_float16")
+    parser.add_argument("--sweep-batch", type=int, nargs="*")
+    parser.add_argument("--sweep-projector", nargs="*")
+    parser.add_argument("--warmup", type=int, help="untimed steps (default per preset: cifar 2, imagenet_small 3)")
+    parser.add_argument("--steps", type=int, help="timed steps (default per preset: cifar 6, imagenet_small 10)")
+    parser.add_argument("--profile", help="directory: trace 2 extra steps per configuration and report the top ops")
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "train_step.json"))
+    args = parser.parse_args()
+
+    if args.child:
+        print(json.dumps(run_child(json.loads(args.child))), flush=True)
+        return
+
+    args.allocator = args.allocator or ["default", "system"]
+    configs = build_configs(args)
+    info = {"machine": machine_info(), "versions": versions(), "command": " ".join(sys.argv)}
+    print(f"{info['machine'].get('cpu', '?')}, {info['machine'].get('usable_cores')} cores, "
+          f"TF {info['versions'].get('tensorflow')}, Keras {info['versions'].get('keras')}; "
+          f"{len(configs)} configuration(s)", flush=True)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    with open(output.with_suffix(".log"), "w") as log:
+        for config in configs:
+            started = time.perf_counter()
+            result = run_config(config, log)
+            results.append(result)
+            if "error" in result:
+                print(f"  {config['name']}: ERROR {result['error']}", flush=True)
+            else:
+                print(f"  {config['name']}: {result['images_per_s']:.1f} img/s, "
+                      f"{100 * result['fraction_of_matmul']:.0f}% of matmul, "
+                      f"{result['peak_rss_gib']:.2f} GiB, {result['page_faults_per_step']:.0f} faults/step "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+            for op in result.get("top_ops", [])[:15]:
+                print(f"      {op['share']:6.1%} {op['ms']:9.1f} ms  {op['count']:6d}x  {op['op']}")
+    print()
+    print(format_table(results))
+    output.write_text(json.dumps({**info, "results": results}, indent=1))
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -38,7 +38,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8.0"],
+    # tensorflow-serving-api: the warm-up record and gRPC tests compare against the official protos.
+    "test": ["pytest>=8.0", "tensorflow-serving-api>=2.18"],
     "serving": ["tensorflow-serving-api>=2.18"],
     # keras-cv is optional: every augmentation we need is in keras.layers or our own ops.
     "keras-cv": ["keras-cv>=0.9"],

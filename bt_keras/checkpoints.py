@@ -26,6 +26,12 @@ ENCODER_FILE = "encoder.keras"
 ENCODER_METADATA = "encoder.json"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write_fn, suffix: str = "") -> None:
     """Calls `write_fn(temporary_path)` and renames the result to `path` (atomic on POSIX file systems)."""
     path = Path(path)
@@ -34,6 +40,9 @@ def atomic_write(path: str | os.PathLike, write_fn, suffix: str = "") -> None:
     os.close(fd)
     try:
         write_fn(tmp)
+        # mkstemp makes the file private (0600); give it the mode a plain open() would (0666 minus the umask), so a
+        # serving container or a colleague running as another user can read the encoder.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,9 +106,9 @@ def steps_per_epoch(config) -> int:
 def _check_workdir(workdir: Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        # A per-process name: the workers of a multi-worker run share the workdir and check it at the same time.
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test."):
+            pass
     except OSError as error:
         raise ValueError(f"--workdir={workdir} is not writable ({error.strerror}); choose a folder you can write to.") \
             from error

@@ -30,6 +30,16 @@ def _kaiming():
     return keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
 
 
+def _values_per_channel(inputs) -> int | None:
+    """How many values each channel's batch statistics average over (static shapes), or None if unknown."""
+    count = 1
+    for dim in inputs.shape[:-1]:
+        if dim is None:
+            return None
+        count *= int(dim)
+    return count
+
+
 @keras.saving.register_keras_serializable(package="bt_keras")
 class BatchNormalization(keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization` whose training step runs TensorFlow's fused kernel when that is exact.
@@ -56,12 +66,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         context = tf.distribute.get_replica_context()
         if self.synchronized and context is not None and context.num_replicas_in_sync > 1:
             return False
-        count = 1
-        for dim in inputs.shape[:-1]:
-            if dim is None:
-                return False
-            count *= int(dim)
-        return count > 1  # the unbiased -> biased variance conversion below needs n > 1
+        count = _values_per_channel(inputs)
+        return count is not None and count > 1  # the unbiased -> biased variance conversion below needs n > 1
 
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable and self._fusable(inputs, mask)):
@@ -73,9 +79,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         rank = x.shape.rank
         if rank == 2:
             x = tf.reshape(x, [-1, 1, 1, channels])
-        count = 1
-        for dim in inputs.shape[:-1]:
-            count *= int(dim)
+        count = _values_per_channel(inputs)
         gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels], tf.float32)
         beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels], tf.float32)
         empty = tf.zeros([0], tf.float32)

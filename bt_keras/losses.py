@@ -70,6 +70,13 @@ def _batch_normalize(z: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
     return centred * tf.math.rsqrt(variance + EPSILON)
 
 
+def _normalized_views(z1, z2) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Checked embeddings, each normalised along the global batch, and the global batch size N."""
+    z1, z2 = _check_embeddings(z1, z2)
+    count = _global_sum(tf.cast(tf.shape(z1)[0], z1.dtype))
+    return _batch_normalize(z1, count), _batch_normalize(z2, count), count
+
+
 def cross_correlation(z1, z2) -> tf.Tensor:
     """The D x D cross-correlation matrix of two views' embeddings over the global batch.
 
@@ -84,10 +91,7 @@ def cross_correlation(z1, z2) -> tf.Tensor:
       >>> z = tf.random.normal([64, 8])
       >>> c = cross_correlation(z, z)  # diagonal ~1: a view correlates perfectly with itself.
     """
-    z1, z2 = _check_embeddings(z1, z2)
-    count = _global_sum(tf.cast(tf.shape(z1)[0], z1.dtype))
-    z1n = _batch_normalize(z1, count)
-    z2n = _batch_normalize(z2, count)
+    z1n, z2n, count = _normalized_views(z1, z2)
     return _global_sum(tf.matmul(z1n, z2n, transpose_a=True)) / count
 
 
@@ -112,20 +116,18 @@ def _correlation_terms(z1n, z2n, count, lambd: float) -> tuple[tf.Tensor, ...]:
     replicas = _replicas_in_sync()
     batch, dim = z1n.shape[0], z1n.shape[1]
     use_gram = replicas == 1 and batch is not None and dim is not None and batch <= dim
-    held = {}
 
     @tf.custom_gradient
     def terms(a, b):
         a_over_n = a / count  # fold 1/N into the B x D factor rather than dividing the D x D product
         c = _global_sum(tf.matmul(a_over_n, b, transpose_a=True))
-        held["c"] = c
         diagonal = tf.linalg.diag_part(c)
         on_diagonal = tf.reduce_sum(tf.square(1.0 - diagonal))
         # L2Loss reads C once (sum of squares / 2) instead of writing C^2 and reading it back.
         off_diagonal = 2.0 * tf.nn.l2_loss(c) - tf.reduce_sum(tf.square(diagonal))
         loss = on_diagonal + lambd * off_diagonal
 
-        def grad(d_loss, d_on, d_off):
+        def grad(d_loss, d_on, d_off, _d_c):  # C is returned for pictures only: no gradient flows through it
             zero = tf.zeros([], c.dtype)
             d_loss = zero if d_loss is None else tf.cast(d_loss, c.dtype)
             d_on = zero if d_on is None else tf.cast(d_on, c.dtype)
@@ -143,10 +145,10 @@ def _correlation_terms(z1n, z2n, count, lambd: float) -> tuple[tf.Tensor, ...]:
             d_b = (coefficient * tf.matmul(a_over_n, c) + a_over_n * g) * scale
             return d_a, d_b
 
-        return (loss, on_diagonal, off_diagonal), grad
+        return (loss, on_diagonal, off_diagonal, c), grad
 
-    loss, on_diagonal, off_diagonal = terms(z1n, z2n)
-    return loss, on_diagonal, off_diagonal, tf.stop_gradient(held["c"])
+    loss, on_diagonal, off_diagonal, c = terms(z1n, z2n)
+    return loss, on_diagonal, off_diagonal, tf.stop_gradient(c)
 
 
 def barlow_twins_loss(z1, z2, lambd: float = DEFAULT_LAMBDA) -> dict[str, tf.Tensor]:
@@ -164,11 +166,8 @@ def barlow_twins_loss(z1, z2, lambd: float = DEFAULT_LAMBDA) -> dict[str, tf.Ten
       few passes over the D x D matrix (see `_correlation_terms`); the gradient of `on_diagonal`/`off_diagonal`
       is exact too.
     """
-    z1, z2 = _check_embeddings(z1, z2)
-    count = _global_sum(tf.cast(tf.shape(z1)[0], z1.dtype))
-    loss, on_diagonal, off_diagonal, c = _correlation_terms(
-        _batch_normalize(z1, count), _batch_normalize(z2, count), count, float(lambd)
-    )
+    z1n, z2n, count = _normalized_views(z1, z2)
+    loss, on_diagonal, off_diagonal, c = _correlation_terms(z1n, z2n, count, float(lambd))
     return {
         "loss": loss,
         "on_diagonal": on_diagonal,

@@ -93,12 +93,12 @@ class LARS(keras.optimizers.Optimizer):
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
         update = ops.cast(gradient, dtype)
+        var = _tf_variable(variable)
         momentum = self.momentums[self._get_variable_index(variable)]
         if self._is_excluded(variable):
             lr = lr * ops.cast(self.bias_lr_scale, dtype)
         else:
-            weights = _tf_variable(variable)
-            weights = weights.read_value() if hasattr(weights, "read_value") else tf.convert_to_tensor(weights)
+            weights = var.read_value()
             if self.lars_weight_decay:
                 update = update + ops.cast(self.lars_weight_decay, dtype) * weights
             weight_norm = tf.sqrt(2.0 * tf.nn.l2_loss(weights))
@@ -110,7 +110,7 @@ class LARS(keras.optimizers.Optimizer):
             )
             update = update * ratio
         tf.raw_ops.ResourceApplyMomentum(
-            var=_tf_variable(variable).handle,
+            var=var.handle,
             accum=_tf_variable(momentum).handle,
             lr=lr,
             grad=update,

@@ -57,9 +57,6 @@ ALLOCATOR_ENV = {
 }
 """The environment equivalent of `tune_malloc()`, for launching a process (glibc reads it at start-up)."""
 
-_state: dict = {}
-
-
 def _glibc():
     if not sys.platform.startswith("linux"):
         return None
@@ -95,7 +92,6 @@ def tune_malloc(top_pad: int = DEFAULT_TOP_PAD, arenas: int | None = 1) -> bool:
     ok &= libc.mallopt(_M_TOP_PAD, min(int(top_pad), 2**31 - 1)) == 1
     if arenas is not None:
         ok &= libc.mallopt(_M_ARENA_MAX, int(arenas)) == 1
-    _state["malloc_tuned"] = bool(ok)
     return bool(ok)
 
 

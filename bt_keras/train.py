@@ -41,7 +41,7 @@ def main(argv):
     from bt_keras import distribute, perf
     from bt_keras.trainer import NonFiniteLossError, Trainer, summary
 
-    perf.configure_host()
+    logging.info("Host settings: %s", perf.configure_host())
     if _CPU_DEVICES.value:
         distribute.split_cpu(_CPU_DEVICES.value)
     config = _CONFIG.value

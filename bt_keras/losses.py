@@ -105,13 +105,15 @@ def _correlation_terms(z1n, z2n, count, lambd: float) -> tuple[tf.Tensor, ...]:
 
         dL/dz1n = (2 lambd z2n C^T + z2n * g) / N,   dL/dz2n = (2 lambd z1n C + z1n * g) / N,   g_i the diagonal part.
 
-    On one replica with B <= D, the backward pass does not read C at all: z2n C^T = (z2n z2n^T) z1n / N, a product
-    through the B x B Gram matrix (same maths, B^2 D instead of B D^2 multiply-adds), so C (256 MiB at D = 8192) is
-    not kept from the forward pass to the backward pass.
+    On one replica with B <= D, C is never formed: everything goes through the B x B Gram matrices Ga = (z1n/N)(z1n/N)^T
+    and Gb = z2n z2n^T (same maths, B^2 D instead of B D^2 multiply-adds, and no 256 MiB tensor in the step's peak):
+
+        sum_ij C_ij^2 = sum(Ga * Gb),   C_ii = sum_b z1n[b, i] z2n[b, i] / N,   z2n C^T = Gb z1n / N,   z1n C / N = Ga z2n.
 
     Under several replicas C is summed across them (differentiably in the maths: the backward pass of that sum gives
     each replica R times its share, exactly what autodiff through `all_reduce` gives; see `BarlowTwins`).
-    The returned C carries no gradient (it is for pictures and diagnostics; `cross_correlation` is differentiable).
+    The returned C carries no gradient (it is for pictures and diagnostics; `cross_correlation` is differentiable); in
+    the Gram form it is computed only if something uses it (in a graph, an unused C is pruned).
     """
     replicas = _replicas_in_sync()
     batch, dim = z1n.shape[0], z1n.shape[1]
@@ -119,36 +121,41 @@ def _correlation_terms(z1n, z2n, count, lambd: float) -> tuple[tf.Tensor, ...]:
 
     @tf.custom_gradient
     def terms(a, b):
-        a_over_n = a / count  # fold 1/N into the B x D factor rather than dividing the D x D product
-        c = _global_sum(tf.matmul(a_over_n, b, transpose_a=True))
-        diagonal = tf.linalg.diag_part(c)
+        a_over_n = a / count  # fold 1/N into the B x D factor rather than dividing a D x D product
+        if use_gram:
+            gram_a = tf.matmul(a_over_n, a_over_n, transpose_b=True)
+            gram_b = tf.matmul(b, b, transpose_b=True)
+            diagonal = tf.reduce_sum(a_over_n * b, axis=0)
+            sum_of_squares = tf.reduce_sum(gram_a * gram_b)
+        else:
+            c = _global_sum(tf.matmul(a_over_n, b, transpose_a=True))
+            diagonal = tf.linalg.diag_part(c)
+            sum_of_squares = 2.0 * tf.nn.l2_loss(c)  # reads C once instead of writing C^2 and reading it back
         on_diagonal = tf.reduce_sum(tf.square(1.0 - diagonal))
-        # L2Loss reads C once (sum of squares / 2) instead of writing C^2 and reading it back.
-        off_diagonal = 2.0 * tf.nn.l2_loss(c) - tf.reduce_sum(tf.square(diagonal))
+        off_diagonal = sum_of_squares - tf.reduce_sum(tf.square(diagonal))
         loss = on_diagonal + lambd * off_diagonal
 
-        def grad(d_loss, d_on, d_off, _d_c):  # C is returned for pictures only: no gradient flows through it
-            zero = tf.zeros([], c.dtype)
-            d_loss = zero if d_loss is None else tf.cast(d_loss, c.dtype)
-            d_on = zero if d_on is None else tf.cast(d_on, c.dtype)
-            d_off = zero if d_off is None else tf.cast(d_off, c.dtype)
+        def grad(d_loss, d_on, d_off, *_d_c):  # C (non-Gram form) is returned for pictures only: no gradient
+            zero = tf.zeros([], diagonal.dtype)
+            d_loss = zero if d_loss is None else tf.cast(d_loss, diagonal.dtype)
+            d_on = zero if d_on is None else tf.cast(d_on, diagonal.dtype)
+            d_off = zero if d_off is None else tf.cast(d_off, diagonal.dtype)
             coefficient = 2.0 * (lambd * d_loss + d_off)  # dL/dC = coefficient * C + diag(g)
             g = -2.0 * (1.0 - diagonal) * (d_loss + d_on) - coefficient * diagonal
             if use_gram:
-                # One replica and B <= D: b C^T = (b b^T) a/N and (a/N) C = ((a/N)(a/N)^T) b, with B x B Gram
-                # matrices: the backward pass never reads C, so C is freed right after the forward pass.
-                d_a = (coefficient * tf.matmul(tf.matmul(b, b, transpose_b=True), a_over_n) + b * g) / count
-                d_b = coefficient * tf.matmul(tf.matmul(a_over_n, a_over_n, transpose_b=True), b) + a_over_n * g
+                d_a = (coefficient * tf.matmul(gram_b, a_over_n) + b * g) / count
+                d_b = coefficient * tf.matmul(gram_a, b) + a_over_n * g
                 return d_a, d_b
             scale = tf.cast(replicas, c.dtype)
             d_a = (coefficient * tf.matmul(b, c, transpose_b=True) + b * g) * (scale / count)
             d_b = (coefficient * tf.matmul(a_over_n, c) + a_over_n * g) * scale
             return d_a, d_b
 
-        return (loss, on_diagonal, off_diagonal, c), grad
+        return (loss, on_diagonal, off_diagonal) + (() if use_gram else (c,)), grad
 
-    loss, on_diagonal, off_diagonal, c = terms(z1n, z2n)
-    return loss, on_diagonal, off_diagonal, tf.stop_gradient(c)
+    outputs = terms(z1n, z2n)
+    c = outputs[3] if len(outputs) == 4 else tf.matmul(z1n / count, z2n, transpose_a=True)
+    return outputs[0], outputs[1], outputs[2], tf.stop_gradient(c)
 
 
 def barlow_twins_loss(z1, z2, lambd: float = DEFAULT_LAMBDA) -> dict[str, tf.Tensor]:

@@ -54,6 +54,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["bt_keras", "bt_keras.*", "export", "export.*"]),
+    package_data={"bt_keras.kernels": ["*.cc"]},  # compiled on first use (bt_keras/kernels/__init__.py)
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

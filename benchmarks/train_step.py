@@ -31,9 +31,13 @@ Allocators (--allocator, several allowed). TensorFlow's oneDNN build (the x86 de
   system-env    system + MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_ MALLOC_TOP_PAD_ in the environment
   system-tuned  system + tune_malloc() at start-up: bt_keras.perf.configure_host(allocator="system")
 
+LARS (--lars, several allowed): `native` (default) is bt_keras.optim.LARS's native CPU kernel (bt_keras.kernels: two
+passes over each variable); `tf-ops` forces the TensorFlow-ops update (LARS(native=False)), for comparison.
+
 Examples:
   python benchmarks/train_step.py                                   # cifar + imagenet_small, default vs system (~10 min)
   python benchmarks/train_step.py --preset cifar --allocator tuned
+  python benchmarks/train_step.py --preset imagenet_small --allocator default --lars native tf-ops
   python benchmarks/train_step.py --preset cifar --sweep-batch 64 128 256 512 --allocator default system-tuned
   python benchmarks/train_step.py --preset cifar --sweep-projector 2048-2048-2048 8192-8192-8192
   python benchmarks/train_step.py --preset imagenet_small --profile /tmp/bt_profile   # adds the top ops
@@ -206,8 +210,9 @@ def run_child(config: dict) -> dict:
         encoder = backbones.get_backbone(config["backbone"], input_shape=(size, size, 3), stem=config["stem"])
         model = BarlowTwins(encoder, heads.projector(config["projector"]))
         # The CIFAR recipe's optimizer: LARS with warm-up + cosine (the schedule's cost is part of the step).
-        model.compile(optimizer=LARS(WarmupCosine(0.3 * batch / 256, 10, 1000), eta=0.02, weight_decay=1e-4),
-                      jit_compile=config["jit"])
+        lars = LARS(WarmupCosine(0.3 * batch / 256, 10, 1000), eta=0.02, weight_decay=1e-4,
+                    native=None if config["jit"] else config.get("lars", "native") == "native")
+        model.compile(optimizer=lars, jit_compile=config["jit"])
     flops = count_flops(model, batch)
 
     rng = np.random.default_rng(0)
@@ -363,8 +368,8 @@ def build_configs(args) -> list[dict]:
         if args.sweep_projector:
             variants = [dict(v, projector=p) for v in variants for p in args.sweep_projector]
         for variant in variants:
-            for allocator in args.allocator:
-                config = dict(base, **variant, allocator=allocator, strategy=args.strategy, jit=args.jit,
+            for allocator, lars in [(a, k) for a in args.allocator for k in args.lars]:
+                config = dict(base, **variant, allocator=allocator, lars=lars, strategy=args.strategy, jit=args.jit,
                               dtype_policy=args.dtype_policy, threads=args.threads, inter_op=args.inter_op,
                               warmup=args.warmup if args.warmup is not None else warmup,
                               steps=args.steps if args.steps is not None else steps, profile=args.profile)
@@ -372,6 +377,7 @@ def build_configs(args) -> list[dict]:
                 tags += [f"b{config['batch_size']}"] if (args.sweep_batch or args.batch_size) else []
                 tags += [f"p{config['projector'].split('-')[-1]}"] if (args.sweep_projector or args.projector) else []
                 tags += [allocator]
+                tags += [lars] if lars != "native" else []
                 tags += [args.strategy] if args.strategy != "default" else []
                 tags += ["xla"] if args.jit else []
                 tags += [args.dtype_policy] if args.dtype_policy != "float32" else []
@@ -397,6 +403,8 @@ def main() -> None:
     parser.add_argument("--strategy", default="default", help='"default" or "mirrored:N" (N logical CPU devices)')
     parser.add_argument("--allocator", nargs="+", default=None, choices=ALLOCATORS,
                         help="default: default system (see above)")
+    parser.add_argument("--lars", nargs="+", default=["native"], choices=["native", "tf-ops"],
+                        help="LARS update: the native CPU kernel (bt_keras.kernels, default) or TensorFlow ops")
     parser.add_argument("--threads", type=lambda v: v if v == "tf-default" else int(v), default=None,
                         help="intra-op threads (default: usable cores); 'tf-default' leaves TensorFlow's defaults")
     parser.add_argument("--inter-op", type=int, default=None,

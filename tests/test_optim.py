@@ -1,6 +1,10 @@
-"""LARS against a NumPy reference of the official update rule, and the warm-up + cosine schedule's values."""
+"""LARS against a NumPy reference of the official update rule (native kernel and TensorFlow ops), the warm-up +
+cosine schedule's values."""
 
 import math
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -29,7 +33,8 @@ def numpy_lars(weights, grads_per_step, lr, momentum, eta, wd, bias_lr_scale):
     return weights
 
 
-def test_lars_matches_numpy_reference_with_exclusions_and_zero_norms():
+@pytest.mark.parametrize("native", [True, False], ids=["native-kernel", "tensorflow-ops"])
+def test_lars_matches_numpy_reference_with_exclusions_and_zero_norms(native):
     rng = np.random.default_rng(0)
     initial = [
         rng.normal(size=(4, 3)),  # an ordinary kernel
@@ -45,7 +50,7 @@ def test_lars_matches_numpy_reference_with_exclusions_and_zero_norms():
 
     variables = [keras.Variable(w.astype("float32")) for w in initial]
     opt = LARS(hyper["lr"], momentum=hyper["momentum"], eta=hyper["eta"], weight_decay=hyper["wd"],
-               bias_lr_scale=hyper["bias_lr_scale"])
+               bias_lr_scale=hyper["bias_lr_scale"], native=native)
     for step_grads in grads:
         opt.apply_gradients([(tf.constant(g, tf.float32), v) for g, v in zip(step_grads, variables)])
     for got, want in zip(variables, expected):
@@ -53,12 +58,70 @@ def test_lars_matches_numpy_reference_with_exclusions_and_zero_norms():
     assert np.all(variables[2].numpy() == 0)
 
 
-def test_lars_without_exclusions_treats_biases_as_weights():
+@pytest.mark.parametrize("native", [True, False], ids=["native-kernel", "tensorflow-ops"])
+def test_lars_without_exclusions_treats_biases_as_weights(native):
     w, g = np.array([1.0, -2.0]), np.array([0.5, 0.5])
     var = keras.Variable(w.astype("float32"))
-    LARS(1.0, momentum=0.0, eta=0.1, weight_decay=0.0, exclude_1d=False).apply_gradients([(tf.constant(g, tf.float32), var)])
+    LARS(1.0, momentum=0.0, eta=0.1, weight_decay=0.0, exclude_1d=False, native=native).apply_gradients(
+        [(tf.constant(g, tf.float32), var)])
     ratio = 0.1 * np.linalg.norm(w) / np.linalg.norm(g)
     np.testing.assert_allclose(var.numpy(), w - ratio * g, rtol=1e-6)
+
+
+def _lars_steps(native, initial, grads, **hyper):
+    variables = [keras.Variable(w) for w in initial]
+    opt = LARS(0.7, momentum=0.9, eta=0.02, weight_decay=1e-3, native=native, **hyper)
+    step = tf.function(lambda gs: opt.apply_gradients(zip(gs, variables)))  # as in fit: inside a tf.function
+    for step_grads in grads:
+        step([tf.constant(g) for g in step_grads])
+    return [v.numpy() for v in variables] + [m.numpy() for m in opt.momentums]
+
+
+def test_native_kernel_equals_tensorflow_ops_in_float64_on_large_odd_sized_variables():
+    """Both paths agree to float64 round-off on sizes that cross the kernel's 65536-element blocks unevenly."""
+    rng = np.random.default_rng(1)
+    shapes = [(300, 517), (3, 3, 64, 129), (1000,)]
+    initial = [rng.normal(size=s) for s in shapes]
+    grads = [[rng.normal(size=s) * 10.0 ** -k for s in shapes] for k in range(4)]
+    native, reference = _lars_steps(True, initial, grads), _lars_steps(False, initial, grads)
+    for got, want in zip(native, reference):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    assert not np.allclose(native[0], initial[0])  # it did move
+
+
+def test_native_kernel_does_not_change_a_value_read_before_the_update():
+    """TensorFlow reads alias the variable's buffer; the in-place kernel must copy first, as TF's own ops do."""
+    var = keras.Variable(np.ones((64, 64), np.float32))
+    before = var.value.read_value()  # holds the variable's buffer
+    LARS(0.5, native=True).apply_gradients([(tf.ones((64, 64)), var)])
+    assert np.all(before.numpy() == 1.0)
+    assert np.all(var.numpy() < 1.0)
+
+
+def test_xla_steps_use_tensorflow_ops_and_native_true_says_why_not():
+    var = keras.Variable(np.ones((8, 8), np.float32))
+    automatic = LARS(0.5)
+    tf.function(lambda g: automatic.apply_gradients([(g, var)]), jit_compile=True)(tf.ones((8, 8)))
+    assert np.all(var.numpy() < 1.0)
+    forced = LARS(0.5, native=True)
+    with pytest.raises(RuntimeError, match="XLA"):
+        tf.function(lambda g: forced.apply_gradients([(g, var)]), jit_compile=True)(tf.ones((8, 8)))
+
+
+def test_native_kernel_can_be_turned_off_and_lars_still_works():
+    code = (
+        "import numpy as np, keras, tensorflow as tf\n"
+        "from bt_keras import kernels\n"
+        "from bt_keras.optim import LARS\n"
+        "var = keras.Variable(np.ones((4, 4), np.float32))\n"
+        "LARS(0.5).apply_gradients([(tf.ones((4, 4)), var)])\n"
+        "assert kernels.lars_update() is None and np.all(var.numpy() < 1)\n"
+        "print(kernels.unavailable_reason())\n"
+    )
+    env = dict(os.environ, BT_KERAS_NATIVE="0", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "BT_KERAS_NATIVE=0" in out.stdout
 
 
 def test_lars_config_round_trip():
@@ -74,6 +137,11 @@ def test_lars_config_round_trip():
 def test_lars_rejects_bad_hyperparameters(bad):
     with pytest.raises(ValueError, match="LARS"):
         LARS(0.1, **bad)
+
+
+def test_lars_rejects_a_bad_native_setting():
+    with pytest.raises(ValueError, match="native"):
+        LARS(0.1, native="yes")
 
 
 def test_warmup_cosine_values():

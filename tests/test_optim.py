@@ -108,7 +108,15 @@ def test_xla_steps_use_tensorflow_ops_and_native_true_says_why_not():
         tf.function(lambda g: forced.apply_gradients([(g, var)]), jit_compile=True)(tf.ones((8, 8)))
 
 
-def test_native_kernel_can_be_turned_off_and_lars_still_works():
+@pytest.mark.parametrize(
+    "env, reason",
+    [
+        (dict(BT_KERAS_NATIVE="0"), "BT_KERAS_NATIVE=0"),
+        (dict(CXX="false"), "compiler failed"),  # a fresh cache and a compiler that fails: fall back, say why
+    ],
+    ids=["turned-off", "compiler-fails"],
+)
+def test_without_the_native_kernel_lars_falls_back_and_native_true_says_why(env, reason, tmp_path):
     code = (
         "import numpy as np, keras, tensorflow as tf\n"
         "from bt_keras import kernels\n"
@@ -116,12 +124,19 @@ def test_native_kernel_can_be_turned_off_and_lars_still_works():
         "var = keras.Variable(np.ones((4, 4), np.float32))\n"
         "LARS(0.5).apply_gradients([(tf.ones((4, 4)), var)])\n"
         "assert kernels.lars_update() is None and np.all(var.numpy() < 1)\n"
-        "print(kernels.unavailable_reason())\n"
+        "try:\n"
+        "    LARS(0.5, native=True).apply_gradients([(tf.ones((4, 4)), var)])\n"
+        "except RuntimeError as error:\n"
+        "    print('REFUSED', error)\n"
     )
-    env = dict(os.environ, BT_KERAS_NATIVE="0", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, BT_KERAS_CACHE_DIR=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="",
+               TF_CPP_MIN_LOG_LEVEL="3", **env)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "BT_KERAS_NATIVE=0" in out.stdout
+    assert "REFUSED LARS(native=True) cannot use the native kernel" in out.stdout and reason in out.stdout
+    if "CXX" in env:
+        assert "native LARS kernel is unavailable" in out.stderr  # the warning users see
+        assert not list((tmp_path / "cache").glob("*"))  # no partial library left behind
 
 
 def test_lars_config_round_trip():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import keras
@@ -26,23 +26,18 @@ ENCODER_FILE = "encoder.keras"
 ENCODER_METADATA = "encoder.json"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path: str | os.PathLike, write_fn, suffix: str = "") -> None:
-    """Calls `write_fn(temporary_path)` and renames the result to `path` (atomic on POSIX file systems)."""
+    """Calls `write_fn(temporary_path)` and renames the result to `path` (atomic on POSIX file systems).
+
+    The temporary file is created as a plain open() would (mode 0666 minus the umask), not private like mkstemp's
+    0600, so a serving container or a colleague running as another user can read what lands at `path`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp{suffix}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        write_fn(tmp)
-        # mkstemp makes the file private (0600); give it the mode a plain open() would (0666 minus the umask), so a
-        # serving container or a colleague running as another user can read the encoder.
-        os.chmod(tmp, 0o666 & ~_umask())
+        write_fn(str(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -18,15 +18,16 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 from absl import logging
 
+from bt_keras.checkpoints import atomic_write
+
 _SOURCE = Path(__file__).with_name("lars_update.cc")
 _lock = threading.Lock()
-_loaded: dict[str, object] = {}  # "lars_update" -> the op function, or the reason it is unavailable (a str)
+_state: dict = {}  # after the first lars_update(): {"op": the op function or None, "reason": why it is None}
 
 
 def cache_dir() -> Path:
@@ -65,46 +66,43 @@ def _build(tf) -> Path:
     path = _library_path(tf, compiler)
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".partial")
-    os.close(fd)
-    try:
+
+    def compile_to(output: str) -> None:
         logging.info("bt_keras: compiling the LARS CPU kernel (once per TensorFlow version) into %s", path)
-        result = subprocess.run(_build_command(tf, compiler, partial), capture_output=True, text=True, timeout=600)
+        result = subprocess.run(_build_command(tf, compiler, output), capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             raise RuntimeError(f"the compiler failed:\n{result.stderr[-2000:]}")
-        os.chmod(partial, 0o755)
-        os.replace(partial, path)  # atomic: another process sees the old state or a complete library
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+
+    atomic_write(path, compile_to, suffix=".so")  # another process sees no library or a complete one
     return path
+
+
+def _load() -> tuple[object, str | None]:
+    if os.environ.get("BT_KERAS_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "turned off by BT_KERAS_NATIVE=0"
+    import tensorflow as tf
+
+    try:
+        return tf.load_op_library(str(_build(tf))).bt_keras_lars_update, None
+    except Exception as error:  # no compiler, no headers, unwritable cache, ABI mismatch...
+        reason = f"{type(error).__name__}: {error}"
+        logging.warning("bt_keras: the native LARS kernel is unavailable (%s); using TensorFlow ops, same results, "
+                        "slower on large layers. Set BT_KERAS_NATIVE=0 to silence this.", reason)
+        return None, reason
 
 
 def lars_update():
     """The compiled `BtKerasLarsUpdate` op function, or None when native kernels are off or cannot be built.
 
-    The first failure is logged once as a warning with its reason; LARS then uses TensorFlow ops.
+    Built and loaded on the first call only; a failure is logged once as a warning with its reason, and LARS then
+    uses TensorFlow ops.
     """
     with _lock:
-        if "lars_update" not in _loaded:
-            if os.environ.get("BT_KERAS_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-                _loaded["lars_update"] = "turned off by BT_KERAS_NATIVE=0"
-            else:
-                import tensorflow as tf
-
-                try:
-                    _loaded["lars_update"] = tf.load_op_library(str(_build(tf))).bt_keras_lars_update
-                except Exception as error:  # no compiler, no headers, unwritable cache, ABI mismatch...
-                    _loaded["lars_update"] = f"{type(error).__name__}: {error}"
-                    logging.warning("bt_keras: the native LARS kernel is unavailable (%s); using TensorFlow ops, "
-                                    "same results, slower on large layers. Set BT_KERAS_NATIVE=0 to silence this.",
-                                    _loaded["lars_update"])
-        op = _loaded["lars_update"]
-    return None if isinstance(op, str) else op
+        if not _state:
+            _state["op"], _state["reason"] = _load()
+    return _state["op"]
 
 
 def unavailable_reason() -> str | None:
     """Why `lars_update()` returned None (after it was called), else None."""
-    op = _loaded.get("lars_update")
-    return op if isinstance(op, str) else None
+    return _state.get("reason")

@@ -211,7 +211,7 @@ def run_child(config: dict) -> dict:
         model = BarlowTwins(encoder, heads.projector(config["projector"]))
         # The CIFAR recipe's optimizer: LARS with warm-up + cosine (the schedule's cost is part of the step).
         lars = LARS(WarmupCosine(0.3 * batch / 256, 10, 1000), eta=0.02, weight_decay=1e-4,
-                    native=None if config["jit"] else config.get("lars", "native") == "native")
+                    native=None if config["jit"] else config["lars"] == "native")
         model.compile(optimizer=lars, jit_compile=config["jit"])
     flops = count_flops(model, batch)
 

@@ -77,6 +77,11 @@ def _normalized_views(z1, z2) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     return _batch_normalize(z1, count), _batch_normalize(z2, count), count
 
 
+def _correlation_of_normalized(z1n_over_n, z2n) -> tf.Tensor:
+    """C = (z1n / N)^T z2n summed over replicas; 1/N is folded into the B x D factor, not the D x D product."""
+    return _global_sum(tf.matmul(z1n_over_n, z2n, transpose_a=True))
+
+
 def cross_correlation(z1, z2) -> tf.Tensor:
     """The D x D cross-correlation matrix of two views' embeddings over the global batch.
 
@@ -92,7 +97,7 @@ def cross_correlation(z1, z2) -> tf.Tensor:
       >>> c = cross_correlation(z, z)  # diagonal ~1: a view correlates perfectly with itself.
     """
     z1n, z2n, count = _normalized_views(z1, z2)
-    return _global_sum(tf.matmul(z1n, z2n, transpose_a=True)) / count
+    return _correlation_of_normalized(z1n / count, z2n)
 
 
 def _correlation_terms(z1n, z2n, count, lambd: float) -> tuple[tf.Tensor, ...]:
@@ -121,14 +126,14 @@ def _correlation_terms(z1n, z2n, count, lambd: float) -> tuple[tf.Tensor, ...]:
 
     @tf.custom_gradient
     def terms(a, b):
-        a_over_n = a / count  # fold 1/N into the B x D factor rather than dividing a D x D product
+        a_over_n = a / count
         if use_gram:
             gram_a = tf.matmul(a_over_n, a_over_n, transpose_b=True)
             gram_b = tf.matmul(b, b, transpose_b=True)
             diagonal = tf.reduce_sum(a_over_n * b, axis=0)
             sum_of_squares = tf.reduce_sum(gram_a * gram_b)
         else:
-            c = _global_sum(tf.matmul(a_over_n, b, transpose_a=True))
+            c = _correlation_of_normalized(a_over_n, b)
             diagonal = tf.linalg.diag_part(c)
             sum_of_squares = 2.0 * tf.nn.l2_loss(c)  # reads C once instead of writing C^2 and reading it back
         on_diagonal = tf.reduce_sum(tf.square(1.0 - diagonal))
@@ -154,7 +159,7 @@ def _correlation_terms(z1n, z2n, count, lambd: float) -> tuple[tf.Tensor, ...]:
         return (loss, on_diagonal, off_diagonal) + (() if use_gram else (c,)), grad
 
     outputs = terms(z1n, z2n)
-    c = outputs[3] if len(outputs) == 4 else tf.matmul(z1n / count, z2n, transpose_a=True)
+    c = _correlation_of_normalized(z1n / count, z2n) if use_gram else outputs[3]
     return outputs[0], outputs[1], outputs[2], tf.stop_gradient(c)
 
 

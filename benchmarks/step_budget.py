@@ -154,7 +154,7 @@ def measure(config: dict, repeats: int) -> dict:
     seconds = _interleaved_medians(calls, repeats)
     results = {name: {"s": seconds[name], "gflop": gflop} for name, _, gflop in parts}
     step_s, stream_s, skinny_s = seconds["step"], seconds["stream"], seconds["skinny"]
-    rate = statistics.median(rates)
+    rate = statistics.median(rates[2:])  # the timed rounds' rates, not the two warm-up calls'
 
     total_gflop = flops["gflop_per_step"]
     parts_s = sum(r["s"] for r in results.values())
@@ -182,6 +182,7 @@ def measure(config: dict, repeats: int) -> dict:
 
 def format_report(r: dict) -> str:
     rate = r["matmul_gflops"]
+
     def rate_cells(name, p):
         if name == "loss" or not p["gflop"]:  # see the module docstring: the loss's FLOPs are nominal
             return "-", "-"

@@ -45,14 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402  (presets, FLOP counting, matmul rate, machine info)
 
 REPO = train_step.REPO
+WARMUP_CALLS = 2  # untimed calls of each function before the timed rounds (tracing, allocator growth)
 
 
 def _interleaved_medians(functions: dict, repeats: int) -> dict:
-    """Median seconds per function, timed round-robin (one call of each per round, after two warm-up calls each), so
+    """Median seconds per function, timed round-robin (one call of each per round, after WARMUP_CALLS calls each), so
     that a slower or faster spell of a shared machine affects every function alike."""
     for fn in functions.values():
-        fn()  # traced and warmed up
-        fn()
+        for _ in range(WARMUP_CALLS):
+            fn()
     times = {name: [] for name in functions}
     for _ in range(repeats):
         for name, fn in functions.items():
@@ -154,7 +155,7 @@ def measure(config: dict, repeats: int) -> dict:
     seconds = _interleaved_medians(calls, repeats)
     results = {name: {"s": seconds[name], "gflop": gflop} for name, _, gflop in parts}
     step_s, stream_s, skinny_s = seconds["step"], seconds["stream"], seconds["skinny"]
-    rate = statistics.median(rates[2:])  # the timed rounds' rates, not the two warm-up calls'
+    rate = statistics.median(rates[WARMUP_CALLS:])  # the timed rounds' rates only
 
     total_gflop = flops["gflop_per_step"]
     parts_s = sum(r["s"] for r in results.values())
@@ -196,9 +197,7 @@ def format_report(r: dict) -> str:
     rows.append(("train_step", f"{r['step']['s'] * 1e3:.0f}", f"{r['step']['gflop']:.1f}",
                  f"{r['step']['gflops']:.0f}", f"{100 * r['step']['fraction_of_matmul']:.0f}%", ""))
     header = ("part", "ms", "GFLOP", "GFLOP/s", "% matmul", "share")
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    table = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(row) for row in rows]
+    table = train_step.markdown_table(header, rows)
     skinny, optimizer = r["skinny_matmul"], r["optimizer"]
     notes = [
         f"matmul (4096^3): {rate:.0f} GFLOP/s; skinny matmul {skinny['shape']}: {skinny['gflops']:.0f} GFLOP/s "
@@ -210,7 +209,7 @@ def format_report(r: dict) -> str:
         f"{100 * r['ceiling_fraction_of_matmul']:.0f}% of the matmul rate; train_step reaches "
         f"{100 * r['step']['fraction_of_matmul']:.0f}%",
     ]
-    return "\n".join(table + [""] + notes)
+    return "\n".join([table, ""] + notes)
 
 
 def main() -> None:

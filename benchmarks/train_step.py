@@ -348,6 +348,11 @@ def format_table(results: list[dict]) -> str:
             f"{r['gflop_per_image']:.2f}", f"{r['achieved_gflops']:.0f}", f"{r['matmul_gflops']['median']:.0f}",
             f"{100 * r['fraction_of_matmul']:.0f}%", f"{r['peak_rss_gib']:.2f}", f"{r['page_faults_per_step']:.0f}",
         ))
+    return markdown_table(header, rows)
+
+
+def markdown_table(header, rows) -> str:
+    """A Markdown table with padded columns, readable as printed and as rendered."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])

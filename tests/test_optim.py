@@ -129,12 +129,12 @@ def test_without_the_native_kernel_lars_falls_back_and_native_true_says_why(env,
         "except RuntimeError as error:\n"
         "    print('REFUSED', error)\n"
     )
-    env = dict(os.environ, BT_KERAS_CACHE_DIR=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="",
-               TF_CPP_MIN_LOG_LEVEL="3", **env)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    child_env = dict(os.environ, BT_KERAS_CACHE_DIR=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="",
+                     TF_CPP_MIN_LOG_LEVEL="3", **env)
+    out = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "REFUSED LARS(native=True) cannot use the native kernel" in out.stdout and reason in out.stdout
-    if "CXX" in env:
+    if "CXX" in env:  # the case's own setting, not a CXX the developer's shell may export
         assert "native LARS kernel is unavailable" in out.stderr  # the warning users see
         assert not list((tmp_path / "cache").glob("*"))  # no partial library left behind
 

@@ -53,8 +53,17 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["bt_keras", "bt_keras.*", "export", "export.*"]),
+    # Only bt_keras is installed: export/ in the repository holds thin command lines over bt_keras.serving, and a
+    # top-level `export` package in site-packages would collide with any other project's.
+    packages=find_packages(include=["bt_keras", "bt_keras.*"]),
     package_data={"bt_keras.kernels": ["*.cc"]},  # compiled on first use (bt_keras/kernels/__init__.py)
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
+    entry_points={
+        "console_scripts": [
+            "bt-keras-train = bt_keras.train:run",
+            "bt-keras-export = bt_keras.serving.export_cli:run",
+            "bt-keras-client = bt_keras.serving.client:run",
+        ],
+    },
 )

@@ -41,8 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_step  # noqa: E402  (presets, FLOP counting, matmul rate, machine info)
+import train_step  # the script's own folder is on sys.path: presets, FLOP counting, matmul rate, machine info
 
 REPO = train_step.REPO
 WARMUP_CALLS = 2  # untimed calls of each function before the timed rounds (tracing, allocator growth)

@@ -5,23 +5,36 @@ The method in a few names:
   `barlow_twins_loss`, `cross_correlation`  the loss over the global batch (bt_keras.losses)
   `backbones.resnet50/resnet18/...`, `heads.projector("8192-8192-8192")`  the networks
   `LARS`, `WarmupCosine`  the paper's optimizer and schedule (bt_keras.optim)
+
+The architecture, module by module: docs/ARCHITECTURE.md. Importing `bt_keras` loads no TensorFlow: the names above
+are resolved from their modules on first use, so recipes (`experiments/*.py`, which read `bt_keras.config`) and the
+serving client stay light.
 """
 
-from bt_keras import backbones, heads, losses, optim
-from bt_keras.losses import barlow_twins_loss, cross_correlation
-from bt_keras.model import BarlowTwins
-from bt_keras.optim import LARS, WarmupCosine
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BarlowTwins",
-    "LARS",
-    "WarmupCosine",
-    "backbones",
-    "barlow_twins_loss",
-    "cross_correlation",
-    "heads",
-    "losses",
-    "optim",
-]
+# Public name -> the module that defines it (a module name maps to itself).
+_PUBLIC = {
+    "BarlowTwins": "model",
+    "LARS": "optim",
+    "WarmupCosine": "optim",
+    "barlow_twins_loss": "losses",
+    "cross_correlation": "losses",
+    "augment": "augment",
+    "backbones": "backbones",
+    "data": "data",
+    "heads": "heads",
+    "losses": "losses",
+    "optim": "optim",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'bt_keras' has no attribute {name!r}")
+    module = importlib.import_module(f"bt_keras.{_PUBLIC[name]}")
+    return module if _PUBLIC[name] == name else getattr(module, name)

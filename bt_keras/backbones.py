@@ -18,6 +18,8 @@ from typing import Callable
 
 import keras
 
+from bt_keras import fast_paths
+
 _STAGE_WIDTHS = (64, 128, 256, 512)
 _BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
 _BOTTLENECK = {"resnet18": False, "resnet34": False, "resnet50": True}
@@ -56,7 +58,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def _fusable(self, inputs, mask) -> bool:
         import tensorflow as tf
 
-        if mask is not None or self.renorm or keras.backend.backend() != "tensorflow":
+        if not fast_paths.enabled() or mask is not None or self.renorm or keras.backend.backend() != "tensorflow":
             return False
         rank = inputs.shape.rank
         if rank not in (2, 4) or self.axis not in (-1, rank - 1):

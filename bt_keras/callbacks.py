@@ -2,8 +2,8 @@
 
 They work with `model.fit` and with `bt_keras.train`'s loop alike:
 
-* `MetricsLogger`: every logged step and epoch as a JSON line (`metrics.jsonl`) and as TensorBoard scalars
-  (loss, on/off-diagonal terms, learning rate, embedding std, images per second, kNN accuracy).
+* `MetricsLogger`: every logged step and epoch as a JSON line (`metrics.jsonl`) and as TensorBoard scalars: every
+  numeric metric in the logs (loss, on/off-diagonal terms, learning rate, embedding std, images/s, kNN accuracy, ...).
 * `CrossCorrelationPicture`: the cross-correlation matrix C of a fixed batch, as a TensorBoard image and a PNG.
   Red is +1, blue -1, white 0: training should turn it into a red diagonal on white.
 * `KnnMonitor`: weighted kNN accuracy (k=200, temperature 0.1, as in Wu et al. 2018 and most SSL papers) of the
@@ -21,21 +21,45 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from bt_keras import data
+from bt_keras import artifacts, data
+from bt_keras.evaluation.features import extract_features
+from bt_keras.evaluation.knn import knn_accuracy
 
-SCALARS = ("loss", "on_diagonal", "off_diagonal", "embedding_std", "lr", "images/s", "knn_top1", "knn_top5")
+def numeric_logs(logs: dict | None) -> dict[str, float]:
+    """The numeric entries of Keras logs (floats, ints, NumPy and TensorFlow scalars) as Python floats."""
+    values = {}
+    for name, value in (logs or {}).items():
+        if isinstance(value, bool) or name in ("step", "epoch"):
+            continue
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError):
+            continue
+        if array.shape == () and np.issubdtype(array.dtype, np.number):
+            values[name] = float(array)
+    return values
 
 
 class MetricsLogger(keras.callbacks.Callback):
-    """Appends logs to `workdir/metrics.jsonl` and writes them as TensorBoard scalars under `workdir/tensorboard`."""
+    """Appends logs to `workdir/metrics.jsonl` and writes them as TensorBoard scalars under `workdir/tensorboard`.
 
-    def __init__(self, workdir):
+    Every numeric metric the model (or another callback) puts in the logs is recorded. Batch logs are written every
+    `every_steps` steps, read from the logs' `step` (the global step; the batch index when absent); only those
+    steps are read back from the device, so the logger adds no per-step host round trip (`async_safe`).
+    """
+
+    async_safe = True  # reads the (possibly still running) step's tensors only on the steps it writes
+
+    def __init__(self, workdir, every_steps: int = 1):
         super().__init__()
-        self.path = Path(workdir) / "metrics.jsonl"
-        self.writer = tf.summary.create_file_writer(str(Path(workdir) / "tensorboard"))
+        if every_steps < 1:
+            raise ValueError(f"MetricsLogger: every_steps must be >= 1, got {every_steps}.")
+        self.path = Path(workdir) / artifacts.METRICS_FILE
+        self.every_steps = int(every_steps)
+        self.writer = tf.summary.create_file_writer(str(Path(workdir) / artifacts.TENSORBOARD_DIR))
 
     def _write(self, kind: str, step: int, logs: dict) -> None:
-        values = {k: float(v) for k, v in logs.items() if k in SCALARS}
+        values = numeric_logs(logs)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"kind": kind, "step": int(step), "time": round(time.time(), 3),
                                 **{k: round(v, 6) for k, v in values.items()}}) + "\n")
@@ -50,7 +74,9 @@ class MetricsLogger(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
-        self._write("train", logs.get("step", batch), logs)
+        step = int(logs.get("step", batch))
+        if step % self.every_steps == 0:
+            self._write("train", step, logs)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -73,7 +99,7 @@ class CrossCorrelationPicture(keras.callbacks.Callback):
         self.views = views
         self.workdir = Path(workdir)
         self.every_epochs = every_epochs
-        self.writer = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
+        self.writer = tf.summary.create_file_writer(str(self.workdir / artifacts.TENSORBOARD_DIR))
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_epochs:
@@ -83,7 +109,7 @@ class CrossCorrelationPicture(keras.callbacks.Callback):
         with self.writer.as_default(step=int((logs or {}).get("step", epoch + 1))):
             tf.summary.image("cross_correlation", picture[None], max_outputs=1)
         self.writer.flush()
-        keras.utils.save_img(self.workdir / "cross_correlation.png", picture, scale=False)
+        keras.utils.save_img(self.workdir / artifacts.CORRELATION_PICTURE, picture, scale=False)
 
 
 class KnnMonitor(keras.callbacks.Callback):
@@ -98,9 +124,6 @@ class KnnMonitor(keras.callbacks.Callback):
         self.history = []
 
     def evaluate(self, encoder) -> tuple[float, float]:
-        from bt_keras.evaluate.knn import knn_accuracy
-        from bt_keras.evaluate.common import extract_features
-
         train_x, train_y = extract_features(encoder, self.train_data)
         test_x, test_y = extract_features(encoder, self.test_data)
         return knn_accuracy(train_x, train_y, test_x, test_y, k=self.k, temperature=self.temperature,
@@ -152,5 +175,5 @@ def default_callbacks(config, workdir, views, enabled: bool = True) -> list[kera
                                   seed=config.seed + 1, repeat=False, cache=False, shuffle_buffer=1024)
     result = [knn_monitor_from_config(config),
               CrossCorrelationPicture(next(iter(fixed)), workdir, every_epochs=config.picture_every_epochs),
-              MetricsLogger(workdir)]
+              MetricsLogger(workdir, every_steps=config.log_every_steps)]
     return [cb for cb in result if cb is not None]

@@ -1,13 +1,36 @@
 """Every field a pre-training recipe has, with its default: the schema that `experiments/*.py` fill in.
 
-Recipes are ml_collections ConfigDicts (big_vision style): `experiments/NAME.py` defines `get_config()`, starting
+Recipes are data: ml_collections ConfigDicts (big_vision style): `experiments/NAME.py` defines `get_config()`, starting
 from `base_config()` and changing what the recipe changes. Any field can be overridden on the command line,
 e.g. `--config.batch_size=512 --config.optimizer.lr_weights=0.3 --config.view2.solarize_prob=0.3`.
+This module and `bt_keras.views` load no TensorFlow, so reading a recipe is instant.
 """
 
 from __future__ import annotations
 
 import ml_collections
+
+from bt_keras import views
+
+
+def recipe_views(recipe: str) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """The two views of an augmentation preset ("cifar" or "imagenet") as config dicts, every `ViewConfig` field
+    overridable from the command line (`--config.view2.solarize_prob=0.3`).
+
+    `crop_size` is left unset: the builder takes `config.image_size`, so the crop size has one source of truth (set
+    `--config.view1.crop_size` only to crop at another size than the encoder's input). `mean`/`std` are left out: they
+    are the dataset's, taken at run time. Loads no TensorFlow (recipes are data).
+    """
+    presets = {"cifar": views.cifar_views, "imagenet": views.imagenet_views}
+    if recipe not in presets:
+        raise ValueError(f"Unknown augmentation recipe {recipe!r}; choose one of {sorted(presets)}.")
+    result = []
+    for view in presets[recipe]():
+        fields = {k: v for k, v in view.to_dict().items() if k not in ("mean", "std", "crop_size")}
+        config = ml_collections.ConfigDict(fields)
+        config.crop_size = ml_collections.FieldReference(None, field_type=int)
+        result.append(config)
+    return tuple(result)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -19,9 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.split = "train"
     c.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir
     c.download = False  # never download unless asked: offline machines must fail fast
-    c.image_size = 32  # crop size fed to the encoder
+    c.image_size = 32  # the encoder's input size; the views crop to it (unless view*.crop_size is set)
     c.shuffle_buffer = 10_000
-    c.view1 = ml_collections.ConfigDict()  # augment.ViewConfig fields, filled by the recipe (trainer.recipe_views)
+    c.view1 = ml_collections.ConfigDict()  # augment.ViewConfig fields, filled by the recipe (config.recipe_views)
     c.view2 = ml_collections.ConfigDict()
 
     # Networks.
@@ -47,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.warmup_epochs = 10.0
     c.optimizer.end_lr_scale = 0.001
     c.jit_compile = False
+    c.fast_paths = True  # False: the plain formulation everywhere (bt_keras.fast_paths), to bisect a numerics question
     c.seed = 0
 
     # Checkpoints and monitoring.

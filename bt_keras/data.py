@@ -238,12 +238,17 @@ def _scan_folder(root: Path) -> tuple[tuple[str, ...], tuple[int, ...], tuple[st
     return paths, labels, tuple(classes), sum(size for ok, size in checks if ok)
 
 
-def _balanced_subset(labels: np.ndarray, subset, seed) -> np.ndarray:
-    """Sorted indices of a seeded class-balanced subset: a fraction (float in (0, 1]) or a count
-    (int >= 1) of each class, at least one example per class."""
+def check_subset(subset) -> None:
+    """A class-balanced subset is a fraction (float in (0, 1]) or a count (int >= 1) of each class."""
     if isinstance(subset, bool) or not (isinstance(subset, int) and subset >= 1
                                         or isinstance(subset, float) and 0.0 < subset <= 1.0):
-        raise ValueError(f"subset must be a fraction in (0, 1] or a per-class count >= 1, got {subset!r}")
+        raise ValueError(f"subset must be a fraction in (0, 1] (0.01 = 1% of each class) or a per-class count >= 1, "
+                         f"got {subset!r}")
+
+
+def _balanced_subset(labels: np.ndarray, subset, seed) -> np.ndarray:
+    """Sorted indices of a seeded class-balanced subset (see `check_subset`), at least one example per class."""
+    check_subset(subset)
     rng = np.random.default_rng(0 if seed is None else seed)
     chosen = []
     for label in np.unique(labels):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import keras
 
+from bt_keras import fast_paths
 from bt_keras.backbones import BatchNormalization
 
 
@@ -75,7 +76,8 @@ def project_views(projector: keras.Model, features1, features2, training=None):
 
     layers = [l for l in getattr(projector, "layers", []) if not isinstance(l, keras.layers.InputLayer)]
     row_wise_or_bn = all(isinstance(l, _ROW_WISE + (keras.layers.BatchNormalization,)) for l in layers)
-    if not (isinstance(projector, keras.Sequential) and projector.built and layers and row_wise_or_bn):
+    stackable = isinstance(projector, keras.Sequential) and projector.built and layers and row_wise_or_bn
+    if not (stackable and fast_paths.enabled()):
         return projector(features1, training=training), projector(features2, training=training)
     batch = features1.shape[0] if features1.shape[0] is not None else tf.shape(features1)[0]  # static when known
     x = tf.concat([features1, features2], axis=0)

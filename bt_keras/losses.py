@@ -5,6 +5,10 @@ cross-correlation matrix ``C = z1n^T z2n / N`` (D x D) and asks it to be the ide
 
     loss = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2
 
+`reference_loss`, first below, is that formula in a dozen lines; `barlow_twins_loss` is the fast form training uses
+(same values and gradient, held equal by the tests), with the reference behind the `BT_KERAS_FAST=0` switch
+(`bt_keras.fast_paths`).
+
 Everything here is over the GLOBAL batch. Called inside a `tf.distribute` replica context with more than one
 replica, the batch statistics and C are summed across replicas with `all_reduce`, which is differentiable, so every
 replica computes the same, exact global loss. (The official PyTorch code all-reduces C without a gradient instead;
@@ -19,8 +23,32 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from bt_keras import fast_paths
+
 EPSILON = 1e-5  # torch.nn.BatchNorm1d's default, used by the official code's affine-free BN.
 DEFAULT_LAMBDA = 0.0051  # official code's default (the paper's text says 5e-3).
+
+
+def reference_loss(z1, z2, lambd: float = DEFAULT_LAMBDA) -> dict[str, tf.Tensor]:
+    """The method, plainly: the paper's eq. 1 over the global batch, differentiated by autodiff.
+
+    `barlow_twins_loss` (below) computes the same values and gradients with fewer passes over the D x D matrix;
+    tests/test_losses.py holds it to this function, and `BT_KERAS_FAST=0` makes training use this one.
+    """
+    z1, z2 = _check_embeddings(z1, z2)
+    n = _global_sum(tf.cast(tf.shape(z1)[0], z1.dtype))  # the GLOBAL batch size
+
+    def batch_norm(z):  # BatchNorm without scale/offset, training mode, statistics over the global batch
+        mean = _global_sum(tf.reduce_sum(z, axis=0)) / n
+        variance = _global_sum(tf.reduce_sum(tf.square(z - mean), axis=0)) / n
+        return (z - mean) / tf.sqrt(variance + EPSILON)
+
+    c = _global_sum(tf.matmul(batch_norm(z1), batch_norm(z2), transpose_a=True)) / n  # D x D cross-correlation
+    diagonal = tf.linalg.diag_part(c)
+    on_diagonal = tf.reduce_sum(tf.square(1.0 - diagonal))  # invariance
+    off_diagonal = tf.reduce_sum(tf.square(c)) - tf.reduce_sum(tf.square(diagonal))  # redundancy reduction
+    return {"loss": on_diagonal + lambd * off_diagonal, "on_diagonal": on_diagonal, "off_diagonal": off_diagonal,
+            "cross_correlation": tf.stop_gradient(c)}
 
 
 def _replicas_in_sync() -> int:
@@ -178,6 +206,8 @@ def barlow_twins_loss(z1, z2, lambd: float = DEFAULT_LAMBDA) -> dict[str, tf.Ten
       few passes over the D x D matrix (see `_correlation_terms`); the gradient of `on_diagonal`/`off_diagonal`
       is exact too.
     """
+    if not fast_paths.enabled():
+        return reference_loss(z1, z2, float(lambd))
     z1n, z2n, count = _normalized_views(z1, z2)
     loss, on_diagonal, off_diagonal, c = _correlation_terms(z1n, z2n, count, float(lambd))
     return {

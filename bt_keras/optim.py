@@ -26,7 +26,7 @@ import math
 import keras
 from keras import ops
 
-from bt_keras import kernels
+from bt_keras import fast_paths, kernels
 
 
 def _in_xla_compilation() -> bool:
@@ -120,7 +120,7 @@ class LARS(keras.optimizers.Optimizer):
 
     def _native_update(self, var):
         """The native kernel's op for this variable, or None to use TensorFlow ops (see `native`)."""
-        if self.native is False:
+        if self.native is False or (self.native is None and not fast_paths.enabled()):
             return None
         op = kernels.lars_update()
         device = (var.device or "").upper()

@@ -10,6 +10,8 @@ Flags:
   --mixed_precision mixed_float16 on GPU, mixed_bfloat16 on TPU (the loss stays float32); slower on CPU
   --xla             compile the train step with XLA (jit_compile); helps on GPU/TPU, slower on CPU
   --seed            overrides config.seed
+  --callbacks       extra Keras callbacks, as MODULE:NAME of a callable returning a callback or a list of them
+                    (e.g. keras.callbacks:TerminateOnNaN, or my_callbacks:early_stopping); repeatable
 """
 
 from __future__ import annotations
@@ -31,6 +33,32 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (override
 _MIXED = flags.DEFINE_bool("mixed_precision", False, "Mixed precision (float16 on GPU, bfloat16 on TPU).")
 _XLA = flags.DEFINE_bool("xla", False, "Compile the train step with XLA.")
 _SEED = flags.DEFINE_integer("seed", None, "Random seed (overrides config.seed).")
+_CALLBACKS = flags.DEFINE_multi_string("callbacks", [], "Extra Keras callbacks: MODULE:NAME of a callable that returns "
+                                       "a callback or a list of them (called with no arguments).")
+
+
+def load_callbacks(specs) -> list:
+    """The callbacks named by `--callbacks` specs ("module:name"), each called with no arguments."""
+    import importlib
+
+    import keras
+
+    result = []
+    for spec in specs:
+        module_name, _, name = spec.partition(":")
+        if not module_name or not name:
+            raise ValueError(f"--callbacks={spec!r}: write MODULE:NAME, e.g. keras.callbacks:TerminateOnNaN.")
+        try:
+            factory = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"--callbacks={spec!r}: cannot import it ({error}); the module must be importable "
+                             "(on PYTHONPATH) and define NAME.") from None
+        made = factory()
+        made = list(made) if isinstance(made, (list, tuple)) else [made]
+        if not all(isinstance(cb, keras.callbacks.Callback) for cb in made):
+            raise ValueError(f"--callbacks={spec!r} did not return keras.callbacks.Callback objects: {made!r}.")
+        result.extend(made)
+    return result
 
 
 def main(argv):
@@ -38,7 +66,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import tensorflow as tf  # after flag parsing: --cpu_devices must act before TF initialises devices
 
-    from bt_keras import distribute, perf
+    from bt_keras import artifacts, distribute, perf
     from bt_keras.trainer import NonFiniteLossError, Trainer, summary
 
     logging.info("Host settings: %s", perf.configure_host())
@@ -59,15 +87,16 @@ def main(argv):
             "mixed_bfloat16" if isinstance(strategy, tf.distribute.TPUStrategy) else "mixed_float16")
     logging.info("Strategy %s with %d replica(s); global batch %d.", _STRATEGY.value,
                  strategy.num_replicas_in_sync, config.batch_size)
+    extra_callbacks = load_callbacks(_CALLBACKS.value)
     trainer = Trainer(config, _WORKDIR.value, strategy)
     try:
-        logs = trainer.run()
+        logs = trainer.run(extra_callbacks)
     except NonFiniteLossError as error:
         logging.error("%s", error)
         print(f"ERROR: {error}", file=sys.stderr)
         sys.exit(3)
     print(f"Finished at step {trainer.step}: {summary(logs)}")
-    print(f"Encoder saved to {os.path.join(_WORKDIR.value, 'encoder.keras')}")
+    print(f"Encoder saved to {os.path.join(_WORKDIR.value, artifacts.ENCODER_FILE)}")
 
 
 def run():

@@ -14,9 +14,7 @@ sees exactly the batches the uninterrupted run would have: resuming is bit-exact
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import tempfile
 import time
@@ -27,80 +25,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from bt_keras import augment, backbones, callbacks, checkpoints, data, heads, optim
+from bt_keras import artifacts, builders, callbacks, data, fast_paths, io
 from bt_keras.distribute import check_global_batch, is_chief
-from bt_keras.model import BarlowTwins
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped without overwriting the last good checkpoint."""
-
-
-def recipe_views(recipe: str, crop_size: int) -> tuple[dict, dict]:
-    """The two views of an augmentation recipe ("cifar" or "imagenet") as config dicts, minus the normalisation
-    (taken from the dataset at run time). Config files use this so every field is overridable from the command line,
-    e.g. `--config.view2.solarize_prob=0.3`."""
-    recipes = {"cifar": augment.cifar_views, "imagenet": augment.imagenet_views}
-    if recipe not in recipes:
-        raise ValueError(f"Unknown augmentation recipe {recipe!r}; choose one of {sorted(recipes)}.")
-    strip = lambda view: {k: v for k, v in view.to_dict().items() if k not in ("mean", "std")}  # noqa: E731
-    return tuple(strip(view) for view in recipes[recipe](crop_size))
-
-
-def views_from_config(config) -> tuple[augment.ViewConfig, augment.ViewConfig]:
-    """`config.view1` / `config.view2` as ViewConfigs, normalised with the dataset's mean and std."""
-    info = data.dataset_info(config.dataset, config.data_dir, config.download)
-    return tuple(
-        augment.ViewConfig.from_dict({**config[name], "mean": tuple(info.mean), "std": tuple(info.std)})
-        for name in ("view1", "view2")
-    )
-
-
-def build_model(config) -> BarlowTwins:
-    """Encoder + projector as the recipe says (call inside the strategy's scope)."""
-    encoder = backbones.get_backbone(
-        config.backbone,
-        input_shape=(config.image_size, config.image_size, 3),
-        stem=config.stem,
-        width_multiplier=config.width_multiplier,
-        blocks=tuple(config.blocks) if config.blocks else None,
-        synchronized_bn=config.synchronized_bn,
-    )
-    return BarlowTwins(encoder, heads.projector(config.projector, synchronized_bn=config.synchronized_bn),
-                       lambd=config.lambd)
-
-
-def build_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """LARS with the warm-up + cosine schedule; learning rates scaled by batch/256 when the recipe says so."""
-    o = config.optimizer
-    scale = config.batch_size / 256 if o.scale_by_batch else 1.0
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = int(o.warmup_epochs * steps_per_epoch)
-    if warmup_steps > total_steps:
-        logging.warning("Warm-up (%d steps) is longer than the run (%d steps): shortened to the run.",
-                        warmup_steps, total_steps)
-        warmup_steps = total_steps
-    schedule = optim.WarmupCosine(
-        o.lr_weights * scale,
-        warmup_steps=warmup_steps,
-        total_steps=total_steps,
-        end_scale=o.end_lr_scale,
-    )
-    return optim.LARS(schedule, momentum=o.momentum, eta=o.eta, weight_decay=o.weight_decay,
-                      bias_lr_scale=o.lr_biases / o.lr_weights)
-
-
-def steps_per_epoch(config) -> int:
-    info = data.dataset_info(config.dataset, config.data_dir, config.download)
-    examples = info.splits.get(config.split)
-    if not examples:
-        raise ValueError(f"Dataset {config.dataset} has no examples in split {config.split!r}; "
-                         f"its splits: {info.splits}.")
-    steps = examples // config.batch_size
-    if steps < 1:
-        raise ValueError(f"config.batch_size={config.batch_size} is larger than the {examples} examples of "
-                         f"{config.dataset}:{config.split}; lower it.")
-    return steps
 
 
 def _check_workdir(workdir: Path) -> None:
@@ -114,10 +44,6 @@ def _check_workdir(workdir: Path) -> None:
             from error
 
 
-def _first_replica(values):
-    return {k: float(v.values[0] if hasattr(v, "values") else v) for k, v in values.items()}
-
-
 class Trainer:
     """Builds everything from a config and runs pre-training in `workdir`, resuming if a checkpoint is there."""
 
@@ -128,27 +54,32 @@ class Trainer:
         self.chief = is_chief(strategy)
         check_global_batch(config.batch_size, strategy.num_replicas_in_sync)  # before anything is built
         _check_workdir(self.workdir)
-        self.steps_per_epoch = config.steps_per_epoch or steps_per_epoch(config)
+        self.steps_per_epoch = builders.steps_per_epoch(config)
         self.total_steps = config.epochs * self.steps_per_epoch
-        self.views = views_from_config(config)
+        self.views = builders.views_from_config(config)
 
+        if not config.get("fast_paths", True):
+            fast_paths.set_enabled(False)
         keras.utils.set_random_seed(config.seed)
         with strategy.scope():
-            self.model = build_model(config)
-            self.model.compile(optimizer=build_optimizer(config, self.steps_per_epoch),
+            self.model = builders.build_model(config)
+            self.model.compile(optimizer=builders.build_optimizer(config, self.steps_per_epoch),
                                jit_compile=bool(config.jit_compile))
             self.model.optimizer.build(self.model.trainable_variables)
 
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
         # Non-chief workers must take part in saving (it is collective) but write to a scratch folder.
         self.output_dir = self.workdir if self.chief else self.workdir / ".scratch" / f"task{self._task_id()}"
-        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.output_dir / "checkpoints"),
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.output_dir / artifacts.CHECKPOINT_DIR),
                                                   max_to_keep=config.keep_checkpoints)
         self.start_step = self.restore()
         # The input stream is a pure function of (seed, step), so it restarts exactly where the checkpoint left off
         # (tf.distribute's iterators cannot be checkpointed, and re-reading skipped batches would cost an epoch).
         self.dataset = strategy.distribute_datasets_from_function(self._dataset_fn)
         self.iterator = iter(self.dataset)
+        # The first step whose outputs were not finite (-1: none), kept on the device and read only on logging steps
+        # and before anything is saved, so the NaN check costs no host round trip per step.
+        self._first_bad_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name="first_non_finite_step")
         self._step_fn = self._make_step_fn()
 
     def _task_id(self) -> int:
@@ -165,10 +96,17 @@ class Trainer:
         )
 
     def _make_step_fn(self):
-        model, strategy = self.model, self.strategy
+        """One training step under the strategy: returns replica 0's metrics and the learning rate, as tensors."""
+        model, strategy, first_bad = self.model, self.strategy, self._first_bad_step
 
         def step(iterator):
-            return strategy.run(model.train_step, args=(next(iterator),))
+            outputs = strategy.run(model.train_step, args=(next(iterator),))
+            logs = {name: strategy.experimental_local_results(value)[0] for name, value in outputs.items()}
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(value)) for value in logs.values()])
+            iterations = tf.cast(model.optimizer.iterations, tf.int64)
+            first_bad.assign(tf.where(tf.logical_or(finite, first_bad >= 0), first_bad, iterations))
+            logs["lr"] = tf.cast(model.optimizer.learning_rate, tf.float32)
+            return logs
 
         return tf.function(step, jit_compile=False)
 
@@ -184,55 +122,81 @@ class Trainer:
             logging.info("Resumed from %s at step %d.", latest, self.step)
         return self.step
 
-    def save(self) -> None:
+    def _check_finite(self, logs: dict) -> None:
+        """Raises NonFiniteLossError if any step so far gave a NaN or infinite metric (one host read)."""
+        bad_step = int(self._first_bad_step.numpy())
+        if bad_step >= 0:
+            raise NonFiniteLossError(
+                f"The loss became {logs.get('loss', 'non-finite')} at step {bad_step}. Training stopped; the last good "
+                f"checkpoint ({self.manager.latest_checkpoint or 'none yet'}) is kept. Try a lower learning rate "
+                "(config.optimizer.lr_weights), a longer warm-up, or float32 instead of mixed precision.")
+
+    def save(self, logs: dict | None = None) -> None:
+        """Writes a checkpoint at the current step, after checking that no step since the last one went non-finite."""
+        self._check_finite(logs or {})
         self.manager.save(checkpoint_number=self.step)
 
     def run(self, extra_callbacks=()) -> dict:
-        """Trains to `config.epochs`; returns the last epoch's logs."""
+        """Trains to `config.epochs` (or until a callback sets `model.stop_training`); returns the last logs.
+
+        Keras' callback protocol is honoured: `on_train_batch_begin` / `on_train_batch_end` every step (batch = the
+        index within the epoch, `logs["step"]` the global step), `on_epoch_*`, and `model.stop_training`, so
+        `keras.callbacks.EarlyStopping` and `TerminateOnNaN` work as they do under `fit`. Metrics are tensors in
+        batch logs and are read back from the device only every `config.log_every_steps` steps (and at epoch ends),
+        where the progress bar and the NaN check use them.
+        """
         c = self.config
         start = self.start_step
         if self.chief:
-            checkpoints.atomic_write_json(self.workdir / "config.json", c.to_dict())
+            io.atomic_write_json(self.workdir / artifacts.CONFIG_FILE, c.to_dict())
         if start == 0 and not self.manager.latest_checkpoint:
             self.save()  # ckpt-0: the random initialisation, the baseline every evaluation is compared with
         cbs = keras.callbacks.CallbackList(
             list(callbacks.default_callbacks(c, self.workdir, self.views, enabled=self.chief)) + list(extra_callbacks),
             model=self.model,
         )
+        self.model.stop_training = False
         cbs.on_train_begin({"step": start})
-        logs = {}
-        first_epoch = start // self.steps_per_epoch
-        for epoch in range(first_epoch, c.epochs):
-            cbs.on_epoch_begin(epoch)
-            for tracker in self.model.metrics:
-                tracker.reset_state()
-            progbar = keras.utils.Progbar(self.steps_per_epoch, verbose=1 if self.chief else 0,
-                                          stateful_metrics=["lr", "images/s"])
-            progbar.update(self.step - epoch * self.steps_per_epoch)
-            tic, tic_step = time.perf_counter(), self.step
-            while self.step < (epoch + 1) * self.steps_per_epoch:
-                logs = _first_replica(self._step_fn(self.iterator))
-                if not all(math.isfinite(v) for v in logs.values()):
-                    raise NonFiniteLossError(
-                        f"The loss became {logs['loss']} at step {self.step} (epoch {epoch}). Training stopped; the "
-                        f"last good checkpoint ({self.manager.latest_checkpoint or 'none yet'}) is kept. Try a lower "
-                        "learning rate (config.optimizer.lr_weights), a longer warm-up, or float32 instead of "
-                        "mixed precision."
-                    )
-                elapsed = time.perf_counter() - tic
-                logs["lr"] = float(self.model.optimizer.learning_rate)
-                logs["images/s"] = (self.step - tic_step) * c.batch_size / max(elapsed, 1e-9)
-                logs["step"] = self.step
-                progbar.update(self.step - epoch * self.steps_per_epoch, [(k, v) for k, v in logs.items()
-                                                                          if k != "step"])
-                if self.step % c.log_every_steps == 0:
-                    cbs.on_train_batch_end(self.step, logs)
-            logs["epoch"] = epoch + 1
+        logs, step = {}, start
+        for epoch in range(start // self.steps_per_epoch, c.epochs):
+            if self.model.stop_training:
+                break
+            logs = self._run_epoch(epoch, step, cbs)
+            step = logs["step"]
             cbs.on_epoch_end(epoch, logs)
-            if (epoch + 1) % c.checkpoint_every_epochs == 0 or epoch + 1 == c.epochs:
-                self.save()
+            if (epoch + 1) % c.checkpoint_every_epochs == 0 or epoch + 1 == c.epochs or self.model.stop_training:
+                self.save(logs)
         cbs.on_train_end(logs)
+        self._check_finite(logs)
         self.save_encoder()
+        return logs
+
+    def _run_epoch(self, epoch: int, step: int, cbs) -> dict:
+        """The steps of one epoch from global step `step`; returns the epoch's logs (Python numbers)."""
+        c = self.config
+        first, end = epoch * self.steps_per_epoch, (epoch + 1) * self.steps_per_epoch
+        cbs.on_epoch_begin(epoch)
+        for tracker in self.model.metrics:
+            tracker.reset_state()
+        progbar = keras.utils.Progbar(self.steps_per_epoch, verbose=1 if self.chief else 0,
+                                      stateful_metrics=["lr", "images/s"])
+        progbar.update(step - first)
+        tic, tic_step, logs = time.perf_counter(), step, {"step": step}
+        while step < end and not self.model.stop_training:
+            cbs.on_train_batch_begin(step - first)
+            logs = self._step_fn(self.iterator)
+            step += 1
+            if step % c.log_every_steps == 0 or step == end:  # read this step's values back from the device
+                logs = {name: float(value) for name, value in logs.items()}
+                self._check_finite(logs)
+                logs["images/s"] = (step - tic_step) * c.batch_size / max(time.perf_counter() - tic, 1e-9)
+                progbar.update(step - first, list(logs.items()))
+            else:
+                progbar.update(step - first)
+            logs["step"] = step
+            cbs.on_train_batch_end(step - first - 1, logs)
+        logs = {name: value if name == "step" else float(value) for name, value in logs.items()}
+        logs["epoch"] = epoch + 1
         return logs
 
     def save_encoder(self) -> None:
@@ -240,13 +204,13 @@ class Trainer:
         of a multi-worker run write theirs to their scratch folder, where tests compare them with the chief's)."""
         c = self.config
         view = self.views[0]
-        checkpoints.save_encoder(self.model.encoder, self.output_dir, {
+        artifacts.save_encoder(self.model.encoder, self.output_dir, {
             "backbone": c.backbone, "image_size": c.image_size, "mean": list(view.mean), "std": list(view.std),
             "dataset": c.dataset, "step": self.step, "epochs": c.epochs, "projector": c.projector,
             "recipe": c.get("name", ""),
         })
         # The projector too, for exports that serve the projection (a BarlowTwins .keras holds both).
-        checkpoints.atomic_write(self.output_dir / "barlow_twins.keras", self.model.save, suffix=".keras")
+        artifacts.save_model(self.model, self.output_dir)
 
 
 def summary(logs: dict) -> str:

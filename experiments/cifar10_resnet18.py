@@ -4,8 +4,7 @@
     python -m bt_keras.train --config=experiments/cifar10_resnet18.py --data_dir=../shared/tfds --workdir=runs/cifar10
 """
 
-from bt_keras.config import base_config
-from bt_keras.trainer import recipe_views
+from bt_keras.config import base_config, recipe_views
 
 
 def get_config():
@@ -14,7 +13,7 @@ def get_config():
     c.dataset = "tfds:cifar10"
     c.image_size = 32
     # crop scale 0.08-1 at 32 px, jitter 0.4/0.4/0.2/0.1 p=0.8, grayscale 0.2, no blur, solarise 0 / 0.2 (solo-learn)
-    c.view1, c.view2 = recipe_views("cifar", 32)
+    c.view1, c.view2 = recipe_views("cifar")
     c.backbone = "resnet18"
     c.stem = "cifar"  # 3x3 stride-1 stem, no max-pool, 512-d output
     c.projector = "2048-2048-2048"  # solo-learn

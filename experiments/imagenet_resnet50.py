@@ -8,8 +8,7 @@ Paper results with this recipe: linear 73.2 top-1 / 91.0 top-5; 1% labels 55.0 /
 it, which with LARS changes the effective weight decay); see bt_keras/model.py.
 """
 
-from bt_keras.config import base_config
-from bt_keras.trainer import recipe_views
+from bt_keras.config import base_config, recipe_views
 
 
 def get_config():
@@ -18,7 +17,7 @@ def get_config():
     c.dataset = "tfds:imagenet2012"  # manual download required by TFDS; pass --data_dir
     c.image_size = 224  # random resized crop 224, scale 0.08-1, ratio 3/4-4/3 (paper)
     # flip 0.5; jitter 0.4/0.4/0.2/0.1 p=0.8; grayscale 0.2; blur p=1.0 / 0.1, sigma U[0.1, 2]; solarise 0 / 0.2
-    c.view1, c.view2 = recipe_views("imagenet", 224)
+    c.view1, c.view2 = recipe_views("imagenet")
     c.shuffle_buffer = 50_000
     c.backbone = "resnet50"  # 2048-d, zero-initialised last BN gamma per residual block (official code)
     c.stem = "imagenet"

@@ -7,8 +7,7 @@ above the random-initialisation number it starts from.
     python -m bt_keras.train --config=experiments/quickstart.py --workdir=runs/quickstart
 """
 
-from bt_keras.config import base_config
-from bt_keras.trainer import recipe_views
+from bt_keras.config import base_config, recipe_views
 
 
 def get_config():
@@ -16,7 +15,7 @@ def get_config():
     c.name = "quickstart"
     c.dataset = "digits"
     c.image_size = 32
-    c.view1, c.view2 = recipe_views("cifar", 32)
+    c.view1, c.view2 = recipe_views("cifar")
     c.backbone = "resnet18"
     c.stem = "cifar"
     c.width_multiplier = 0.25

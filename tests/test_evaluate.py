@@ -12,8 +12,10 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from bt_keras import backbones, checkpoints, data
-from bt_keras.evaluate import common, finetune, knn, linear
+from bt_keras import artifacts, backbones, data
+from bt_keras.evaluate import cli
+from bt_keras.evaluate import finetune as finetune_cli, knn as knn_cli, linear as linear_cli
+from bt_keras.evaluation import classifiers, features, knn, preprocessing, protocol
 
 REPO = Path(__file__).resolve().parents[1]
 TFDS_DIR = Path(__file__).resolve().parents[2] / "shared" / "tfds"
@@ -33,7 +35,7 @@ def tiny_encoder(image_size=32, seed=0):
 def encoder_dir(tmp_path_factory):
     """A workdir-like folder with a tiny 32-px encoder.keras + encoder.json, as training writes them."""
     directory = tmp_path_factory.mktemp("workdir")
-    checkpoints.save_encoder(tiny_encoder(32), directory, {"image_size": 32, **CIFAR_STATS, "dataset": "tfds:cifar10",
+    artifacts.save_encoder(tiny_encoder(32), directory, {"image_size": 32, **CIFAR_STATS, "dataset": "tfds:cifar10",
                                                            "backbone": "resnet18", "step": 7})
     return directory
 
@@ -107,7 +109,7 @@ def test_knn_ties_are_broken_by_index_like_the_reference():
 
 def test_topk_accuracy_counts_a_tie_once():
     scores = np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]])
-    assert common.topk_accuracy(scores, [1, 1], (1, 2)) == (0.5, 1.0)
+    assert features.topk_accuracy(scores, [1, 1], (1, 2)) == (0.5, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------- linear probe
@@ -122,9 +124,9 @@ def test_linear_probe_features_separates_separable_features():
         return centres[y] + rng.normal(size=(n, 16)), y
 
     (train_x, train_y), (test_x, test_y) = sample(400), sample(200)
-    result = linear.linear_probe_features(train_x, train_y, test_x, test_y, seed=0)
+    result = classifiers.linear_probe_features(train_x, train_y, test_x, test_y, seed=0)
     assert result["top1"] >= 0.995 and result["top5"] == 1.0
-    assert len(result["val_accuracy"]) == len(linear.DEFAULT_CS) and result["C"] in linear.DEFAULT_CS
+    assert len(result["val_accuracy"]) == len(classifiers.DEFAULT_CS) and result["C"] in classifiers.DEFAULT_CS
     assert max(result["val_accuracy"].values()) >= 0.99 and result["converged"]
 
 
@@ -148,7 +150,7 @@ def test_linear_evaluation_leaves_every_encoder_weight_unchanged():
     assert encoder.non_trainable_weights  # BatchNorm moving statistics are part of the check
     before = snapshot(encoder)
     batches = synthetic_batches()
-    result = linear.linear_probe(encoder, batches, batches, num_classes=3, epochs=2)
+    result = classifiers.linear_probe(encoder, batches, batches, num_classes=3, epochs=2)
     assert [h["examples"] for h in result["history"]] == [32, 32]
     head_kernel = result["head"].kernel.numpy()
     assert np.abs(head_kernel).max() > 0 and np.isfinite(head_kernel).all()
@@ -161,7 +163,7 @@ def test_finetuning_changes_the_encoder_including_batchnorm_statistics():
     encoder = tiny_encoder(8)
     before = snapshot(encoder)
     batches = synthetic_batches()
-    result = finetune.finetune(encoder, batches, batches, num_classes=3, epochs=2)
+    result = classifiers.finetune(encoder, batches, batches, num_classes=3, epochs=2)
     after = snapshot(encoder)
     unchanged = [k for k in before if np.array_equal(before[k], after[k])]
     assert all(k.endswith(("moving_mean", "moving_variance")) for k in snapshot_names(encoder.non_trainable_weights))
@@ -180,12 +182,12 @@ def test_finetuning_changes_the_encoder_including_batchnorm_statistics():
 
 def digits_prep():
     info = data.dataset_info("digits")
-    return info, common.Preprocessing(32, info.mean, info.std)
+    return info, preprocessing.Preprocessing(32, info.mean, info.std)
 
 
 def subset_images(subset, seed):
     info, prep = digits_prep()
-    batches = common.labelled_batches("digits", "train", prep, info, batch_size=512, subset=subset, seed=seed)
+    batches = preprocessing.labelled_batches("digits", "train", prep, info, batch_size=512, subset=subset, seed=seed)
     images, labels = (np.concatenate(parts) for parts in zip(*[(x.numpy(), y.numpy()) for x, y in batches]))
     return images, labels
 
@@ -207,7 +209,7 @@ def test_finetune_cli_trains_on_the_balanced_subset(encoder_dir, tmp_path):
     """Through the CLI: --subset=2 on digits trains on exactly 2 images per class (the encoder's CIFAR statistics
     differ from the digits', so the re-normalisation path runs too)."""
     out = tmp_path / "ft.json"
-    record = run(finetune, f"--encoder={encoder_dir}", "--dataset=digits", "--subset=2", "--epochs=1",
+    record = run(finetune_cli, f"--encoder={encoder_dir}", "--dataset=digits", "--subset=2", "--epochs=1",
                  "--batch_size=32", "--limit_test=64", "--verbose=0", f"--output={out}")
     assert record["class_counts"] == [2] * 10 and record["num_train_examples"] == 20
     assert json.loads(out.read_text())["settings"]["subset"] == 2
@@ -215,12 +217,12 @@ def test_finetune_cli_trains_on_the_balanced_subset(encoder_dir, tmp_path):
 
 def test_empty_subset_is_refused_naming_the_fix(encoder_dir):
     with pytest.raises(ValueError, match=r"classes would be empty.*--subset >= 0\.0035.*--subset=1"):
-        run(finetune, f"--encoder={encoder_dir}", "--dataset=digits", "--subset=0.0001", "--verbose=0")
+        run(finetune_cli, f"--encoder={encoder_dir}", "--dataset=digits", "--subset=0.0001", "--verbose=0")
 
 
 def test_limit_and_subset_together_are_refused(encoder_dir):
     with pytest.raises(ValueError, match="use one of them"):
-        run(finetune, f"--encoder={encoder_dir}", "--dataset=digits", "--subset=2", "--limit_train=10",
+        run(finetune_cli, f"--encoder={encoder_dir}", "--dataset=digits", "--subset=2", "--limit_train=10",
             "--verbose=0")
 
 
@@ -242,7 +244,7 @@ def test_knn_cli_in_a_subprocess(encoder_dir, tmp_path):
     assert record["settings"]["k"] == 20 and record["encoder"]["step"] == 7
     assert record["preprocessing"] == {"image_size": 32, **CIFAR_STATS} and record["time_seconds"] > 0
     # the same number in-process, from the Python API
-    s = common.setup(encoder_dir, dataset="tfds:cifar10", data_dir=TFDS_DIR, limit_train=200, limit_test=100,
+    s = protocol.setup(encoder_dir, dataset="tfds:cifar10", data_dir=TFDS_DIR, limit_train=200, limit_test=100,
                      verbose=0)
     train, test = s.train_features(), s.test_features()
     assert knn.knn_accuracy(*train, *test, k=20, num_classes=10) == (record["top1"], record["top5"])
@@ -250,11 +252,11 @@ def test_knn_cli_in_a_subprocess(encoder_dir, tmp_path):
 
 @needs_cifar
 def test_linear_cli_both_modes(encoder_dir):
-    record = run(linear, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--C=0.1,1", *QUICK)
+    record = run(linear_cli, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--C=0.1,1", *QUICK)
     assert record["protocol"] == "linear_features" and record["C"] in (0.1, 1.0)
     assert Path(record["output"]) == encoder_dir / "eval_linear_features_tfds_cifar10.json"  # beside the encoder
     assert json.loads(Path(record["output"]).read_text())["num_train_examples"] == 200
-    record = run(linear, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--mode=full", "--epochs=2",
+    record = run(linear_cli, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--mode=full", "--epochs=2",
                  "--batch_size=64", "--limit_train=128", "--limit_test=64", "--verbose=0")
     assert record["protocol"] == "linear_full" and record["num_train_examples"] == 128
     assert [h["lr_head"] for h in record["history"]] == pytest.approx([0.3, 0.15])
@@ -263,7 +265,7 @@ def test_linear_cli_both_modes(encoder_dir):
 
 @needs_cifar
 def test_finetune_cli_on_cifar(encoder_dir, tmp_path):
-    record = run(finetune, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--epochs=1", "--batch_size=32",
+    record = run(finetune_cli, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--epochs=1", "--batch_size=32",
                  "--limit_train=64", "--limit_test=64", "--verbose=0", f"--output={tmp_path / 'ft.json'}")
     assert record["protocol"] == "finetune" and record["num_train_examples"] == 64
     assert sum(record["class_counts"]) == 64 and (tmp_path / "ft.json").is_file()
@@ -271,21 +273,21 @@ def test_finetune_cli_on_cifar(encoder_dir, tmp_path):
 
 @needs_cifar
 def test_savedmodel_export_is_evaluated_like_its_keras_encoder(encoder_dir, tmp_path, monkeypatch):
-    export = pytest.importorskip("export.savedmodel")
-    encoder, metadata = checkpoints.load_encoder(encoder_dir)
+    from bt_keras.serving import savedmodel as export
+    encoder, metadata = artifacts.load_encoder(encoder_dir)
     export.export_encoder(encoder, metadata, tmp_path / "models")
     monkeypatch.chdir(tmp_path)  # a SavedModel's default result goes to the current directory
-    exported = run(knn, f"--encoder={tmp_path / 'models'}", f"--data_dir={TFDS_DIR}", "--k=20", *QUICK)
+    exported = run(knn_cli, f"--encoder={tmp_path / 'models'}", f"--data_dir={TFDS_DIR}", "--k=20", *QUICK)
     assert exported["encoder"]["kind"] == "savedmodel" and exported["encoder"]["path"].endswith("models/1")
     assert Path(exported["output"]) == tmp_path / "eval_knn_tfds_cifar10.json"
-    keras_result = run(knn, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--k=20", *QUICK,
+    keras_result = run(knn_cli, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--k=20", *QUICK,
                        f"--output={tmp_path / 'keras.json'}")
     assert (exported["top1"], exported["top5"]) == (keras_result["top1"], keras_result["top5"])
-    full = run(linear, f"--encoder={tmp_path / 'models' / '1'}", f"--data_dir={TFDS_DIR}", "--mode=full",
+    full = run(linear_cli, f"--encoder={tmp_path / 'models' / '1'}", f"--data_dir={TFDS_DIR}", "--mode=full",
                "--epochs=1", "--batch_size=64", "--limit_train=64", "--limit_test=64", "--verbose=0")
     assert full["encoder"]["kind"] == "savedmodel" and full["num_train_examples"] == 64
     with pytest.raises(ValueError, match="inference-only"):
-        run(finetune, f"--encoder={tmp_path / 'models' / '1'}", f"--data_dir={TFDS_DIR}", *QUICK)
+        run(finetune_cli, f"--encoder={tmp_path / 'models' / '1'}", f"--data_dir={TFDS_DIR}", *QUICK)
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -293,25 +295,25 @@ def test_savedmodel_export_is_evaluated_like_its_keras_encoder(encoder_dir, tmp_
 
 def test_missing_checkpoint_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist. Pass a training workdir"):
-        run(knn, f"--encoder={tmp_path / 'nowhere'}", "--dataset=digits")
+        run(knn_cli, f"--encoder={tmp_path / 'nowhere'}", "--dataset=digits")
     with pytest.raises(FileNotFoundError, match="No encoder at"):  # a folder without an encoder in it
-        common.open_encoder(tmp_path)
+        artifacts.open_encoder(tmp_path)
 
 
 def test_encoder_of_another_input_size_is_refused(tmp_path):
-    checkpoints.save_encoder(tiny_encoder(16), tmp_path / "e16", {"image_size": 16, **CIFAR_STATS})
+    artifacts.save_encoder(tiny_encoder(16), tmp_path / "e16", {"image_size": 16, **CIFAR_STATS})
     with pytest.raises(ValueError, match=r"built for 16x16 inputs, but evaluation would feed 32x32"):
-        run(knn, f"--encoder={tmp_path / 'e16'}", "--dataset=digits", "--image_size=32")
-    checkpoints.save_encoder(tiny_encoder(16), tmp_path / "lying", {"image_size": 32, **CIFAR_STATS})
+        run(knn_cli, f"--encoder={tmp_path / 'e16'}", "--dataset=digits", "--image_size=32")
+    artifacts.save_encoder(tiny_encoder(16), tmp_path / "lying", {"image_size": 32, **CIFAR_STATS})
     with pytest.raises(ValueError, match=r"takes 16x16 images but its metadata says image_size=32"):
-        run(knn, f"--encoder={tmp_path / 'lying'}", "--dataset=digits")
+        run(knn_cli, f"--encoder={tmp_path / 'lying'}", "--dataset=digits")
 
 
 def test_model_of_another_architecture_is_refused(tmp_path):
     head = keras.Sequential([keras.Input((8,)), keras.layers.Dense(10)])
-    checkpoints.save_encoder(head, tmp_path / "head", {"image_size": 32, **CIFAR_STATS})
+    artifacts.save_encoder(head, tmp_path / "head", {"image_size": 32, **CIFAR_STATS})
     with pytest.raises(ValueError, match="another architecture.*image encoder"):
-        run(linear, f"--encoder={tmp_path / 'head'}", "--dataset=digits")
+        run(linear_cli, f"--encoder={tmp_path / 'head'}", "--dataset=digits")
 
 
 def test_dataset_without_labels_is_refused(encoder_dir, tmp_path):
@@ -323,9 +325,9 @@ def test_dataset_without_labels_is_refused(encoder_dir, tmp_path):
         features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(32, 32, 3))}),
         split_datasets={"train": [(str(i), {"image": image}) for i, image in enumerate(images)]})
     with pytest.raises(ValueError, match="has no labels"):
-        run(knn, f"--encoder={encoder_dir}", "--dataset=tfds:bt_keras_unlabelled_images", f"--data_dir={tmp_path}")
+        run(knn_cli, f"--encoder={encoder_dir}", "--dataset=tfds:bt_keras_unlabelled_images", f"--data_dir={tmp_path}")
     with pytest.raises(ValueError, match="unlabelled examples"):  # e.g. STL-10's `unlabelled` split, labels -1
-        common.check_labels(np.array([3, -1]), 10, "tfds:stl10 'unlabelled'")
+        features.check_labels(np.array([3, -1]), 10, "tfds:stl10 'unlabelled'")
 
 
 def test_cli_errors_are_one_line_messages():
@@ -333,4 +335,4 @@ def test_cli_errors_are_one_line_messages():
         raise ValueError("what went wrong, and the fix")
 
     with pytest.raises(SystemExit, match="^prog: error: what went wrong, and the fix$"):
-        common.cli_main(failing, "prog")(["prog"])
+        cli.cli_main(failing, "prog")(["prog"])

@@ -30,9 +30,9 @@ from PIL import Image
 
 from bt_keras import backbones, heads
 from bt_keras.augment import eval_transform
-from bt_keras.checkpoints import save_encoder
+from bt_keras.artifacts import MODEL_FILE, load_encoder, load_with_projector, save_encoder
 from bt_keras.model import BarlowTwins
-from export import client, savedmodel
+from bt_keras.serving import client, savedmodel, signatures, warmup
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -93,7 +93,7 @@ def workdir(tmp_path_factory):
     model.projector(encoder(batch, training=True), training=True)  # moves the BN moving statistics
     path = tmp_path_factory.mktemp("workdir")
     save_encoder(encoder, path, METADATA)
-    model.save(path / savedmodel.FULL_MODEL_FILE)
+    model.save(path / MODEL_FILE)
     return path, encoder, model.projector
 
 
@@ -333,7 +333,7 @@ def test_warmup_records_parse_and_run(probe):
 @pytest.mark.skipif(prediction_log_pb2 is None, reason="tensorflow-serving-api is not installed")
 def test_warmup_encoding_equals_the_official_protos():
     tensor = tf.make_tensor_proto([b"abc", b"\x00\xff" * 200], dtype=tf.string, shape=[2])
-    ours = savedmodel.prediction_log_record("name", "serving_default", {"images": tensor})
+    ours = warmup.prediction_log_record("name", "serving_default", {"images": tensor})
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "name"
     request.model_spec.signature_name = "serving_default"
@@ -409,15 +409,15 @@ def test_versions_existing_next_and_refused(workdir, export_dir):
 def test_clear_errors_for_bad_checkpoints_and_metadata(workdir, tmp_path):
     path, encoder, _ = workdir
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        savedmodel.load_for_export(tmp_path / "nowhere")
+        load_encoder(tmp_path / "nowhere")
     lone = tmp_path / "lone"
     save_encoder(encoder, lone, METADATA)
     with pytest.raises(FileNotFoundError, match="barlow_twins.keras"):
-        savedmodel.load_for_export(lone, include_projector=True)
+        load_with_projector(lone)
     with pytest.raises(ValueError, match=r"lacks \['mean'\]"):
-        savedmodel.preprocessing_from_metadata({"image_size": SIZE, "std": [1, 1, 1]}, encoder)
+        signatures.preprocessing_from_metadata({"image_size": SIZE, "std": [1, 1, 1]}, encoder)
     with pytest.raises(ValueError, match="takes 32x32 images but its metadata says image_size=224"):
-        savedmodel.preprocessing_from_metadata({**METADATA, "image_size": 224}, encoder)
+        signatures.preprocessing_from_metadata({**METADATA, "image_size": 224}, encoder)
 
 
 def test_cli_names_a_missing_checkpoint(tmp_path):
@@ -551,7 +551,7 @@ def test_models_config_example_parses():
     config = text_format.Parse((REPO / "export" / "models.config").read_text(),
                                model_server_config_pb2.ModelServerConfig())
     (model,) = config.model_config_list.config
-    assert model.name == savedmodel.DEFAULT_MODEL_NAME and model.model_platform == "tensorflow"
+    assert model.name == warmup.DEFAULT_MODEL_NAME and model.model_platform == "tensorflow"
 
 
 # ------------------------------------------------------------------------------------------------ the real TF Serving

@@ -17,43 +17,17 @@ Labels: for ImageNet use the standard SimCLR subsets, `tfds:imagenet2012_subset/
 other dataset `--subset=0.01` (or 0.1) takes a seeded class-balanced fraction of each class of the training split
 (`bt_keras.data.labelled_dataset`), or `--subset=N` N examples per class.
 
-`finetune(...)` trains the given Keras encoder IN PLACE (pass a copy to keep the original).
+The library function, `bt_keras.evaluation.classifiers.finetune`, trains the given Keras encoder IN PLACE.
 """
 
 from __future__ import annotations
 
 import keras
+from absl import app, flags
 
-from bt_keras.evaluate import common, linear
-
-EPOCHS = 20
-BACKBONE_LR = 0.005
-HEAD_LR = 0.5
-WEIGHT_DECAY = 0.0
-MOMENTUM = 0.9
-
-
-def finetune(encoder, train_data, test_data, num_classes: int, *, epochs: int = EPOCHS,
-             backbone_lr: float = BACKBONE_LR, head_lr: float = HEAD_LR, weight_decay: float = WEIGHT_DECAY,
-             momentum: float = MOMENTUM, seed: int = 0, train_steps: int | None = None,
-             test_steps: int | None = None, verbose: int = 0) -> dict:
-    """Fine-tunes `encoder` (a Keras model, changed in place) with a new linear head; scores the test data.
-
-    `train_data`: (images, labels) batches, a tf.data.Dataset iterated once per epoch or a function epoch ->
-    dataset (see `common.training_batches`); `train_steps` / `test_steps` only size the progress bars.
-    Returns `{"top1", "top5", "num_test_examples", "num_train_examples", "class_counts", "history", "head"}`;
-    accuracies are fractions.
-    """
-    model = common.as_callable(encoder)
-    if not isinstance(model, keras.Model):
-        raise ValueError("Fine-tuning needs the Keras encoder (a training workdir, encoder.keras or checkpoint); a "
-                         "SavedModel export is inference-only. Evaluate it with knn or linear instead.")
-    head = linear.make_head(int(model.output_shape[-1]), num_classes, seed)
-    trained = linear.train_classifier(model, head, train_data, epochs=epochs, head_lr=head_lr,
-                                      backbone_lr=backbone_lr, weight_decay=weight_decay, momentum=momentum,
-                                      steps_per_epoch=train_steps, verbose=verbose)
-    top1, top5, n_test = linear.evaluate_classifier(model, head, test_data, steps=test_steps, verbose=verbose)
-    return {"top1": top1, "top5": top5, "num_test_examples": n_test, "head": head, **trained}
+from bt_keras.evaluate import cli
+from bt_keras.evaluation import classifiers
+from bt_keras.evaluation.protocol import PAPER_IMAGENET, finish
 
 
 def _paper_reference(dataset: str, subset) -> dict:
@@ -64,36 +38,32 @@ def _paper_reference(dataset: str, subset) -> dict:
         key = "finetune_1pct" if subset == 0.01 else "finetune_10pct"
     else:
         key = None
-    return {"paper_imagenet_resnet50": list(common.PAPER_IMAGENET[key])} if key else {}
-
-
-# ---------------------------------------------------------------------------------------------------------- CLI
+    return {"paper_imagenet_resnet50": list(PAPER_IMAGENET[key])} if key else {}
 
 
 def define_flags(fv=None) -> None:
-    from absl import flags
-
     fv = flags.FLAGS if fv is None else fv
-    common.define_common_flags(fv)
-    flags.DEFINE_integer("epochs", EPOCHS, "Epochs (paper: 20).", flag_values=fv)
-    flags.DEFINE_float("backbone_lr", BACKBONE_LR, "Encoder learning rate (official: 0.005).", flag_values=fv)
-    flags.DEFINE_float("head_lr", HEAD_LR, "Linear head learning rate (official: 0.5).", flag_values=fv)
-    flags.DEFINE_float("weight_decay", WEIGHT_DECAY, "L2 weight decay (official: 0).", flag_values=fv)
-    flags.DEFINE_float("momentum", MOMENTUM, "SGD momentum.", flag_values=fv)
+    cli.define_common_flags(fv)
+    flags.DEFINE_integer("epochs", classifiers.FINETUNE_EPOCHS, "Epochs (paper: 20).", flag_values=fv)
+    flags.DEFINE_float("backbone_lr", classifiers.BACKBONE_LR, "Encoder learning rate (official: 0.005).", flag_values=fv)
+    flags.DEFINE_float("head_lr", classifiers.HEAD_LR, "Linear head learning rate (official: 0.5).", flag_values=fv)
+    flags.DEFINE_float("weight_decay", classifiers.FINETUNE_WEIGHT_DECAY, "L2 weight decay (official: 0).", flag_values=fv)
+    flags.DEFINE_float("momentum", classifiers.MOMENTUM, "SGD momentum.", flag_values=fv)
 
 
 def run(fv) -> dict:
     """The fine-tuning protocol for parsed flags; returns the result record (also written as JSON)."""
-    s = common.setup_from_flags(fv)
+    s = cli.setup_from_flags(fv)
     if s.encoder.kind != "keras":
         raise ValueError(f"{s.encoder.path} is a SavedModel export, which is inference-only; fine-tune the Keras "
                          "encoder it was exported from (the training workdir or its encoder.keras).")
     keras.utils.set_random_seed(fv.seed)
-    result = finetune(s.encoder, s.train_batches(), s.eval_batches(s.test_split, s.limit_test),
-                      s.info.num_classes, epochs=fv.epochs, backbone_lr=fv.backbone_lr, head_lr=fv.head_lr,
-                      weight_decay=fv.weight_decay, momentum=fv.momentum, seed=fv.seed, verbose=fv.verbose,
-                      train_steps=s.steps(s.train_split, s.limit_train, s.subset),
-                      test_steps=s.steps(s.test_split, s.limit_test))
+    result = classifiers.finetune(s.encoder, s.train_batches(), s.eval_batches(s.test_split, s.limit_test),
+                                  s.info.num_classes, epochs=fv.epochs, backbone_lr=fv.backbone_lr,
+                                  head_lr=fv.head_lr, weight_decay=fv.weight_decay, momentum=fv.momentum,
+                                  seed=fv.seed, verbose=fv.verbose,
+                                  train_steps=s.steps(s.train_split, s.limit_train, s.subset),
+                                  test_steps=s.steps(s.test_split, s.limit_test))
     settings = {"epochs": fv.epochs, "backbone_lr": fv.backbone_lr, "head_lr": fv.head_lr,
                 "weight_decay": fv.weight_decay, "momentum": fv.momentum, "optimizer": "SGD (two parameter groups)",
                 "schedule": "cosine per epoch", "train_transform": "random resized crop + flip",
@@ -101,14 +71,12 @@ def run(fv) -> dict:
     metrics = {"top1": result["top1"], "top5": result["top5"], "class_counts": result["class_counts"],
                "history": result["history"], **_paper_reference(s.dataset, s.subset)}
     subset = f", subset {s.subset}" if s.subset is not None else ""
-    return common.finish(s, "finetune", settings, metrics, result["num_train_examples"], result["num_test_examples"],
-                         f"fine-tune ({fv.epochs} epochs{subset})")
+    return finish(s, "finetune", settings, metrics, result["num_train_examples"], result["num_test_examples"],
+                  f"fine-tune ({fv.epochs} epochs{subset})")
 
 
-main = common.cli_main(run, "bt_keras.evaluate.finetune")
+main = cli.cli_main(run, "bt_keras.evaluate.finetune")
 
 if __name__ == "__main__":
-    from absl import app
-
     define_flags()
     app.run(main)

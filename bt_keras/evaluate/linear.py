@@ -19,272 +19,30 @@ L-BFGS (scikit-learn). The regularisation C (scikit-learn's: the objective is ||
 chosen among `--C` on a stratified held-out `--val_fraction` of the training split, refitted on the whole training
 split and scored on the test split, as in the transfer evaluations of SimCLR (Chen et al. 2020, App. B.8) and BYOL.
 
-`train_classifier` (SGD on head(encoder(x)), backbone frozen or not) is shared with `finetune`.
+The library code: `bt_keras.evaluation.classifiers`.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
+from absl import app, flags
 
-import keras
-import numpy as np
-import tensorflow as tf
-from absl import logging
-
-from bt_keras.evaluate import common
-
-EPOCHS = 100
-LR = 0.3
-WEIGHT_DECAY = 1e-6
-MOMENTUM = 0.9
-DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 7))  # 1e-4 ... 100
-PAPER_TOP = common.PAPER_IMAGENET["linear"]
-
-
-# --------------------------------------------------------------------------------------- features mode (L-BFGS)
-
-
-class _Standardizer:
-    """x -> (x - mean) / std with the statistics of the data it was made from (constant features left as 0)."""
-
-    def __init__(self, x: np.ndarray):
-        self.mean = x.mean(axis=0)
-        std = x.std(axis=0)
-        self.std = np.where(std > 1e-6, std, 1.0).astype(x.dtype)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.mean) / self.std
-
-
-def _held_out_split(labels: np.ndarray, fraction: float, seed: int):
-    """(fit indices, validation indices): stratified when every class has two examples, else a plain shuffle."""
-    from sklearn.model_selection import train_test_split
-
-    index = np.arange(len(labels))
-    counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
-    try:
-        return train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
-    except ValueError:  # the validation part is smaller than the number of classes
-        return train_test_split(index, test_size=fraction, random_state=seed)
-
-
-def _fit(x, y, C, max_iter, model=None):
-    """A multinomial logistic regression fitted with L-BFGS; returns (model, converged)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    if model is None:
-        model = LogisticRegression(C=C, max_iter=max_iter, solver="lbfgs", warm_start=True)
-    model.set_params(C=C)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(x, y)
-    return model, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-
-
-def _choose_c(x, y, Cs, val_fraction, seed, max_iter, verbose) -> tuple[float, dict]:
-    """(best C, {C: held-out accuracy}): each C fitted on the rest of the training split, scored on the held-out
-    part. With one C, or too few examples to hold some out, no sweep: that C, or the middle of the list."""
-    if len(Cs) == 1:
-        return Cs[0], {}
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"linear probe: val_fraction must lie in (0, 1) to choose among {len(Cs)} C values, "
-                         f"got {val_fraction}")
-    fit, val = _held_out_split(y, val_fraction, seed)
-    if len(np.unique(y[fit])) < 2:
-        logging.warning("Too few training examples to hold some out for choosing C; using C=%g.", Cs[len(Cs) // 2])
-        return Cs[len(Cs) // 2], {}
-    scale, model, val_accuracy = _Standardizer(x[fit]), None, {}
-    for C in Cs:  # strongest regularisation first; each fit starts from the previous solution
-        model, _ = _fit(scale(x[fit]), y[fit], C, max_iter, model)
-        val_accuracy[C] = float(np.mean(model.predict(scale(x[val])) == y[val]))
-        if verbose:
-            print(f"  C={C:g}: held-out accuracy {100 * val_accuracy[C]:.2f} %")
-    return max(Cs, key=lambda c: val_accuracy[c]), val_accuracy  # ties: the first, i.e. the most regularised
-
-
-def linear_probe_features(train_features, train_labels, test_features, test_labels, *, Cs=DEFAULT_CS,
-                          val_fraction: float = 0.2, seed: int = 0, max_iter: int = 1000,
-                          num_classes: int | None = None, verbose: int = 0) -> dict:
-    """The fast linear probe on cached features (see the module docstring).
-
-    Returns `{"top1", "top5", "C", "val_accuracy": {C: accuracy}, "converged"}`; accuracies are fractions.
-    With a single C there is no sweep and no held-out part.
-    """
-    x = np.asarray(train_features, np.float32)
-    y = np.asarray(train_labels).reshape(-1).astype(np.int64)
-    x_test = np.asarray(test_features, np.float32)
-    y_test = np.asarray(test_labels).reshape(-1).astype(np.int64)
-    num_classes = int(num_classes or max(y.max(), y_test.max()) + 1)
-    Cs = sorted({float(c) for c in Cs})
-    if not Cs or min(Cs) <= 0:
-        raise ValueError(f"linear probe: C values must be positive, got {Cs}")
-    if len(np.unique(y)) < 2:
-        raise ValueError("linear probe: the training features hold a single class; a classifier needs two or more.")
-    best, val_accuracy = _choose_c(x, y, Cs, val_fraction, seed, max_iter, verbose)
-    scale = _Standardizer(x)
-    model, converged = _fit(scale(x), y, best, max_iter)
-    if not converged:
-        logging.warning("L-BFGS did not converge in %d iterations (C=%g); raise --max_iter.", max_iter, best)
-    scores = np.full([len(y_test), num_classes], -np.inf, np.float64)  # classes unseen in training never rank
-    scores[:, model.classes_] = model.predict_log_proba(scale(x_test))
-    top1, top5 = common.topk_accuracy(scores, y_test, (1, 5))
-    return {"top1": top1, "top5": top5, "C": best, "val_accuracy": {f"{c:g}": a for c, a in val_accuracy.items()},
-            "converged": converged}
-
-
-# ----------------------------------------------------------------------------------------- full mode (SGD head)
-
-
-def make_head(feature_dim: int, num_classes: int, seed: int = 0) -> keras.layers.Dense:
-    """The linear classifier, initialised as the official code: weights ~ N(0, 0.01), bias 0."""
-    head = keras.layers.Dense(num_classes, kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01, seed=seed),
-                              bias_initializer="zeros", name="linear_head")
-    head.build((None, feature_dim))
-    return head
-
-
-def cosine_factor(epoch: int, epochs: int) -> float:
-    """torch.optim.lr_scheduler.CosineAnnealingLR(T_max=epochs), stepped once per epoch: lr_e = lr * this."""
-    return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-
-
-def train_classifier(encoder, head, train_data, *, epochs: int, head_lr: float, backbone_lr: float | None = None,
-                     weight_decay: float = 0.0, momentum: float = MOMENTUM, steps_per_epoch: int | None = None,
-                     verbose: int = 0) -> dict:
-    """Minimises the cross-entropy of head(encoder(images)) with SGD + momentum, lr cosine-annealed per epoch.
-
-    `backbone_lr=None`: the encoder is frozen: run in inference mode (BatchNorm uses and keeps its moving
-    statistics), never differentiated, never updated (linear evaluation). Otherwise it is trained in training mode
-    with its own SGD optimizer and learning rate (fine-tuning, the official code's two parameter groups): two
-    Keras optimizers, each applying its part of one gradient. `weight_decay` adds weight_decay/2 * ||w||^2 of the
-    trained variables to the loss, i.e. weight_decay * w to the gradient, as torch.optim.SGD's weight_decay.
-
-    `train_data`: a tf.data.Dataset of (images, labels) batches iterated once per epoch, or a function
-    epoch -> such a dataset; `steps_per_epoch`, if known, sizes the first epoch's progress bar. Returns
-    `{"history": [per-epoch loss, lr, examples], "num_train_examples", "class_counts"}` (counts of the first
-    epoch).
-    """
-    model = common.as_callable(encoder)
-    frozen = backbone_lr is None
-    if not frozen and not isinstance(model, keras.Model):
-        raise ValueError("Fine-tuning needs the Keras encoder (a training workdir, encoder.keras or checkpoint); "
-                         "a SavedModel export is inference-only.")
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    groups = [(list(head.trainable_variables), head_lr)]
-    if not frozen:
-        groups.append((list(model.trainable_variables), backbone_lr))
-    optimizers = []
-    for variables, lr in groups:
-        optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
-        optimizer.build(variables)
-        optimizers.append(optimizer)
-    variables = [v for group, _ in groups for v in group]
-    sizes = [len(group) for group, _ in groups]
-
-    @tf.function(reduce_retracing=True)
-    def step(images, labels):
-        with tf.GradientTape() as tape:
-            features = model(images, training=not frozen)
-            if frozen:
-                features = tf.stop_gradient(features)
-            logits = head(tf.cast(features, tf.float32))
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
-            total = loss
-            if weight_decay:
-                total += 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(v)) for v in variables])
-        grads = tape.gradient(total, variables)
-        start = 0
-        for optimizer, size in zip(optimizers, sizes):
-            optimizer.apply(grads[start:start + size], variables[start:start + size])
-            start += size
-        return loss
-
-    num_classes = int(head.units)
-    history, counts = [], np.zeros(num_classes, np.int64)
-    for epoch in range(epochs):
-        factor = cosine_factor(epoch, epochs)
-        for optimizer, (_, lr) in zip(optimizers, groups):
-            optimizer.learning_rate = lr * factor
-        dataset = train_data(epoch) if callable(train_data) else train_data
-        if verbose:
-            print(f"Epoch {epoch + 1}/{epochs}")
-        progbar = keras.utils.Progbar(steps_per_epoch, verbose=verbose, unit_name="step") if verbose else None
-        loss_sum, examples, steps = 0.0, 0, 0
-        for images, labels in dataset:
-            loss = float(step(images, labels))
-            n = int(labels.shape[0])
-            loss_sum, examples, steps = loss_sum + loss * n, examples + n, steps + 1
-            if epoch == 0:
-                counts += np.bincount(np.asarray(labels), minlength=num_classes)[:num_classes]
-            if progbar:
-                progbar.update(steps, [("loss", loss)])
-        if progbar and progbar.target is None:  # a known target finalises itself
-            progbar.update(steps, finalize=True)
-        if examples == 0:
-            raise ValueError("The training set is empty: no batches in an epoch. Check --train_split, --subset and "
-                             "--limit_train.")
-        if epoch == 0 and (counts == 0).any():
-            logging.warning("The training set has no examples of %d of the %d classes (e.g. class %d).",
-                            int((counts == 0).sum()), num_classes, int(np.flatnonzero(counts == 0)[0]))
-        steps_per_epoch = steps
-        history.append({"epoch": epoch + 1, "loss": loss_sum / examples, "lr_head": head_lr * factor,
-                        **({} if frozen else {"lr_backbone": backbone_lr * factor}), "examples": examples})
-    return {"history": history, "num_train_examples": history[0]["examples"], "class_counts": counts.tolist()}
-
-
-def evaluate_classifier(encoder, head, dataset, *, steps: int | None = None,
-                        verbose: int = 0) -> tuple[float, float, int]:
-    """(top-1, top-5, number of examples) of head(encoder(images)) with the encoder in inference mode."""
-    model = common.as_callable(encoder)
-
-    def classify(images, training=False):
-        return head(tf.cast(model(images, training=False), tf.float32))
-
-    logits, labels = common.extract_features(classify, dataset, verbose=verbose, description="test predictions",
-                                             steps=steps)
-    top1, top5 = common.topk_accuracy(logits, labels, (1, 5))
-    return top1, top5, len(labels)
-
-
-def linear_probe(encoder, train_data, test_data, num_classes: int, *, epochs: int = EPOCHS, lr: float = LR,
-                 weight_decay: float = WEIGHT_DECAY, momentum: float = MOMENTUM, seed: int = 0,
-                 train_steps: int | None = None, test_steps: int | None = None, verbose: int = 0) -> dict:
-    """The paper's linear evaluation (full mode): trains a linear head on the frozen encoder, scores the test data.
-
-    `train_data` as `train_classifier` takes it; `train_steps` / `test_steps` (batches per pass, if known) only
-    size the progress bars.
-
-    Returns `{"top1", "top5", "num_test_examples", "num_train_examples", "history", "head"}`.
-    """
-    model = common.as_callable(encoder)
-    head = make_head(int(model.output_shape[-1]), num_classes, seed)
-    trained = train_classifier(model, head, train_data, epochs=epochs, head_lr=lr, backbone_lr=None,
-                               weight_decay=weight_decay, momentum=momentum, steps_per_epoch=train_steps,
-                               verbose=verbose)
-    top1, top5, n_test = evaluate_classifier(model, head, test_data, steps=test_steps, verbose=verbose)
-    return {"top1": top1, "top5": top5, "num_test_examples": n_test, "num_train_examples":
-            trained["num_train_examples"], "history": trained["history"], "head": head}
-
-
-# ---------------------------------------------------------------------------------------------------------- CLI
+from bt_keras.evaluate import cli
+from bt_keras.evaluation import classifiers
+from bt_keras.evaluation.protocol import PAPER_IMAGENET, finish
 
 
 def define_flags(fv=None) -> None:
-    from absl import flags
-
     fv = flags.FLAGS if fv is None else fv
-    common.define_common_flags(fv)
+    cli.define_common_flags(fv)
     flags.DEFINE_enum("mode", "features", ["features", "full"], "features: L-BFGS on cached features (fast); "
                       "full: the paper's SGD protocol on augmented images.", flag_values=fv)
-    flags.DEFINE_integer("epochs", EPOCHS, "full: epochs (paper: 100).", flag_values=fv)
-    flags.DEFINE_float("lr", LR, "full: learning rate (paper: 0.3), cosine-annealed per epoch.", flag_values=fv)
-    flags.DEFINE_float("weight_decay", WEIGHT_DECAY, "full: L2 weight decay (paper: 1e-6).", flag_values=fv)
-    flags.DEFINE_float("momentum", MOMENTUM, "full: SGD momentum.", flag_values=fv)
-    flags.DEFINE_list("C", [f"{c:g}" for c in DEFAULT_CS], "features: inverse L2 strengths to choose from.",
+    flags.DEFINE_integer("epochs", classifiers.LINEAR_EPOCHS, "full: epochs (paper: 100).", flag_values=fv)
+    flags.DEFINE_float("lr", classifiers.LINEAR_LR, "full: learning rate (paper: 0.3), cosine-annealed per epoch.",
+                       flag_values=fv)
+    flags.DEFINE_float("weight_decay", classifiers.LINEAR_WEIGHT_DECAY, "full: L2 weight decay (paper: 1e-6).",
+                       flag_values=fv)
+    flags.DEFINE_float("momentum", classifiers.MOMENTUM, "full: SGD momentum.", flag_values=fv)
+    flags.DEFINE_list("C", [f"{c:g}" for c in classifiers.DEFAULT_CS], "features: inverse L2 strengths to choose from.",
                       flag_values=fv)
     flags.DEFINE_float("val_fraction", 0.2, "features: held-out part of the training split used to choose C.",
                        flag_values=fv)
@@ -293,39 +51,37 @@ def define_flags(fv=None) -> None:
 
 def run(fv) -> dict:
     """The linear protocol for parsed flags; returns the result record (also written as JSON)."""
-    s = common.setup_from_flags(fv)
-    paper = {"paper_imagenet_resnet50": list(PAPER_TOP)} if s.dataset.startswith("tfds:imagenet2012") and \
-        s.subset is None and not s.dataset.startswith("tfds:imagenet2012_subset") else {}
+    s = cli.setup_from_flags(fv)
+    full_imagenet = s.dataset.startswith("tfds:imagenet2012") and not s.dataset.startswith("tfds:imagenet2012_subset")
+    paper = {"paper_imagenet_resnet50": list(PAPER_IMAGENET["linear"])} if full_imagenet and s.subset is None else {}
     if fv.mode == "features":
         train_x, train_y = s.train_features()
         test_x, test_y = s.test_features()
-        result = linear_probe_features(train_x, train_y, test_x, test_y, Cs=[float(c) for c in fv.C],
-                                       val_fraction=fv.val_fraction, seed=fv.seed, max_iter=fv.max_iter,
-                                       num_classes=s.info.num_classes, verbose=fv.verbose)
+        result = classifiers.linear_probe_features(train_x, train_y, test_x, test_y, Cs=[float(c) for c in fv.C],
+                                                   val_fraction=fv.val_fraction, seed=fv.seed, max_iter=fv.max_iter,
+                                                   num_classes=s.info.num_classes, verbose=fv.verbose)
         settings = {"mode": "features", "classifier": "multinomial logistic regression, L-BFGS (scikit-learn)",
                     "standardized": True, "Cs": [float(c) for c in fv.C], "val_fraction": fv.val_fraction,
                     "max_iter": fv.max_iter}
         metrics = {**result, "feature_dim": int(train_x.shape[1])}
         n_train, n_test, title = len(train_y), len(test_y), f"linear (L-BFGS, C={result['C']:g})"
     else:
-        result = linear_probe(s.encoder, s.train_batches(), s.eval_batches(s.test_split, s.limit_test),
-                              s.info.num_classes, epochs=fv.epochs, lr=fv.lr, weight_decay=fv.weight_decay,
-                              momentum=fv.momentum, seed=fv.seed, verbose=fv.verbose,
-                              train_steps=s.steps(s.train_split, s.limit_train, s.subset),
-                              test_steps=s.steps(s.test_split, s.limit_test))
+        result = classifiers.linear_probe(s.encoder, s.train_batches(), s.eval_batches(s.test_split, s.limit_test),
+                                          s.info.num_classes, epochs=fv.epochs, lr=fv.lr, weight_decay=fv.weight_decay,
+                                          momentum=fv.momentum, seed=fv.seed, verbose=fv.verbose,
+                                          train_steps=s.steps(s.train_split, s.limit_train, s.subset),
+                                          test_steps=s.steps(s.test_split, s.limit_test))
         settings = {"mode": "full", "epochs": fv.epochs, "lr": fv.lr, "weight_decay": fv.weight_decay,
                     "momentum": fv.momentum, "schedule": "cosine per epoch", "optimizer": "SGD",
                     "train_transform": "random resized crop + flip", "test_transform": "resize + center crop"}
         metrics = {"top1": result["top1"], "top5": result["top5"], "history": result["history"]}
         n_train, n_test, title = result["num_train_examples"], result["num_test_examples"], \
             f"linear (SGD, {fv.epochs} epochs)"
-    return common.finish(s, f"linear_{fv.mode}", settings, {**metrics, **paper}, n_train, n_test, title)
+    return finish(s, f"linear_{fv.mode}", settings, {**metrics, **paper}, n_train, n_test, title)
 
 
-main = common.cli_main(run, "bt_keras.evaluate.linear")
+main = cli.cli_main(run, "bt_keras.evaluate.linear")
 
 if __name__ == "__main__":
-    from absl import app
-
     define_flags()
     app.run(main)

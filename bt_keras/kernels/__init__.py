@@ -23,7 +23,7 @@ from pathlib import Path
 
 from absl import logging
 
-from bt_keras.checkpoints import atomic_write
+from bt_keras.io import atomic_write
 
 _SOURCE = Path(__file__).with_name("lars_update.cc")
 _lock = threading.Lock()

@@ -1,0 +1,37 @@
+"""One switch for every fast path, so a numerics question can be bisected in one run.
+
+The library computes each step two ways that are the same maths: the plain formulation (the paper's formula
+autodiffed, each view through the projector on its own, Keras' BatchNormalization ops, LARS as TensorFlow ops) and
+fast paths that tests hold equal to it:
+
+* the loss's hand-written gradient and, on one replica with B <= D, its Gram-matrix form (`bt_keras.losses`);
+* the projector's Dense layers run once on both views stacked (`bt_keras.heads.project_views`);
+* TensorFlow's fused BatchNorm kernel where statistics are local (`bt_keras.backbones.BatchNormalization`);
+* LARS as one native CPU op per variable (`bt_keras.kernels`, `bt_keras.optim.LARS`).
+
+`BT_KERAS_FAST=0` in the environment (or `set_enabled(False)`, or a recipe's `config.fast_paths = False`) turns all
+of them off; the decision is read when a step is traced, so set it before training starts. `BT_KERAS_NATIVE=0` turns
+off the native kernel alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "BT_KERAS_FAST"
+_override: bool | None = None
+
+
+def enabled() -> bool:
+    """True unless the fast paths were turned off (`set_enabled(False)` first, else `BT_KERAS_FAST=0`)."""
+    if _override is not None:
+        return _override
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_enabled(value: bool | None) -> None:
+    """Turns every fast path on (True) or off (False) for this process; None returns to the environment's choice."""
+    global _override
+    if value not in (None, True, False):
+        raise ValueError(f"fast_paths.set_enabled takes True, False or None, got {value!r}.")
+    _override = value

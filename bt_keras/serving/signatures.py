@@ -1,0 +1,152 @@
+"""The serving functions of an export: encoded bytes, pixels or preprocessed floats in, embeddings out.
+
+    serving_default   images: string [batch], encoded JPEG / PNG / GIF / BMP / WebP bytes of any size
+                      -> embedding [batch, D] (and projection [batch, P] with a projector)
+    embed_pixels      pixels: uint8 [batch, H, W, 3] RGB, any H and W (all images of a batch share them)
+    embed_normalized  normalized: float32 [batch, S, S, 3], already preprocessed (S = image_size)
+
+`serving_default` and `embed_pixels` preprocess in the graph with `bt_keras.augment.eval_transform`, the very function
+evaluation uses, so a served embedding equals an evaluated one. Bad input (an empty string, bytes that are not an
+image, a zero-sized or too large image) fails the request with an InvalidArgumentError naming the image and the
+problem; it never takes the server down.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+import tensorflow as tf
+
+from bt_keras.artifacts import ENCODER_METADATA, SIGNATURE_BYTES, SIGNATURE_NORMALIZED, SIGNATURE_PIXELS
+from bt_keras.augment import eval_transform
+
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: any camera photo; stops a decompression bomb before the resize
+DEFAULT_CROP_FRACTION = inspect.signature(eval_transform).parameters["crop_fraction"].default
+
+
+def preprocessing_from_metadata(metadata: dict, encoder: keras.Model) -> dict:
+    """The preprocessing evaluation uses for this encoder: `{image_size, mean, std, crop_fraction}`, validated.
+
+    `metadata` is what `bt_keras.artifacts.load_encoder` returns (the `encoder.json` written by training).
+    Raises ValueError naming what is missing or inconsistent, and how to fix it.
+    """
+    missing = [key for key in ("image_size", "mean", "std") if key not in metadata]
+    if missing:
+        raise ValueError(
+            f"The encoder's metadata lacks {missing}: export must preprocess images exactly as evaluation does. "
+            f"Export a training workdir (its {ENCODER_METADATA} has them), or write them beside the model with "
+            "bt_keras.artifacts.save_encoder(encoder, directory, {'image_size': ..., 'mean': [...], 'std': [...]})."
+        )
+    size = int(metadata["image_size"])
+    mean, std = [float(v) for v in metadata["mean"]], [float(v) for v in metadata["std"]]
+    if size < 1 or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"Bad preprocessing metadata: image_size={size}, mean={mean}, std={std} "
+                         "(want a positive size and 3 per-channel values, std > 0).")
+    input_shape = tuple(encoder.input_shape)
+    if len(input_shape) != 4 or input_shape[3] not in (3, None):
+        raise ValueError(f"The encoder takes inputs of shape {input_shape}; export needs an NHWC RGB image encoder.")
+    if any(dim is not None and dim != size for dim in input_shape[1:3]):
+        raise ValueError(f"The encoder takes {input_shape[1]}x{input_shape[2]} images but its metadata says "
+                         f"image_size={size}; fix image_size in {ENCODER_METADATA}.")
+    crop_fraction = float(metadata.get("crop_fraction", DEFAULT_CROP_FRACTION))
+    return {"image_size": size, "mean": mean, "std": std, "crop_fraction": crop_fraction}
+
+
+class Servable:
+    """Builds the three signature functions around one encoder (and optional projector)."""
+
+    def __init__(self, encoder, projector, preprocessing: dict, l2_normalize: bool, max_image_pixels: int):
+        self.encoder, self.projector = encoder, projector
+        self.size = preprocessing["image_size"]
+        self.prep = preprocessing
+        self.l2_normalize = l2_normalize
+        self.max_image_pixels = int(max_image_pixels)
+        self.feature_dim = int(encoder.output_shape[-1])
+        self.projection_dim = None
+        if projector is not None:
+            if not projector.built:
+                projector.build(encoder.output_shape)
+            self.projection_dim = int(projector.compute_output_shape(encoder.output_shape)[-1])
+
+    def _transform(self, image):
+        p = self.prep
+        return eval_transform(image, p["image_size"], p["mean"], p["std"], crop_fraction=p["crop_fraction"])
+
+    def _size_checks(self, height, width, what):
+        """Asserts that 1 <= height, width and height * width <= max_image_pixels (int64 scalars)."""
+        return [
+            tf.debugging.assert_positive(
+                tf.minimum(height, width), message=f"{what} has zero height or width; send a non-empty image"),
+            tf.debugging.assert_less_equal(
+                height * width, tf.constant(self.max_image_pixels, tf.int64),
+                message=f"{what} has more than {self.max_image_pixels} pixels (the export's max_image_pixels); "
+                        "downscale it before sending"),
+        ]
+
+    def _outputs(self, normalized):
+        """The encoder (inference mode) on a preprocessed batch -> the output dict.
+
+        An empty batch gets one zero image appended and its outputs dropped again: TF's CPU convolutions fail on a
+        zero batch, and this keeps the graph free of control flow around the network (a batch of n >= 1 is run
+        as is; the padding is then empty)."""
+        n = tf.shape(normalized)[0]
+        pad = tf.zeros(tf.stack([tf.cast(tf.equal(n, 0), tf.int32), self.size, self.size, 3]), normalized.dtype)
+        features = tf.cast(self.encoder(tf.concat([normalized, pad], axis=0), training=False), tf.float32)
+        outputs = {"embedding": tf.math.l2_normalize(features, axis=-1) if self.l2_normalize else features}
+        if self.projector is not None:
+            outputs["projection"] = tf.cast(self.projector(features, training=False), tf.float32)
+        return {name: value[:n] for name, value in outputs.items()}
+
+    def _map(self, fn, elems):
+        spec = tf.TensorSpec([self.size, self.size, 3], tf.float32)
+        return tf.map_fn(fn, elems, fn_output_signature=spec)
+
+    def from_bytes(self, images):
+        """serving_default: encoded image bytes [batch] -> outputs."""
+
+        def one(args):
+            index, data = args
+            empty = tf.debugging.Assert(tf.strings.length(data) > 0, [
+                "serving_default: an element of `images` is an empty string; send the encoded JPEG/PNG/GIF/BMP/WebP "
+                "bytes of the image. Its index in the batch:", index])
+            with tf.control_dependencies([empty]):
+                image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+            shape = tf.shape(image, out_type=tf.int64)
+            with tf.control_dependencies(self._size_checks(shape[0], shape[1], "serving_default: a decoded image")):
+                image = tf.identity(image)
+            return self._transform(image)
+
+        indices = tf.range(tf.shape(images, out_type=tf.int64)[0])
+        return self._outputs(self._map(one, (indices, images)))
+
+    def from_pixels(self, pixels):
+        """embed_pixels: uint8 [batch, H, W, 3] -> outputs."""
+        shape = tf.shape(pixels, out_type=tf.int64)
+        with tf.control_dependencies(self._size_checks(shape[1], shape[2], "embed_pixels: `pixels`")):
+            pixels = tf.identity(pixels)
+        return self._outputs(self._map(self._transform, pixels))
+
+    def from_normalized(self, normalized):
+        """embed_normalized: float32 [batch, S, S, 3], already preprocessed -> outputs."""
+        return self._outputs(normalized)
+
+
+def signature_table(preprocessing: dict, feature_dim: int, projection_dim: int | None, l2_normalize: bool) -> dict:
+    size = preprocessing["image_size"]
+    outputs = {"embedding": {"dtype": "float32", "shape": [-1, feature_dim],
+                             "l2_normalized": l2_normalize}}
+    if projection_dim is not None:
+        outputs["projection"] = {"dtype": "float32", "shape": [-1, projection_dim]}
+    return {
+        SIGNATURE_BYTES: {"inputs": {"images": {"dtype": "string", "shape": [-1]}}, "outputs": outputs,
+                          "contract": "encoded JPEG/PNG/GIF/BMP/WebP bytes of any size, decoded to RGB, then "
+                                      "preprocessed as evaluation does (bt_keras.augment.eval_transform)"},
+        SIGNATURE_PIXELS: {"inputs": {"pixels": {"dtype": "uint8", "shape": [-1, -1, -1, 3]}}, "outputs": outputs,
+                           "contract": "decoded RGB pixels 0..255, any height/width shared by the batch, then "
+                                       "preprocessed as evaluation does"},
+        SIGNATURE_NORMALIZED: {"inputs": {"normalized": {"dtype": "float32", "shape": [-1, size, size, 3]}},
+                               "outputs": outputs,
+                               "contract": "already preprocessed: (pixels / 255 - mean) / std at image_size, "
+                                           "fed to the encoder as is"},
+    }

@@ -1,0 +1,150 @@
+"""The layout holds: no import cycles (function-level imports counted), library code never imports a command line,
+recipes are data (no TensorFlow), and the installed distribution holds only `bt_keras`."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "bt_keras"
+# Command lines: entry points that may import anything; nothing in the library may import them.
+CLI_MODULES = {"bt_keras.train", "bt_keras.evaluate.cli", "bt_keras.evaluate.knn", "bt_keras.evaluate.linear",
+               "bt_keras.evaluate.finetune", "bt_keras.serving.export_cli", "bt_keras.report", "bt_keras.convert"}
+
+
+def module_names() -> dict[str, Path]:
+    names = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names[".".join(parts)] = path
+    return names
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """Every bt_keras module `path` imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from a.b import c`: the module a.b.c if there is one, else a.b itself.
+            targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                       for alias in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in modules)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = module_names()
+    graph = {name: imports_of(path, set(modules)) - {name} for name, path in modules.items()}
+    # Importing a.b.c first runs the packages a and a.b: their imports count too.
+    for name in list(graph):
+        for target in list(graph[name]):
+            parts = target.split(".")
+            graph[name].update(".".join(parts[:i]) for i in range(2, len(parts)) if ".".join(parts[:i]) != name)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return stack[stack.index(target):] + [target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = import_graph()
+    assert len(graph) > 25 and graph["bt_keras.trainer"] >= {"bt_keras.builders", "bt_keras.artifacts"}
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_function_level_cycle(tmp_path):
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("import b\n")
+    b.write_text("def f():\n    from a import x\n")
+    graph = {"a": imports_of(a, {"a", "b"}), "b": imports_of(b, {"a", "b"})}
+    assert find_cycle(graph) == ["a", "b", "a"]
+
+
+def test_library_modules_import_no_command_line():
+    graph = import_graph()
+    offenders = {name: sorted(targets & CLI_MODULES) for name, targets in graph.items()
+                 if name not in CLI_MODULES and targets & CLI_MODULES}
+    assert not offenders, f"library modules importing command lines: {offenders}"
+    trainer_users = {name for name, targets in graph.items() if "bt_keras.trainer" in targets}
+    assert trainer_users <= {"bt_keras.train"}, f"only the CLI drives the loop; also imported by {trainer_users}"
+
+
+def _fresh_python(code: str, cwd=REPO, **env):
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (REPO / "experiments").glob("*.py")
+                                          if p.stem not in ("results_table", "__init__")))
+def test_recipes_are_data_and_load_no_tensorflow(recipe):
+    code = (f"import sys, importlib; c = importlib.import_module('experiments.{recipe}').get_config(); "
+            "assert c.view1.crop_size is None, c.view1.crop_size; "
+            "heavy = [m for m in ('tensorflow', 'keras', 'numpy') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    result = _fresh_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_importing_the_package_loads_no_tensorflow_until_a_name_is_used():
+    code = ("import sys, bt_keras, bt_keras.config, bt_keras.views, bt_keras.serving.client; "
+            "assert 'tensorflow' not in sys.modules; bt_keras.LARS; assert 'tensorflow' in sys.modules")
+    result = _fresh_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_export_is_a_repository_folder_not_an_installed_package(tmp_path):
+    outside = _fresh_python("import export", cwd=tmp_path, PYTHONPATH="")
+    assert outside.returncode != 0 and "No module named 'export'" in outside.stderr
+    inside = subprocess.run([sys.executable, "-m", "export.savedmodel", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert "--export_dir" in inside.stdout and "Traceback" not in inside.stderr, inside.stderr[-2000:]  # absl: exit 1
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_only_bt_keras(tmp_path):
+    """A non-editable install (`pip install .`) gets exactly what the wheel holds."""
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("bt_keras-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert top == {"bt_keras", next(t for t in top if t.endswith(".dist-info"))}, top
+    assert "bt_keras/kernels/lars_update.cc" in names
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "bt-keras-train = bt_keras.train:run" in entry_points

@@ -91,6 +91,36 @@ def test_digits_pretrain_labelled_and_info():
     assert abs(pixels.mean() - data.DIGITS_MEAN[0]) < 1e-3 and abs(pixels.std() - data.DIGITS_STD[0]) < 1e-3
 
 
+def _shard_rows(name, split, shards, data_dir=None):
+    """Each shard's images (as bytes) and the whole split's, read through the loader's own sharding."""
+    whole = [x.numpy().tobytes() for x, _ in data._open(name, split, data_dir, False, shuffle=True, seed=2).dataset]
+    parts = [[x.numpy().tobytes() for x, _ in data._open(name, split, data_dir, False, shuffle=True, seed=2,
+                                                         shard=(shards, i)).dataset] for i in range(shards)]
+    return parts, whole
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_shards_are_disjoint_and_cover_the_split(shards):
+    """Multi-worker input: every example is read by exactly one input pipeline (as many times as in the split)."""
+    from collections import Counter
+
+    parts, whole = _shard_rows("digits", "train", shards)
+    assert all(parts) and sum(len(p) for p in parts) == len(whole) == 1437
+    assert sum((Counter(p) for p in parts), Counter()) == Counter(whole)  # together: the split, each example once
+    for a in range(shards):
+        for b in range(a + 1, shards):
+            assert not set(parts[a]) & set(parts[b]) - {row for row, n in Counter(whole).items() if n > 1}
+
+
+@needs_cifar
+def test_tfds_shards_are_disjoint_and_cover_the_split():
+    from collections import Counter
+
+    parts, whole = _shard_rows("tfds:cifar10", "test", 2, TFDS_DIR)
+    assert len(whole) == 10_000 and Counter(parts[0]) + Counter(parts[1]) == Counter(whole)
+    assert abs(len(parts[0]) - len(parts[1])) <= 1
+
+
 def test_sharding_with_input_context():
     context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4)
     (v1, _), = first(data.pretrain_dataset("digits", global_batch_size=BATCH, seed=2, input_context=context))

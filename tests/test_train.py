@@ -6,6 +6,7 @@ main job) runs once, in tests/test_quickstart.py.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -190,3 +191,63 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         Trainer(config, tmp_path, tf.distribute.get_strategy()).run()
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")) == good
     tf.train.Checkpoint().read(good).expect_partial()  # still readable
+
+
+# ------------------------------------------------------------------------------------ the Keras callback protocol
+
+
+class StepCounter(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.begins, self.ends, self.steps = 0, 0, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.begins += 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends += 1
+        self.steps.append(int(logs["step"]))
+
+
+def test_batch_hooks_run_every_step_and_logs_record_every_metric(tmp_path):
+    counter = StepCounter()
+    Trainer(tiny_config(log_every_steps=2), tmp_path, tf.distribute.get_strategy()).run([counter])
+    assert counter.begins == counter.ends == 6 and counter.steps == [1, 2, 3, 4, 5, 6]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [line for line in lines if line["kind"] == "train"]
+    assert [line["step"] for line in train] == [2, 4, 6]  # every log_every_steps
+    assert {"loss", "on_diagonal", "off_diagonal", "embedding_std", "lr", "images/s"} <= set(train[0])
+
+
+def test_terminate_on_nan_stops_at_the_first_bad_step(tmp_path):
+    """Without it the loop notices a NaN on the next logging step; with it, at once (model.stop_training)."""
+    def nan_config():
+        config = tiny_config(epochs=1, steps_per_epoch=8, log_every_steps=1000)
+        config.optimizer.lr_weights = config.optimizer.lr_biases = 1e30
+        return config
+
+    late, early = StepCounter(), StepCounter()
+    with pytest.raises(NonFiniteLossError) as late_error:
+        Trainer(nan_config(), tmp_path / "late", tf.distribute.get_strategy()).run([late])
+    with pytest.raises(NonFiniteLossError) as early_error:
+        Trainer(nan_config(), tmp_path / "early", tf.distribute.get_strategy()).run(
+            [early, keras.callbacks.TerminateOnNaN()])
+    bad_step = int(re.search(r"at step (\d+)", str(early_error.value)).group(1))
+    assert str(late_error.value).count(f"at step {bad_step}") == 1  # the same first bad step, found later
+    # Without it: found at the epoch's end (its last step raises before its batch end); with it: at the bad step.
+    assert late.ends == 7 and early.ends == bad_step < 7, (late.ends, early.ends, bad_step)
+
+
+def test_early_stopping_passed_on_the_command_line_stops_training(tmp_path):
+    (tmp_path / "my_callbacks.py").write_text(
+        "import keras\n\n\ndef early_stopping():\n"
+        "    return keras.callbacks.EarlyStopping(monitor='loss', patience=0, min_delta=1e9)\n")
+    workdir = tmp_path / "run"
+    result = run_cli(train_command(workdir, "--callbacks=my_callbacks:early_stopping", epochs=5, steps=2),
+                     env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Finished at step 4" in result.stdout  # epoch 2 of 5: no improvement of 1e9 -> stop
+    assert json.loads((workdir / "encoder.json").read_text())["step"] == 4
+    assert tf.train.latest_checkpoint(str(workdir / "checkpoints")).endswith("ckpt-4")
+    bad = run_cli(train_command(tmp_path / "bad", "--callbacks=no_such_module:thing"))
+    assert bad.returncode == 2 and "--callbacks='no_such_module:thing'" in bad.stderr

@@ -33,6 +33,22 @@ def _unit_rows(x: tf.Tensor) -> tf.Tensor:
     return x / tf.maximum(tf.norm(x, axis=1, keepdims=True), tf.cast(1e-12, x.dtype))
 
 
+# One tf.function for the module, not one per knn_scores call: a function decorated inside knn_scores was a new
+# tf.function object on every call, so every kNN evaluation traced it again (TensorFlow's "triggered tf.function
+# retracing" warning from the kNN monitor). The training features, labels and temperature are tensor arguments; k and
+# num_classes are Python ints, so only a new k or class count (or dtype) traces again.
+@tf.function(reduce_retracing=True)
+def _chunk_scores(test, train, labels, temperature, *, k: int, num_classes: int):
+    """Class scores of one chunk of test features [b, D] against the unit-norm training features [N_train, D]."""
+    similarity = tf.matmul(_unit_rows(test), train, transpose_b=True)  # [b, N_train]
+    top_similarity, top_index = tf.math.top_k(similarity, k=k)  # ties: lower train index first
+    weights = tf.exp((top_similarity - 1.0) / temperature)
+    rows = tf.shape(test)[0]
+    segment = tf.range(rows)[:, None] * num_classes + tf.gather(labels, top_index)  # [b, k]: row * C + class
+    votes = tf.math.unsorted_segment_sum(tf.reshape(weights, [-1]), tf.reshape(segment, [-1]), rows * num_classes)
+    return tf.reshape(votes, [rows, num_classes])
+
+
 def knn_scores(train_features, train_labels, test_features, *, k: int = DEFAULT_K,
                temperature: float = DEFAULT_TEMPERATURE, num_classes: int | None = None,
                chunk_size: int | None = None) -> np.ndarray:
@@ -59,20 +75,10 @@ def knn_scores(train_features, train_labels, test_features, *, k: int = DEFAULT_
                          f"{int(tf.reduce_max(labels))}.")
     k = min(int(k), n_train)
     chunk_size = chunk_size or max(1, min(1024, _SIMILARITY_BUDGET // n_train))
-
-    @tf.function(reduce_retracing=True)
-    def chunk_scores(test):
-        similarity = tf.matmul(_unit_rows(test), train, transpose_b=True)  # [b, N_train]
-        top_similarity, top_index = tf.math.top_k(similarity, k=k)  # ties: lower train index first
-        weights = tf.exp((top_similarity - 1.0) / tf.constant(temperature, dtype))
-        rows = tf.shape(test)[0]
-        segment = tf.range(rows)[:, None] * num_classes + tf.gather(labels, top_index)  # [b, k]: row * C + class
-        votes = tf.math.unsorted_segment_sum(tf.reshape(weights, [-1]), tf.reshape(segment, [-1]),
-                                             rows * num_classes)
-        return tf.reshape(votes, [rows, num_classes])
-
     n_test = int(test_all.shape[0])
-    parts = [chunk_scores(test_all[i:i + chunk_size]).numpy() for i in range(0, n_test, chunk_size)]
+    temperature = tf.constant(temperature, dtype)
+    parts = [_chunk_scores(test_all[i:i + chunk_size], train, labels, temperature, k=k, num_classes=num_classes)
+             .numpy() for i in range(0, n_test, chunk_size)]
     return np.concatenate(parts) if parts else np.zeros([0, num_classes], dtype.as_numpy_dtype)
 
 

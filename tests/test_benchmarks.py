@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end runs
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -79,7 +79,8 @@ def _single_device(dtype):
 
 # float64 separates the maths from round-off: any error in the replica scaling or a per-replica statistic would
 # show as an O(1) difference. float32 (what users train in) agrees to round-off relative to the gradients' size.
-@pytest.mark.parametrize("replicas, dtype", [(2, "float64"), (4, "float64"), (2, "float32")])
+@pytest.mark.parametrize("replicas, dtype", [(2, "float64"), pytest.param(4, "float64", marks=pytest.mark.slow),
+                                             pytest.param(2, "float32", marks=pytest.mark.slow)])
 def test_mirrored_equals_single_device(replicas, dtype):
     initial, views, (loss_1, grads_1, weights_1) = _single_device(dtype)
     loss_n, grads_n, weights_n = _one_step(replicas, [w.astype(dtype) for w in initial], views, dtype)

@@ -167,6 +167,7 @@ def _assert_close(actual, expected, what):
     assert error <= TOLERANCE, f"{what}: max abs difference {error:.2e} > {TOLERANCE}"
 
 
+@pytest.mark.slow
 def test_fresh_process_signatures_equal_the_keras_encoder(workdir, inputs, probe):
     _, encoder, projector = workdir
     arrays, report = probe
@@ -186,6 +187,7 @@ def test_fresh_process_signatures_equal_the_keras_encoder(workdir, inputs, probe
     assert arrays["bytes17/projection"].shape == (17, 12)
 
 
+@pytest.mark.slow
 def test_rest_body_decoded_as_tf_serving_does_gives_the_same_embeddings(probe):
     arrays, _ = probe
     _assert_close(arrays["rest0/embedding"], arrays["bytes17/embedding"], "REST bytes body")
@@ -206,6 +208,7 @@ def test_rest_body_format():
         client.rest_request_body([])
 
 
+@pytest.mark.slow
 def test_warmup_records_parse_and_run(probe):
     _, report = probe
     warmup = report["warmup"]
@@ -234,6 +237,7 @@ def test_warmup_encoding_equals_the_official_protos():
     assert prediction_log_pb2.PredictionLog.FromString(ours) == official
 
 
+@pytest.mark.slow
 def test_bad_input_fails_clearly_or_works_and_never_crashes(probe):
     arrays, report = probe  # the probe process exited normally after all of these
     bad = report["bad"]
@@ -252,6 +256,7 @@ def test_bad_input_fails_clearly_or_works_and_never_crashes(probe):
     assert bad["empty batch"]["shapes"] == {"embedding": [0, 8], "projection": [0, 12]}
 
 
+@pytest.mark.slow
 def test_one_pixel_image_matches_evaluation(workdir, probe):
     _, encoder, projector = workdir
     arrays, _ = probe
@@ -311,6 +316,7 @@ def test_clear_errors_for_bad_checkpoints_and_metadata(workdir, tmp_path):
         signatures.preprocessing_from_metadata({**METADATA, "image_size": 224}, encoder)
 
 
+@pytest.mark.slow
 def test_cli_names_a_missing_checkpoint(tmp_path):
     result = _run([sys.executable, "-m", "export.savedmodel", f"--checkpoint={tmp_path / 'missing'}",
                    f"--export_dir={tmp_path / 'out'}"], timeout=120)
@@ -364,6 +370,7 @@ class _RestStandIn(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_rest_client_against_a_loopback_stand_in(loaded, inputs, probe, tmp_path, capsys):
     arrays, _ = probe
     handler = type("Handler", (_RestStandIn,), {"signatures": loaded.signatures, "model_name": MODEL_NAME})
@@ -393,6 +400,7 @@ def test_rest_client_against_a_loopback_stand_in(loaded, inputs, probe, tmp_path
 
 
 @pytest.mark.skipif(prediction_log_pb2 is None, reason="tensorflow-serving-api is not installed (gRPC is optional)")
+@pytest.mark.slow
 def test_grpc_client_against_a_loopback_stand_in(loaded, inputs, probe):
     import grpc
 

@@ -9,6 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end-to-end runs
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_fit_snippet_runs_as_written(tmp_path, monkeypatch):
     snippet = re.search(r"<!-- snippet: fit.*?-->\s*```python\n(.*?)```", README, re.S).group(1)
     assert 10 <= len(snippet.strip().splitlines()) <= 20

@@ -67,6 +67,7 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_logs_and_events_then_resumes(uninterrupted, tmp_path):
     workdir = uninterrupted
     for name in ("encoder.keras", "encoder.json", "barlow_twins.keras", "config.json", "metrics.jsonl",
@@ -88,6 +89,7 @@ def test_training_writes_checkpoints_logs_and_events_then_resumes(uninterrupted,
     assert json.loads((rerun / "encoder.json").read_text())["step"] == 30
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_resumes_bit_exactly(uninterrupted, tmp_path):
     workdir = tmp_path / "killed"
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -118,6 +120,7 @@ def test_sigkill_mid_training_resumes_bit_exactly(uninterrupted, tmp_path):
     assert difference == 0.0
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_through_the_cli(tmp_path):
     result = run_cli(train_command(tmp_path, "--strategy=mirrored", "--cpu_devices=2"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -135,6 +138,7 @@ def _free_ports(n):
     return ports
 
 
+@pytest.mark.slow
 def test_multi_worker_with_two_local_workers(tmp_path):
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     processes = []
@@ -238,6 +242,7 @@ def test_terminate_on_nan_stops_at_the_first_bad_step(tmp_path):
     assert late.ends == 7 and early.ends == bad_step < 7, (late.ends, early.ends, bad_step)
 
 
+@pytest.mark.slow
 def test_early_stopping_passed_on_the_command_line_stops_training(tmp_path):
     (tmp_path / "my_callbacks.py").write_text(
         "import keras\n\n\ndef early_stopping():\n"

@@ -177,3 +177,35 @@ def test_pretrain_dataset_with_labels_yields_labels_of_the_dataset():
     assert v1.shape == v2.shape == (16, 32, 32, 3) and y.dtype == tf.int32 and set(y.numpy()) <= set(range(10))
     v1_plain, _ = next(iter(data.pretrain_dataset("digits", global_batch_size=16, seed=0, repeat=False)))
     np.testing.assert_array_equal(v1.numpy(), v1_plain.numpy())
+
+
+def test_trainer_logs_the_probe_and_resumes_it(tmp_path):
+    """The pre-training loop with the probe on (solo-learn's form): online_top1 every logged step, online_val_top1
+    on the test split, and a resumed run restores the probe's weights and optimizer."""
+    import json
+
+    from bt_keras.trainer import Trainer
+    from tests.test_train import tiny_config
+
+    def config(epochs):
+        c = tiny_config(epochs=epochs, log_every_steps=1)
+        c.optimizer.trust_ratio, c.optimizer.clip_lr, c.optimizer.lr_biases = "solo_learn", True, 0.3
+        c.online_probe.enabled, c.online_probe.optimizer, c.online_probe.eval_every_epochs = True, "lars", 1
+        return c
+
+    first = Trainer(config(2), tmp_path, tf.distribute.get_strategy())
+    assert first.model.online_probe is not None
+    first.run()
+    probe_state = [v.numpy() for v in first.model.online_probe.weights + first.model.online_probe.optimizer.variables]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [line for line in lines if line["kind"] == "train"]
+    assert len(train) == 6 and all(0.0 <= line["online_top1"] <= 1.0 and "online_loss" in line for line in train)
+    epochs = [line for line in lines if line["kind"] == "epoch"]
+    assert len(epochs) == 2 and all(0.0 <= line["online_val_top1"] <= 1.0 for line in epochs)
+
+    resumed = Trainer(config(3), tmp_path, tf.distribute.get_strategy())
+    assert resumed.start_step == 6
+    for a, b in zip(probe_state, resumed.model.online_probe.weights + resumed.model.online_probe.optimizer.variables):
+        np.testing.assert_array_equal(a, b.numpy())
+    resumed.run()
+    assert int(resumed.model.online_probe.optimizer.iterations.numpy()) == 9

@@ -195,8 +195,7 @@ class BarlowTwins(keras.Model):
         view1, view2, labels = _batch(data)
         terms = self.compute_loss_terms(view1, view2, training=False)
         if self.online_probe is not None and labels is not None:
-            loss, top1 = self.online_probe.loss_and_accuracy(terms["features"], labels)
-            terms.update(online_loss=losses._global_sum(loss), online_top1=top1)
+            terms.update(self.online_probe.test_terms(terms["features"], labels))
         return self._update_metrics(terms)
 
     def _update_metrics(self, terms):

@@ -85,6 +85,11 @@ class OnlineProbe(keras.layers.Layer):
         views = float(len(features_per_view))
         return loss / views, tf.stop_gradient(top1) / views
 
+    def test_terms(self, features_per_view, labels) -> dict:
+        """`online_loss` and `online_top1` over the global batch, without an update (for `BarlowTwins.test_step`)."""
+        loss, top1 = self.loss_and_accuracy(features_per_view, labels)
+        return {"online_loss": _global_sum(loss), "online_top1": top1}
+
     def train_step(self, features_per_view, labels) -> dict:
         """One update of the probe from the encoder's features of each view; returns `online_loss`, `online_top1`.
 

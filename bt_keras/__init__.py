@@ -4,7 +4,8 @@ The method in a few names:
   `BarlowTwins(encoder, projector)`  a keras.Model whose train_step minimises the loss, exact under tf.distribute
   `barlow_twins_loss`, `cross_correlation`  the loss over the global batch (bt_keras.losses)
   `backbones.resnet50/resnet18/...`, `heads.projector("8192-8192-8192")`  the networks
-  `LARS`, `WarmupCosine`  the paper's optimizer and schedule (bt_keras.optim)
+  `LARS`, `WarmupCosine`  the paper's optimizer and schedule (bt_keras.optim), and solo-learn's form of them
+  `OnlineProbe`  a linear classifier trained on stop-gradient features during pre-training (bt_keras.probe)
 
 The architecture, module by module: docs/ARCHITECTURE.md. Importing `bt_keras` loads no TensorFlow: the names above
 are resolved from their modules on first use, so recipes (`experiments/*.py`, which read `bt_keras.config`) and the
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "BarlowTwins": "model",
     "LARS": "optim",
+    "OnlineProbe": "probe",
     "WarmupCosine": "optim",
     "barlow_twins_loss": "losses",
     "cross_correlation": "losses",

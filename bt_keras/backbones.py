@@ -3,7 +3,9 @@
 * `resnet50`: the paper's backbone (2048-d features after global average pooling), torchvision's "v1.5" layout
   (stride on the 3x3 convolution of a bottleneck).
 * `resnet18` / `resnet34`: 512-d; with `stem="cifar"` the first layer is a 3x3 stride-1 convolution and the max-pool
-  is dropped, the usual variant for 32 px images (solo-learn's CIFAR recipe).
+  is dropped, the usual variant for 32 px images. `stem="cifar_pad2"` is solo-learn's exact stem
+  (solo/methods/base.py: `nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)`, PyTorch's default
+  init): 2 px of zero padding make 34 x 34 maps from 32 px images (17, 9, 5 in the later stages).
 * `zero_init_residual=True` (the official code's torchvision flag): the last BatchNorm's gamma in each residual
   branch starts at zero, so every block starts as the identity.
 * `synchronized_bn=True`: BatchNorm statistics over the global batch under `tf.distribute`, so N replicas train
@@ -21,6 +23,7 @@ import keras
 from bt_keras import fast_paths
 
 _STAGE_WIDTHS = (64, 128, 256, 512)
+STEMS = ("imagenet", "cifar", "cifar_pad2")
 _BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
 _BOTTLENECK = {"resnet18": False, "resnet34": False, "resnet50": True}
 
@@ -159,7 +162,8 @@ def resnet(
     Args:
       depth_name: "resnet18", "resnet34" or "resnet50".
       input_shape: (height, width, channels); height/width may be None for any size.
-      stem: "imagenet" (7x7 stride-2 conv + 3x3 stride-2 max-pool) or "cifar" (3x3 stride-1 conv, no pool).
+      stem: "imagenet" (7x7 stride-2 conv + 3x3 stride-2 max-pool), "cifar" (3x3 stride-1 conv, no pool) or
+        "cifar_pad2" (the same with 2 px of zero padding and PyTorch's default conv init: solo-learn's).
       width_multiplier: scales every stage's width (1.0 is the standard network; small values make tiny test nets).
       blocks: residual blocks per stage, overriding the depth's standard (2, 2, 2, 2) / (3, 4, 6, 3); 1 to 4 stages.
         With width_multiplier, this makes the small, fast networks of tests and the offline demo.
@@ -174,8 +178,9 @@ def resnet(
     """
     if depth_name not in _BLOCKS:
         raise ValueError(f"Unknown ResNet {depth_name!r}; choose one of {sorted(_BLOCKS)}.")
-    if stem not in ("imagenet", "cifar"):
-        raise ValueError(f"Unknown stem {stem!r}; choose 'imagenet' (7x7/2 + max-pool) or 'cifar' (3x3/1).")
+    if stem not in STEMS:
+        raise ValueError(f"Unknown stem {stem!r}; choose 'imagenet' (7x7/2 + max-pool), 'cifar' (3x3/1) or "
+                         "'cifar_pad2' (3x3/1 with 2 px of padding, solo-learn's).")
     if width_multiplier <= 0:
         raise ValueError(f"width_multiplier must be positive, got {width_multiplier}.")
     blocks = tuple(blocks) if blocks is not None else _BLOCKS[depth_name]
@@ -190,6 +195,13 @@ def resnet(
         x = keras.layers.ReLU(name="stem_relu")(build.bn(x, "stem_bn"))
         x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
         x = keras.layers.MaxPooling2D(3, 2, name="stem_pool")(x)
+    elif stem == "cifar_pad2":
+        x = keras.layers.ZeroPadding2D(2, name="stem_pad")(inputs)
+        # solo-learn replaces torchvision's conv1 after torchvision's init: PyTorch's default, U(+-1/sqrt(fan_in)).
+        torch_default = keras.initializers.VarianceScaling(scale=1 / 3, mode="fan_in", distribution="uniform")
+        x = keras.layers.Conv2D(widths[0], 3, 1, padding="valid", use_bias=False, kernel_initializer=torch_default,
+                                name="stem_conv")(x)
+        x = keras.layers.ReLU(name="stem_relu")(build.bn(x, "stem_bn"))
     else:
         x = build.conv(inputs, widths[0], 3, 1, "stem_conv")
         x = keras.layers.ReLU(name="stem_relu")(build.bn(x, "stem_bn"))

@@ -11,6 +11,7 @@ from absl import logging
 
 from bt_keras import backbones, data, heads, optim
 from bt_keras.model import BarlowTwins
+from bt_keras.probe import OnlineProbe
 from bt_keras.views import ViewConfig
 
 
@@ -29,37 +30,120 @@ def views_from_config(config) -> tuple[ViewConfig, ViewConfig]:
 
 
 def build_model(config) -> BarlowTwins:
-    """Encoder + projector as the recipe says (call inside the strategy's scope)."""
+    """Encoder + projector (+ the online probe when the recipe asks for it and the dataset has labels), as the
+    recipe says (call inside the strategy's scope). Fields added since a run's config.json was written take their
+    defaults, so older runs rebuild as they were trained."""
     encoder = backbones.get_backbone(
         config.backbone,
         input_shape=(config.image_size, config.image_size, 3),
         stem=config.stem,
         width_multiplier=config.width_multiplier,
         blocks=tuple(config.blocks) if config.blocks else None,
+        zero_init_residual=bool(config.get("zero_init_residual", True)),
         synchronized_bn=config.synchronized_bn,
     )
-    return BarlowTwins(encoder, heads.projector(config.projector, synchronized_bn=config.synchronized_bn),
-                       lambd=config.lambd)
+    projector = heads.projector(config.projector, synchronized_bn=config.synchronized_bn,
+                                use_bias=bool(config.get("projector_bias", False)))
+    classes = online_probe_classes(config)
+    probe = OnlineProbe(classes, build_probe_optimizer(config, steps_per_epoch(config))) if classes else None
+    return BarlowTwins(encoder, projector, lambd=config.lambd, scale_loss=float(config.get("scale_loss", 1.0)),
+                       online_probe=probe)
 
 
-def build_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """LARS with the warm-up + cosine schedule; learning rates scaled by batch/256 when the recipe says so."""
+def online_probe_classes(config) -> int:
+    """The online probe's number of classes: 0 when `config.online_probe.enabled` is off or the dataset has no
+    labels (then logged)."""
+    probe = config.get("online_probe")
+    if not probe or not probe.get("enabled", False):
+        return 0
+    classes = data.dataset_info(config.dataset, config.data_dir, config.download).num_classes
+    if classes < 2:
+        logging.warning("Online probe off: %s has no labels.", config.dataset)
+        return 0
+    return classes
+
+
+def _schedule(config, base_lr: float, steps_per_epoch: int) -> optim.WarmupCosine:
+    """The recipe's warm-up + cosine schedule peaking at `base_lr` (already scaled by the batch if it must be)."""
     o = config.optimizer
-    scale = config.batch_size / 256 if o.scale_by_batch else 1.0
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = int(o.warmup_epochs * steps_per_epoch)
     if warmup_steps > total_steps:
         logging.warning("Warm-up (%d steps) is longer than the run (%d steps): shortened to the run.",
                         warmup_steps, total_steps)
         warmup_steps = total_steps
-    schedule = optim.WarmupCosine(
-        o.lr_weights * scale,
-        warmup_steps=warmup_steps,
-        total_steps=total_steps,
-        end_scale=o.end_lr_scale,
-    )
-    return optim.LARS(schedule, momentum=o.momentum, eta=o.eta, weight_decay=o.weight_decay,
-                      bias_lr_scale=o.lr_biases / o.lr_weights)
+    return optim.WarmupCosine(base_lr, warmup_steps=warmup_steps, total_steps=total_steps, end_scale=o.end_lr_scale,
+                              warmup_start_lr=float(o.get("warmup_start_lr", 0.0)),
+                              inclusive_warmup=bool(o.get("inclusive_warmup", False)))
+
+
+def _lr_scale(config) -> float:
+    return config.batch_size / 256 if config.optimizer.scale_by_batch else 1.0
+
+
+def _lars_form(o) -> dict:
+    """The LARS rule's options from `config.optimizer` (defaults: the official form)."""
+    return dict(trust_ratio=o.get("trust_ratio", "official"), clip_lr=bool(o.get("clip_lr", False)),
+                epsilon=float(o.get("epsilon", 1e-8)))
+
+
+def optimizer_hyperparameters(config) -> dict:
+    """LARS's weight decay and bias/BN learning rate for our true gradient, from the recipe's published ones.
+
+    With `config.optimizer.reference_replicas` = R > 1 the recipe states the hyperparameters of an official run on
+    R GPUs, whose steps use 1/R of the true gradient; the same steps here need weight decay x R and the bias/BN
+    learning rate / R (`optim.reference_hyperparameters` has the maths). Only the official LARS form converts.
+    Returns {"weight_decay", "lr_biases", "replicas"} (lr_biases before the batch scaling).
+    """
+    o = config.optimizer
+    replicas = o.get("reference_replicas", 1)
+    weight_decay, lr_biases = float(o.weight_decay), float(o.lr_biases)
+    if replicas != 1:
+        form = _lars_form(o)
+        if form["trust_ratio"] != "official" or form["clip_lr"]:
+            raise ValueError(
+                f"config.optimizer.reference_replicas={replicas} converts the official LARS form only; with "
+                f"trust_ratio={form['trust_ratio']!r}, clip_lr={form['clip_lr']} no hyperparameters take the "
+                "R-GPU step exactly. Set reference_replicas=1 (solo-learn's recipe is single-GPU).")
+        weight_decay, lr_biases = optim.reference_hyperparameters(weight_decay, lr_biases, replicas)
+    return {"weight_decay": weight_decay, "lr_biases": lr_biases, "replicas": replicas}
+
+
+def build_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """LARS with the warm-up + cosine schedule; learning rates scaled by batch/256 when the recipe says so, and the
+    published hyperparameters converted to our true gradient (`optimizer_hyperparameters`), logged."""
+    o = config.optimizer
+    scale = _lr_scale(config)
+    hyper = optimizer_hyperparameters(config)
+    if hyper["replicas"] != 1:
+        logging.info(
+            "LARS for the true gradient, equal to the official %d-GPU step (gradient / %d): weight decay %g -> %g "
+            "(x %d), bias/BN learning rate %g -> %g (/ %d), weights' learning rate %g unchanged (all x batch/256 = "
+            "%g where scaled).", hyper["replicas"], hyper["replicas"], o.weight_decay, hyper["weight_decay"],
+            hyper["replicas"], o.lr_biases, hyper["lr_biases"], hyper["replicas"], o.lr_weights, scale)
+    form = _lars_form(o)
+    logging.info("LARS (%s form%s): lr %g (biases/BN %g), weight decay %g, eta %g, momentum %g.", form["trust_ratio"],
+                 ", clip_lr" if form["clip_lr"] else "", o.lr_weights * scale, hyper["lr_biases"] * scale,
+                 hyper["weight_decay"], o.eta, o.momentum)
+    return optim.LARS(_schedule(config, o.lr_weights * scale, steps_per_epoch), momentum=o.momentum, eta=o.eta,
+                      weight_decay=hyper["weight_decay"], bias_lr_scale=hyper["lr_biases"] / o.lr_weights, **form)
+
+
+def build_probe_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The online probe's own optimizer, with the main schedule's shape peaking at `online_probe.lr` (x batch/256
+    when the recipe scales). "lars": the main LARS rule (form, eta) with the probe's momentum, weight decay and one
+    learning rate for its kernel and bias, i.e. solo-learn's classifier parameter group (solo/methods/base.py:
+    `{"params": classifier, "lr": classifier_lr, "weight_decay": 0}` in the same LARS and scheduler). "sgd": momentum
+    SGD (Keras's decoupled weight decay if any)."""
+    p, o = config.online_probe, config.optimizer
+    schedule = _schedule(config, p.lr * _lr_scale(config), steps_per_epoch)
+    if p.optimizer == "lars":
+        return optim.LARS(schedule, momentum=p.momentum, eta=o.eta, weight_decay=p.weight_decay, bias_lr_scale=1.0,
+                          name="online_probe_lars", **_lars_form(o))
+    if p.optimizer == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=p.momentum, weight_decay=p.weight_decay or None,
+                                    name="online_probe_sgd")
+    raise ValueError(f"config.online_probe.optimizer must be 'sgd' or 'lars', got {p.optimizer!r}.")
 
 
 def steps_per_epoch(config) -> int:

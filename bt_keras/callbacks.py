@@ -8,6 +8,8 @@ They work with `model.fit` and with `bt_keras.train`'s loop alike:
   Red is +1, blue -1, white 0: training should turn it into a red diagonal on white.
 * `KnnMonitor`: weighted kNN accuracy (k=200, temperature 0.1, as in Wu et al. 2018 and most SSL papers) of the
   encoder's features on a labelled split, every few epochs.
+* `OnlineProbeMonitor`: the online linear probe's (`bt_keras.probe`) top-1 on a labelled split, every few epochs:
+  the number solo-learn reports for its CIFAR recipe.
 """
 
 from __future__ import annotations
@@ -146,6 +148,44 @@ class KnnMonitor(keras.callbacks.Callback):
         print(f"\nepoch {epoch + 1}: kNN top-1 {top1:.4f}  top-5 {top5:.4f}", flush=True)
 
 
+class OnlineProbeMonitor(keras.callbacks.Callback):
+    """Top-1 of the model's online probe on `test_data` ((images, labels) batches; encoder in inference mode) every
+    `every_epochs` epochs; adds `online_val_top1` to the epoch's logs (solo-learn's `val_acc1`)."""
+
+    def __init__(self, test_data: tf.data.Dataset, every_epochs: int = 1):
+        super().__init__()
+        if every_epochs < 1:
+            raise ValueError(f"OnlineProbeMonitor: every_epochs must be >= 1, got {every_epochs}.")
+        self.test_data, self.every_epochs = test_data, every_epochs
+
+    def evaluate(self) -> float:
+        features, labels = extract_features(self.model.encoder, self.test_data)
+        logits = self.model.online_probe(features).numpy()
+        return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or (epoch + 1) % self.every_epochs or self.model.online_probe is None:
+            return
+        logs["online_val_top1"] = top1 = self.evaluate()
+        print(f"\nepoch {epoch + 1}: online probe top-1 {top1:.4f}", flush=True)
+
+
+def online_probe_monitor_from_config(config) -> OnlineProbeMonitor | None:
+    """An OnlineProbeMonitor on `config.online_probe.eval_split` (None unless the probe is on and
+    `eval_every_epochs` > 0)."""
+    probe = config.get("online_probe")
+    if not probe or not probe.get("enabled", False) or not probe.get("eval_every_epochs", 0):
+        return None
+    info = data.dataset_info(config.dataset, config.data_dir, config.download)
+    if info.num_classes < 2:
+        return None  # the builder has already said that the probe is off
+    ds = data.labelled_dataset(config.dataset, split=probe.eval_split, batch_size=256, image_size=config.image_size,
+                               data_dir=config.data_dir, download=config.download, shuffle=False)
+    if probe.eval_examples:
+        ds = ds.unbatch().take(probe.eval_examples).batch(256)
+    return OnlineProbeMonitor(ds, every_epochs=probe.eval_every_epochs)
+
+
 def knn_monitor_from_config(config) -> KnnMonitor | None:
     """A KnnMonitor on the config's labelled splits (None when `config.knn.every_epochs` is 0)."""
     knn = config.knn
@@ -166,14 +206,14 @@ def knn_monitor_from_config(config) -> KnnMonitor | None:
 
 
 def default_callbacks(config, workdir, views, enabled: bool = True) -> list[keras.callbacks.Callback]:
-    """What `bt_keras.train` attaches: kNN monitor (if configured), C picture, then the logger (last, so it sees
-    the others' additions to the logs). Empty on non-chief workers."""
+    """What `bt_keras.train` attaches: kNN and online-probe monitors (if configured), C picture, then the logger
+    (last, so it sees the others' additions to the logs). Empty on non-chief workers."""
     if not enabled:
         return []
     fixed = data.pretrain_dataset(config.dataset, global_batch_size=min(config.batch_size, 256), views=views,
                                   data_dir=config.data_dir, download=config.download, split=config.split,
                                   seed=config.seed + 1, repeat=False, cache=False, shuffle_buffer=1024)
-    result = [knn_monitor_from_config(config),
+    result = [knn_monitor_from_config(config), online_probe_monitor_from_config(config),
               CrossCorrelationPicture(next(iter(fixed)), workdir, every_epochs=config.picture_every_epochs),
               MetricsLogger(workdir, every_steps=config.log_every_steps)]
     return [cb for cb in result if cb is not None]

@@ -49,12 +49,15 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Networks.
     c.backbone = "resnet18"  # bt_keras.backbones registry
-    c.stem = "cifar"  # "imagenet" (7x7/2 + max-pool) or "cifar" (3x3/1)
+    c.stem = "cifar"  # "imagenet" (7x7/2 + max-pool), "cifar" (3x3/1) or "cifar_pad2" (3x3/1, padding 2: solo-learn)
     c.width_multiplier = 1.0
     c.blocks = ml_collections.FieldReference(None, field_type=tuple)  # override blocks per stage (small demos)
+    c.zero_init_residual = True  # last BN gamma of each residual branch starts at 0 (official; torchvision: False)
     c.synchronized_bn = True  # global-batch BN: N replicas == 1 device
     c.projector = "2048-2048-2048"
+    c.projector_bias = False  # Dense layers of the projector without bias (official); solo-learn's have one
     c.lambd = 0.0051
+    c.scale_loss = 1.0  # the loss optimised is scale_loss * (on + lambd * off) (solo-learn's CIFAR recipe: 0.1)
 
     # Optimisation (LARS + warm-up/cosine, bt_keras.optim).
     c.batch_size = 256  # GLOBAL batch, split over replicas
@@ -69,6 +72,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 1.5e-6
     c.optimizer.warmup_epochs = 10.0
     c.optimizer.end_lr_scale = 0.001
+    c.optimizer.warmup_start_lr = 0.0  # the warm-up's first learning rate (solo-learn: 3e-5)
+    c.optimizer.inclusive_warmup = False  # True: base lr at the warm-up's last step (solo-learn's scheduler)
+    c.optimizer.trust_ratio = "official"  # or "solo_learn": eta ||w|| / (||g|| + wd ||w|| + epsilon) (bt_keras.optim)
+    c.optimizer.clip_lr = False  # min(trust ratio / lr, 1) (solo-learn)
+    c.optimizer.epsilon = 1e-8  # the "solo_learn" ratio's epsilon
+    # R: the GPUs of the run whose hyperparameters the recipe states. The official code applies 1/R of the true
+    # gradient; the builder takes the same step with weight_decay x R and lr_biases / R (optim.reference_hyperparameters).
+    c.optimizer.reference_replicas = 1
+
+    # Online linear probe (bt_keras.probe): a linear classifier on the encoder's stop-gradient features, trained
+    # during pre-training with its own optimizer, logged as online_top1; off when the dataset has no labels.
+    c.online_probe = ml_collections.ConfigDict()
+    c.online_probe.enabled = False
+    c.online_probe.optimizer = "sgd"  # "sgd" (momentum SGD) or "lars" (the main LARS rule: solo-learn's param group)
+    c.online_probe.lr = 0.1  # base lr, x batch/256 if optimizer.scale_by_batch; the main schedule's shape
+    c.online_probe.momentum = 0.9
+    c.online_probe.weight_decay = 0.0
+    c.online_probe.eval_every_epochs = 0  # >0: its top-1 on eval_split (online_val_top1), as solo-learn reports
+    c.online_probe.eval_split = "test"
+    c.online_probe.eval_examples = 0  # 0: the whole split
     c.jit_compile = False
     c.fast_paths = True  # False: the plain formulation everywhere (bt_keras.fast_paths), to bisect a numerics question
     c.seed = 0

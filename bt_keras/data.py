@@ -340,8 +340,11 @@ def default_views(name: str, data_dir=None) -> tuple[augment.ViewConfig, augment
 
 def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bool = False, seed=None,
                  shuffle_buffer: int = 10_000, cache: bool = False, repeat: bool = True,
-                 start_batch: int = 0) -> tf.data.Dataset:
+                 start_batch: int = 0, labels: bool = False) -> tf.data.Dataset:
     """(view1, view2) float32 batches from a dataset of single images, drop_remainder=True.
+
+    ``labels=True``: the elements of ``images`` are (image, label) pairs and the batches are
+    (view1, view2, labels int32) for the online probe; the views are the same as without labels.
 
     ``images``: uint8 [H, W, 3] of one size (batched first, then augmented a batch at a time) or,
     with ``encoded=True``, JPEG/PNG bytes of any size (decoded and cropped per image; files that
@@ -387,18 +390,23 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
     crop_key, batch_key = _fold(key, 0), _fold(key, 1)
     if encoded:  # per-image decode + random resized crop, keyed by the global image index
         def crop_pair(i, data):
+            data, label = data if labels else (data, None)
             image = _decode(data)
-            return tuple(augment.random_resized_crop(image, v.crop_size, v.crop_scale, v.crop_ratio, s, v.flip_prob)
-                         for v, s in zip(views, _split_pair(_fold(crop_key, i))))
+            crops = tuple(augment.random_resized_crop(image, v.crop_size, v.crop_scale, v.crop_ratio, s, v.flip_prob)
+                          for v, s in zip(views, _split_pair(_fold(crop_key, i))))
+            return crops if label is None else crops + (label,)
 
         ds = (ds.unbatch().enumerate(start=start_batch * batch_size).map(crop_pair, num_parallel_calls=AUTOTUNE)
               .ignore_errors(log_warning=True).batch(batch_size, drop_remainder=True))
 
     def augment_pair(i, batch):
         s1, s2 = _split_pair(_fold(batch_key, i))
+        batch_labels = ()
+        if labels:
+            batch, batch_labels = (batch[:2], batch[2:]) if encoded else (batch[0], batch[1:])
         batch1, batch2 = batch if encoded else (batch, batch)
         return (augment.augment_batch(batch1, view1, s1, geometric=not encoded),
-                augment.augment_batch(batch2, view2, s2, geometric=not encoded))
+                augment.augment_batch(batch2, view2, s2, geometric=not encoded)) + tuple(batch_labels)
 
     ds = ds.enumerate(start=start_batch).map(augment_pair, num_parallel_calls=AUTOTUNE)
     options = tf.data.Options()
@@ -409,8 +417,9 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
 def pretrain_dataset(name: str, *, global_batch_size: int, views=None, data_dir=None, download: bool = False,
                      split: str = "train", shuffle_buffer: int = 10_000, seed: int | None = None,
                      input_context: tf.distribute.InputContext | None = None, cache="auto",
-                     repeat: bool = True, start_batch: int = 0) -> tf.data.Dataset:
-    """(view1, view2) float32 batches for Barlow Twins pretraining (labels dropped).
+                     repeat: bool = True, start_batch: int = 0, labels: bool = False) -> tf.data.Dataset:
+    """(view1, view2) float32 batches for Barlow Twins pretraining (labels dropped), or with ``labels=True``
+    (view1, view2, labels int32) for the online probe (-1 where the dataset has no label), the same views.
 
     With ``input_context`` (``strategy.distribute_datasets_from_function``) each input pipeline
     reads its own 1/num_input_pipelines shard and yields per-replica batches. ``views`` defaults to
@@ -424,10 +433,10 @@ def pretrain_dataset(name: str, *, global_batch_size: int, views=None, data_dir=
         shard = (input_context.num_input_pipelines, input_context.input_pipeline_id)
         batch_size = input_context.get_per_replica_batch_size(global_batch_size)
     source = _open(name, split, data_dir, download, shuffle=True, seed=seed, shard=shard)
-    images = source.dataset.map(lambda image, label: image)
+    images = source.dataset if labels else source.dataset.map(lambda image, label: image)
     return pair_batches(images, batch_size=batch_size, views=views, encoded=source.image_shape is None,
                         seed=None if seed is None else (seed, shard[1]), shuffle_buffer=shuffle_buffer,
-                        cache=_want_cache(cache, source), repeat=repeat, start_batch=start_batch)
+                        cache=_want_cache(cache, source), repeat=repeat, start_batch=start_batch, labels=labels)
 
 
 def labelled_dataset(name: str, *, split: str, batch_size: int, image_size: int, train: bool = False,

@@ -1,7 +1,8 @@
 """The Barlow Twins projector: an MLP from a spec such as ``"8192-8192-8192"``.
 
 As in the paper (Sec. 4) and official code: every hidden layer is Linear (no bias) - BatchNorm - ReLU, and the last
-layer is a Linear without bias. BatchNorm is synchronised across replicas by default, so its statistics are those of
+layer is a Linear without bias. `use_bias=True` gives every Linear a bias, as solo-learn's projector
+(solo/methods/barlow_twins.py: `nn.Linear(...)` with PyTorch's default bias). BatchNorm is synchronised across replicas by default, so its statistics are those of
 the global batch and N replicas train exactly as one device does.
 """
 
@@ -32,6 +33,7 @@ def projector(
     *,
     synchronized_bn: bool = True,
     name: str = "projector",
+    use_bias: bool = False,
 ) -> keras.Sequential:
     """Builds the projector MLP; its input width is taken from the first call (the encoder's output).
 
@@ -40,6 +42,7 @@ def projector(
       synchronized_bn: compute BatchNorm statistics over the global batch under `tf.distribute` (exact equivalence
         with single-device training). Costs one small all-reduce per BN layer.
       name: the model's name.
+      use_bias: give every Dense layer a bias (solo-learn's projector); False as the official code.
 
     Example:
       >>> head = projector("2048-2048-2048")
@@ -50,12 +53,12 @@ def projector(
     layers = []
     for i, width in enumerate(widths[:-1]):
         layers += [
-            keras.layers.Dense(width, use_bias=False, name=f"dense_{i}"),
+            keras.layers.Dense(width, use_bias=use_bias, name=f"dense_{i}"),
             # momentum / epsilon as torch's BatchNorm1d defaults (0.1 update rate, 1e-5).
             BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=synchronized_bn, name=f"bn_{i}"),
             keras.layers.ReLU(name=f"relu_{i}"),
         ]
-    layers.append(keras.layers.Dense(widths[-1], use_bias=False, name=f"dense_{len(widths) - 1}"))
+    layers.append(keras.layers.Dense(widths[-1], use_bias=use_bias, name=f"dense_{len(widths) - 1}"))
     return keras.Sequential(layers, name=name)
 
 

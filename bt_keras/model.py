@@ -7,7 +7,10 @@ The story of one step (paper, Algorithm 1):
      own forward pass, so BatchNorm statistics are per view as in the official code;
   3. `barlow_twins_loss` normalises each embedding along the GLOBAL batch and pushes their cross-correlation matrix
      towards the identity;
-  4. the optimizer (LARS in the paper's recipe) applies the true gradient of that global loss.
+  4. the optimizer (LARS in the paper's recipe) applies the true gradient of that global loss;
+  5. optionally, an online linear probe (`bt_keras.probe.OnlineProbe`) learns the labels from the encoder's features
+     with the gradient stopped, with its own optimizer (batches `(view1, view2, labels)`); it never changes the
+     encoder.
 
 Exactness under `tf.distribute`. Each replica computes the same global loss L, thanks to differentiable
 all-reduces of the statistics and of C. Differentiating L on one replica gives R times that replica's share of the
@@ -25,19 +28,27 @@ import tensorflow as tf
 
 from bt_keras import heads, losses
 from bt_keras.distribute import check_global_batch
+from bt_keras.probe import OnlineProbe
 
 
 def _views(data):
     """Accepts `(view1, view2)`, `[view1, view2]`, `{"view1": ..., "view2": ...}` or `((view1, view2),)`."""
+    view1, view2, _ = _batch(data)
+    return view1, view2
+
+
+def _batch(data):
+    """(view1, view2, labels or None): `_views`' forms, plus `(view1, view2, labels)` and a dict with "labels"."""
     if isinstance(data, dict):
-        if set(data) != {"view1", "view2"}:
-            raise ValueError(f"BarlowTwins: a dict batch needs exactly the keys 'view1' and 'view2', got {sorted(data)}.")
-        return data["view1"], data["view2"]
+        if set(data) not in ({"view1", "view2"}, {"view1", "view2", "labels"}):
+            raise ValueError(f"BarlowTwins: a dict batch needs exactly the keys 'view1' and 'view2' (and optionally "
+                             f"'labels'), got {sorted(data)}.")
+        return data["view1"], data["view2"], data.get("labels")
     if isinstance(data, (tuple, list)):
         if len(data) == 1:
-            return _views(data[0])
-        if len(data) == 2 and not isinstance(data[0], (tuple, list, dict)):
-            return data[0], data[1]
+            return _batch(data[0])
+        if len(data) in (2, 3) and not isinstance(data[0], (tuple, list, dict)):
+            return data[0], data[1], (data[2] if len(data) == 3 else None)
     raise ValueError(
         "BarlowTwins: each batch must be a pair of augmented views (view1, view2) of the same images, "
         f"got {type(data).__name__}. Build one with bt_keras.data.pretrain_dataset or bt_keras.augment.TwoViews."
@@ -73,10 +84,16 @@ class BarlowTwins(keras.Model):
       projector: any Keras model mapping features to the embedding whose cross-correlation is optimised (e.g.
         `bt_keras.heads.projector("8192-8192-8192")`).
       lambd: weight of the off-diagonal (redundancy-reduction) term, 0.0051 in the official code.
+      scale_loss: the loss optimised is `scale_loss * (on_diagonal + lambd * off_diagonal)`; 1 officially, 0.1 in
+        solo-learn's CIFAR recipe (solo/losses/barlow.py, `scale_loss` in scripts/pretrain/cifar/barlow.yaml).
+      online_probe: an optional `bt_keras.probe.OnlineProbe`, trained on the encoder's stop-gradient features when
+        the batches carry labels.
 
-    Data: `fit` takes batches of view pairs `(view1, view2)`, float images normalised per channel.
-    Metrics: `loss`, `on_diagonal` (sum_i (1 - C_ii)^2), `off_diagonal` (sum_{i!=j} C_ij^2, unweighted) and
-    `embedding_std` (collapse signal: ~1/sqrt(features) when healthy, 0 when collapsed), all over the global batch.
+    Data: `fit` takes batches of view pairs `(view1, view2)`, float images normalised per channel, or
+    `(view1, view2, labels)` for the online probe (labels < 0: unlabelled).
+    Metrics: `loss` (scaled by `scale_loss`), `on_diagonal` (sum_i (1 - C_ii)^2), `off_diagonal` (sum_{i!=j} C_ij^2,
+    unweighted) and `embedding_std` (collapse signal: ~1/sqrt(features) when healthy, 0 when collapsed), all over the
+    global batch; with a probe and labels, `online_loss` and `online_top1` as well.
     `model(images)` returns the encoder's features.
 
     Example:
@@ -85,16 +102,24 @@ class BarlowTwins(keras.Model):
       >>> model.fit(data.pretrain_dataset("tfds:cifar10", global_batch_size=256, views=augment.cifar_views()), ...)
     """
 
-    def __init__(self, encoder: keras.Model, projector: keras.Model, lambd: float = losses.DEFAULT_LAMBDA, **kwargs):
+    def __init__(self, encoder: keras.Model, projector: keras.Model, lambd: float = losses.DEFAULT_LAMBDA,
+                 scale_loss: float = 1.0, online_probe: OnlineProbe | None = None, **kwargs):
         super().__init__(**kwargs)
         if lambd < 0:
             raise ValueError(f"BarlowTwins: lambd must be >= 0, got {lambd}.")
+        if not scale_loss > 0:
+            raise ValueError(f"BarlowTwins: scale_loss must be > 0, got {scale_loss}.")
+        if online_probe is not None and not isinstance(online_probe, OnlineProbe):
+            raise ValueError(f"BarlowTwins: online_probe must be a bt_keras.probe.OnlineProbe, got "
+                             f"{type(online_probe).__name__}.")
         self.encoder = encoder
         self.projector = projector
         self.lambd = float(lambd)
-        self._trackers = {
-            name: keras.metrics.Mean(name=name) for name in ("loss", "on_diagonal", "off_diagonal", "embedding_std")
-        }
+        self.scale_loss = float(scale_loss)
+        self.online_probe = online_probe
+        names = ("loss", "on_diagonal", "off_diagonal", "embedding_std")
+        names += ("online_loss", "online_top1") if online_probe is not None else ()
+        self._trackers = {name: keras.metrics.Mean(name=name) for name in names}
         if getattr(encoder, "inputs", None):  # a functional encoder knows its input: build now, so saving is complete.
             self.build(encoder.inputs[0].shape)
 
@@ -110,17 +135,38 @@ class BarlowTwins(keras.Model):
         features = self.encoder.compute_output_shape(input_shape)
         if not self.projector.built:
             self.projector.build(features)
+        if self.online_probe is not None and not self.online_probe.built:
+            self.online_probe.build(features)
         self.built = True
 
+    def compile_from_config(self, config):
+        """As Keras's (compile a loaded model), with the optimizer built on `pretrain_variables`, the variables it
+        was trained on (the online probe has its own optimizer), so that its saved state loads."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.optimizer.build(self.pretrain_variables)
+
+    @property
+    def pretrain_variables(self) -> list:
+        """The variables the Barlow Twins loss trains: `trainable_variables` without the online probe's (same order)."""
+        if self.online_probe is None:
+            return self.trainable_variables
+        probe = {id(v) for v in self.online_probe.trainable_variables}
+        return [v for v in self.trainable_variables if id(v) not in probe]
+
     def compute_loss_terms(self, view1, view2, training: bool = True) -> dict:
-        """Loss terms (see `losses.barlow_twins_loss`) plus `embedding_std`, over the global batch."""
+        """Loss terms (see `losses.barlow_twins_loss`; `loss` times `scale_loss`) plus `embedding_std`, over the
+        global batch, and `features`: the encoder's features of the two views (for the online probe)."""
         _check_views(view1, view2)
         features1 = self.encoder(view1, training=training)
         features2 = self.encoder(view2, training=training)
         # Same maths as projector(features1), projector(features2); each Dense layer reads its kernel once.
         z1, z2 = heads.project_views(self.projector, features1, features2, training=training)
         terms = losses.barlow_twins_loss(z1, z2, self.lambd)
+        if self.scale_loss != 1.0:
+            terms["loss"] = terms["loss"] * self.scale_loss
         terms["embedding_std"] = tf.stop_gradient(losses.embedding_std(features1))
+        terms["features"] = (features1, features2)
         return terms
 
     def compute_gradients(self, view1, view2):
@@ -135,22 +181,29 @@ class BarlowTwins(keras.Model):
             objective = terms["loss"] / replicas  # Keras sums the replicas' gradients: see the module docstring.
             if self.optimizer is not None:
                 objective = self.optimizer.scale_loss(objective)
-        return tape.gradient(objective, self.trainable_variables), terms
+        return tape.gradient(objective, self.pretrain_variables), terms
 
     def train_step(self, data):
-        view1, view2 = _views(data)
+        view1, view2, labels = _batch(data)
         gradients, terms = self.compute_gradients(view1, view2)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        self.optimizer.apply_gradients(zip(gradients, self.pretrain_variables))
+        if self.online_probe is not None and labels is not None:  # from the features before this update
+            terms.update(self.online_probe.train_step(terms["features"], labels))
         return self._update_metrics(terms)
 
     def test_step(self, data):
-        view1, view2 = _views(data)
-        return self._update_metrics(self.compute_loss_terms(view1, view2, training=False))
+        view1, view2, labels = _batch(data)
+        terms = self.compute_loss_terms(view1, view2, training=False)
+        if self.online_probe is not None and labels is not None:
+            terms.update(self.online_probe.test_terms(terms["features"], labels))
+        return self._update_metrics(terms)
 
     def _update_metrics(self, terms):
-        for name, tracker in self._trackers.items():
+        """Updates the trackers of the terms present (the probe's only with labels) and returns their results."""
+        trackers = {name: tracker for name, tracker in self._trackers.items() if name in terms}
+        for name, tracker in trackers.items():
             tracker.update_state(terms[name])
-        return {name: tracker.result() for name, tracker in self._trackers.items()}
+        return {name: tracker.result() for name, tracker in trackers.items()}
 
     def fit(self, x=None, y=None, batch_size=None, **kwargs):
         """`keras.Model.fit`, after checking that the global batch splits evenly over the strategy's replicas."""
@@ -166,11 +219,15 @@ class BarlowTwins(keras.Model):
             "encoder": keras.saving.serialize_keras_object(self.encoder),
             "projector": keras.saving.serialize_keras_object(self.projector),
             "lambd": self.lambd,
+            "scale_loss": self.scale_loss,
+            "online_probe": (keras.saving.serialize_keras_object(self.online_probe)
+                             if self.online_probe is not None else None),
         }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        for key in ("encoder", "projector"):
-            config[key] = keras.saving.deserialize_keras_object(config[key], custom_objects=custom_objects)
+        for key in ("encoder", "projector", "online_probe"):
+            if config.get(key) is not None:
+                config[key] = keras.saving.deserialize_keras_object(config[key], custom_objects=custom_objects)
         return cls(**config)

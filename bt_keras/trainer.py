@@ -65,7 +65,7 @@ class Trainer:
             self.model = builders.build_model(config)
             self.model.compile(optimizer=builders.build_optimizer(config, self.steps_per_epoch),
                                jit_compile=bool(config.jit_compile))
-            self.model.optimizer.build(self.model.trainable_variables)
+            self.model.optimizer.build(self.model.pretrain_variables)  # not the online probe's (it has its own)
 
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
         # Non-chief workers must take part in saving (it is collective) but write to a scratch folder.
@@ -93,6 +93,7 @@ class Trainer:
             c.dataset, global_batch_size=c.batch_size, views=self.views, data_dir=c.data_dir, download=c.download,
             split=c.split, shuffle_buffer=c.shuffle_buffer, seed=c.seed, input_context=input_context,
             start_batch=self.start_step * replicas_per_pipeline,
+            labels=self.model.online_probe is not None,  # (view1, view2, labels) for the online probe
         )
 
     def _make_step_fn(self):

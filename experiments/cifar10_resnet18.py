@@ -1,5 +1,7 @@
-"""CIFAR-10 with ResNet-18: the small-data recipe (solo-learn's published Barlow Twins config, 92.1% linear after
-1000 epochs; ../shared/DESIGN.md section 1).
+"""CIFAR-10 with ResNet-18: our first small-data recipe, solo-learn's hyperparameters (LARS lr 0.3, eta 0.02, weight
+decay 1e-4, batch 256) on the official code's method (LARS's official form with a separate bias/BN learning rate,
+zero-initialised residual branches, projector without biases, unscaled loss). It is NOT solo-learn's run: for that
+(the published 92.1%), use experiments/cifar10_sololearn.py. Kept for the budget comparison in RESULTS.md.
 
     python -m bt_keras.train --config=experiments/cifar10_resnet18.py --data_dir=../shared/tfds --workdir=runs/cifar10
 """

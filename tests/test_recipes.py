@@ -1,0 +1,227 @@
+"""Recipes reproduce what they cite: solo-learn's CIFAR recipe field by field and as built (LARS rule, schedule, loss
+scale, network), and the ImageNet recipe's published hyperparameters converted to our true gradient by the builder."""
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bt_keras import builders, data, losses
+from bt_keras.optim import LARS
+from bt_keras.probe import OnlineProbe
+from tests.test_lars_forms import numpy_solo_lars
+from tests.test_optim import numpy_lars
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def recipe(name):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+# (field, value, where solo-learn sets it) -- vturrisi/solo-learn at 9187ea3
+SOLO_LEARN = [
+    ("dataset", "tfds:cifar10", "scripts/pretrain/cifar/barlow.yaml data.dataset"),
+    ("backbone", "resnet18", "barlow.yaml backbone.name"),
+    ("stem", "cifar_pad2", "solo/methods/base.py: Conv2d(3, 64, 3, stride=1, padding=2), maxpool Identity"),
+    ("zero_init_residual", False, "torchvision resnet18() default"),
+    ("projector", "2048-2048-2048", "barlow.yaml proj_hidden_dim / proj_output_dim"),
+    ("projector_bias", True, "solo/methods/barlow_twins.py nn.Linear"),
+    ("lambd", 0.0051, "solo/methods/barlow_twins.py default lamb"),
+    ("scale_loss", 0.1, "barlow.yaml method_kwargs.scale_loss"),
+    ("batch_size", 256, "barlow.yaml optimizer.batch_size"),
+    ("epochs", 1000, "barlow.yaml max_epochs"),
+    ("optimizer.lr_weights", 0.3, "barlow.yaml optimizer.lr"),
+    ("optimizer.lr_biases", 0.3, "one lr for every parameter group"),
+    ("optimizer.scale_by_batch", False, "x 256 * 1 GPU / 256 = 1 (solo/args/pretrain.py)"),
+    ("optimizer.momentum", 0.9, "solo/args/pretrain.py default"),
+    ("optimizer.weight_decay", 1e-4, "barlow.yaml optimizer.weight_decay"),
+    ("optimizer.eta", 0.02, "barlow.yaml optimizer.kwargs.eta"),
+    ("optimizer.trust_ratio", "solo_learn", "solo/utils/lars.py"),
+    ("optimizer.clip_lr", True, "barlow.yaml optimizer.kwargs.clip_lr"),
+    ("optimizer.epsilon", 1e-8, "solo/utils/lars.py eps"),
+    ("optimizer.warmup_epochs", 10, "solo/methods/base.py warmup_epochs default"),
+    ("optimizer.warmup_start_lr", 3e-5, "solo/methods/base.py warmup_start_lr default"),
+    ("optimizer.inclusive_warmup", True, "solo/utils/lr_scheduler.py"),
+    ("optimizer.end_lr_scale", 0.0, "solo/methods/base.py min_lr default"),
+    ("optimizer.reference_replicas", 1, "barlow.yaml devices: [0]"),
+    ("online_probe.enabled", True, "solo/methods/base.py classifier"),
+    ("online_probe.optimizer", "lars", "the classifier is a parameter group of the same LARS"),
+    ("online_probe.lr", 0.1, "barlow.yaml optimizer.classifier_lr"),
+    ("online_probe.weight_decay", 0.0, "solo/methods/base.py learnable_params"),
+]
+
+
+@pytest.mark.parametrize("field, value, source", SOLO_LEARN, ids=[f for f, _, _ in SOLO_LEARN])
+def test_sololearn_recipe_has_solo_learns_value(field, value, source):
+    config = recipe("cifar10_sololearn")
+    got = config
+    for part in field.split("."):
+        got = got[part]
+    assert got == value, source
+
+
+def test_sololearn_views_are_solo_learns():
+    config = recipe("cifar10_sololearn")
+    for view, solarize in ((config.view1, 0.0), (config.view2, 0.2)):  # scripts/pretrain/cifar/augmentations/asym..
+        assert tuple(view.crop_scale) == (0.08, 1.0) and view.flip_prob == 0.5 and view.grayscale_prob == 0.2
+        assert (view.jitter_prob, view.brightness, view.contrast, view.saturation, view.hue) == (0.8, 0.4, 0.4, 0.2, 0.1)
+        assert view.blur_prob == 0.0 and view.solarize_prob == solarize
+
+
+def _small(config, dataset="digits"):
+    """The recipe on a tiny network and the offline digits data, steps per epoch fixed: builders run in seconds."""
+    config.dataset = dataset
+    config.width_multiplier = 1 / 16
+    config.blocks = (1, 1)
+    config.projector = "32-32-32"
+    config.steps_per_epoch = 195
+    return config
+
+
+def test_sololearn_optimizer_as_built_takes_solo_learns_step():
+    config = recipe("cifar10_sololearn")
+    config.steps_per_epoch = 195  # 50,000 // 256, drop_last (solo/data/pretrain_dataloader.py)
+    opt = builders.build_optimizer(config, 195)
+    assert (opt.trust_ratio, opt.clip_lr, opt.eta, opt.lars_weight_decay, opt.bias_lr_scale, opt.momentum) == \
+        ("solo_learn", True, 0.02, 1e-4, 1.0, 0.9)
+    schedule = opt._learning_rate
+    assert float(schedule(0)) == pytest.approx(3e-5)  # the warm-up starts at 3e-5 ...
+    assert float(schedule(1949)) == pytest.approx(0.3)  # ... reaches 0.3 on its last step (W - 1) ...
+    assert float(schedule(195_000)) == 0.0  # ... and the cosine ends at 0
+    # One float64 step of the built optimizer against the NumPy port of solo/utils/lars.py, at the schedule's lr.
+    rng = np.random.default_rng(0)
+    initial = [rng.normal(size=(3, 3, 3, 4)), rng.normal(size=(4,))]
+    grads = [[rng.normal(size=w.shape) for w in initial]]
+    variables = [keras.Variable(w) for w in initial]
+    opt.apply_gradients([(tf.constant(g), v) for g, v in zip(grads[0], variables)])
+    lr = float(np.float32(float(schedule(0))))
+    want, branches = numpy_solo_lars(initial, grads, [lr], momentum=0.9, eta=0.02, wd=1e-4, eps=1e-8, clip_lr=True,
+                                     exclude_bias_n_norm=True)
+    assert branches[0] == ["clipped", "excluded"]  # at lr 3e-5 the ratio clips
+    for v, w in zip(variables, want):
+        np.testing.assert_allclose(v.numpy(), w, rtol=0, atol=1e-10)
+
+
+def test_sololearn_model_as_built():
+    config = _small(recipe("cifar10_sololearn"))
+    model = builders.build_model(config)
+    stem = model.encoder.get_layer("stem_conv")
+    assert stem.output.shape[1:3] == (34, 34)  # padding 2 on 32 px images
+    residual_gammas = [layer.gamma.numpy() for layer in model.encoder.layers if layer.name.endswith("_bn2")]
+    assert residual_gammas and all(np.all(g == 1.0) for g in residual_gammas)  # zero_init_residual=False
+    dense = [layer for layer in model.projector.layers if isinstance(layer, keras.layers.Dense)]
+    assert len(dense) == 3 and all(layer.use_bias for layer in dense)
+    assert model.scale_loss == 0.1 and model.lambd == 0.0051
+    probe = model.online_probe
+    assert isinstance(probe, OnlineProbe) and probe.num_classes == 10
+    assert isinstance(probe.optimizer, LARS) and probe.optimizer.trust_ratio == "solo_learn"
+    assert probe.optimizer.lars_weight_decay == 0.0 and probe.optimizer.clip_lr
+    assert float(probe.optimizer._learning_rate(1949)) == pytest.approx(0.1)
+    # The official defaults are unchanged: zero-initialised residual branches, no projector biases, no probe.
+    default = builders.build_model(_small(recipe("cifar10_resnet18")))
+    assert all(np.all(layer.gamma.numpy() == 0.0) for layer in default.encoder.layers if layer.name.endswith("_bn2"))
+    assert not any(layer.use_bias for layer in default.projector.layers if isinstance(layer, keras.layers.Dense))
+    assert default.online_probe is None and default.scale_loss == 1.0
+    assert default.encoder.get_layer("stem_conv").output.shape[1:3] == (32, 32)
+
+
+def numpy_solo_learn_loss(z1, z2, lamb, scale_loss):
+    """solo/losses/barlow.py's barlow_loss_func on one device, float64, from its formulas."""
+    def bn(z):  # BatchNorm1d(affine=False) in training mode: batch mean, biased variance, eps 1e-5
+        return (z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5)
+
+    corr = bn(z1).T @ bn(z2) / z1.shape[0]
+    cdif = (corr - np.eye(corr.shape[0])) ** 2
+    off = ~np.eye(corr.shape[0], dtype=bool)
+    cdif[off] *= lamb
+    return scale_loss * cdif.sum()
+
+
+def test_scaled_loss_equals_solo_learns_loss_and_scales_the_gradient():
+    config = _small(recipe("cifar10_sololearn"))
+    config.online_probe.enabled = False
+    keras.config.set_dtype_policy("float64")
+    try:
+        keras.utils.set_random_seed(0)
+        scaled = builders.build_model(config)
+        config.scale_loss = 1.0
+        unscaled = builders.build_model(config)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    unscaled.set_weights(scaled.get_weights())
+    rng = np.random.default_rng(0)
+    v1, v2 = (tf.constant(rng.normal(size=(16, 32, 32, 3))) for _ in range(2))
+    terms = scaled.compute_loss_terms(v1, v2, training=False)
+    z1 = scaled.projector(scaled.encoder(v1, training=False), training=False).numpy()
+    z2 = scaled.projector(scaled.encoder(v2, training=False), training=False).numpy()
+    want = numpy_solo_learn_loss(z1, z2, 0.0051, 0.1)
+    assert float(terms["loss"]) == pytest.approx(want, rel=1e-10)
+    assert float(terms["loss"]) == pytest.approx(0.1 * float(losses.reference_loss(z1, z2, 0.0051)["loss"]), rel=1e-10)
+    for model in (scaled, unscaled):
+        model.compile(optimizer=LARS(0.1))
+    grads_scaled, _ = scaled.compute_gradients(v1, v2)
+    grads_unscaled, _ = unscaled.compute_gradients(v1, v2)
+    scale = max(float(np.abs(g.numpy()).max()) for g in grads_unscaled)
+    for a, b in zip(grads_scaled, grads_unscaled):  # (biases before a BN have a zero gradient, up to round-off)
+        np.testing.assert_allclose(a.numpy(), 0.1 * b.numpy(), rtol=1e-9, atol=1e-12 * scale)
+
+
+def test_imagenet_recipe_takes_the_official_16_gpu_step(caplog):
+    """The builder turns the published (wd, lr_b) into (16 wd, lr_b / 16), logs it, and the built LARS's float64 step
+    with the true gradient g equals the official step with g / 16 and the published values."""
+    config = recipe("imagenet_resnet50")
+    assert config.optimizer.reference_replicas == 16
+    config.optimizer.warmup_epochs = 0  # so that step 0 has a learning rate
+    with caplog.at_level(logging.INFO, logger="absl"):
+        opt = builders.build_optimizer(config, steps_per_epoch=10)
+    assert "16-GPU" in caplog.text and "2.4e-05" in caplog.text
+    assert opt.lars_weight_decay == pytest.approx(16 * 1.5e-6)
+    assert opt.bias_lr_scale == pytest.approx(0.0048 / 16 / 0.2)
+    rng = np.random.default_rng(0)
+    initial = [rng.normal(size=(3, 3, 4, 6)), rng.normal(size=(8, 5)), rng.normal(size=(6,))]
+    grads = [rng.normal(size=w.shape) for w in initial]
+    variables = [keras.Variable(w) for w in initial]
+    lr = float(np.float32(float(opt.learning_rate)))
+    opt.apply_gradients([(tf.constant(g), v) for g, v in zip(grads, variables)])
+    official = numpy_lars(initial, [[g / 16 for g in grads]], lr=lr, momentum=0.9, eta=0.001, wd=1.5e-6,
+                          bias_lr_scale=0.0048 / 0.2)
+    for v, w in zip(variables, official):
+        np.testing.assert_allclose(v.numpy(), w, rtol=0, atol=1e-12)
+
+
+def test_reference_replicas_refuses_the_solo_learn_form():
+    config = recipe("cifar10_sololearn")
+    config.optimizer.reference_replicas = 4
+    with pytest.raises(ValueError, match="reference_replicas=4 converts the official LARS form only"):
+        builders.build_optimizer(config, steps_per_epoch=10)
+
+
+def test_old_cifar_recipe_keeps_the_official_form():
+    config = recipe("cifar10_resnet18")
+    opt = builders.build_optimizer(config, steps_per_epoch=195)
+    assert (opt.trust_ratio, opt.clip_lr) == ("official", False)
+    assert opt.bias_lr_scale == pytest.approx(0.0048 / 0.2) and opt.lars_weight_decay == 1e-4
+    assert float(opt._learning_rate(0)) == 0.0
+
+
+def test_online_probe_is_off_when_the_dataset_has_no_labels(monkeypatch, caplog):
+    config = _small(recipe("cifar10_sololearn"))
+    real = data.dataset_info
+
+    def unlabelled(*args, **kwargs):
+        info = real(*args, **kwargs)
+        return data.DatasetInfo(info.name, 0, info.image_shape, info.splits, info.mean, info.std)
+
+    monkeypatch.setattr(builders.data, "dataset_info", unlabelled)
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        assert builders.online_probe_classes(config) == 0
+        model = builders.build_model(config)
+    assert model.online_probe is None and "Online probe off" in caplog.text

@@ -133,7 +133,9 @@ def _parse_flags(argv):
         missing = found.group(0) if found else str(error)
         overrides = [a for a in argv[1:] if a.startswith("--config.")]
         culprit = next((a for a in overrides if re.search(rf"[.]{re.escape(missing)}(=|[.]|$)", a.split("=", 1)[0])),
-                       overrides[0] if overrides else f"--config.{missing}")
+                       None)
+        if culprit is None:  # not an override of ours: a bug in the recipe itself, shown as it is
+            raise
         field = culprit.split("=", 1)[0][len("--config."):]
         close = difflib.get_close_matches(field, _config_fields(argv), n=3)
         hint = f" Did you mean {' or '.join('--config.' + c for c in close)}?" if close else ""
@@ -152,6 +154,15 @@ def run():
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"ERROR: {error}", file=sys.stderr)
         sys.exit(2)
+    except Exception as error:
+        from bt_keras import io
+
+        if io.is_disk_full(error):  # outside the loop (which says more): e.g. while repairing the checkpoint folder
+            detail = " ".join(str(error).split())[:200]
+            print(f"ERROR: No space left on the disk of --workdir={_WORKDIR.value} ({detail}). Free space there and "
+                  "run the same command again.", file=sys.stderr)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

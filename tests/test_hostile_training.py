@@ -26,7 +26,7 @@ import bt_keras  # noqa: F401  (registers the classes saved models need)
 from bt_keras import artifacts, checkpoints, io, preflight, resume, workdir_lock
 from bt_keras.trainer import DiskFullError, Trainer
 from bt_keras.workdir_lock import WorkdirLock, WorkdirLockedError
-from tests.test_train import REPO, run_cli, tiny_config, train_command
+from tests.test_train import REPO, _free_ports, run_cli, tiny_config, train_command
 
 PROBES = REPO / "tests" / "probes"
 STRATEGY = tf.distribute.get_strategy()
@@ -268,6 +268,12 @@ def test_evaluating_a_checkpoint_with_a_disagreeing_config_fails(run_copy, field
     assert expected in str(raised.value) and "config.json" in str(raised.value)
 
 
+def test_evaluating_a_corrupt_checkpoint_names_it(run_copy):
+    _flip_a_byte(run_copy / "checkpoints")
+    with pytest.raises(checkpoints.CorruptCheckpointError, match="ckpt-6 could not be read.*Checksum does not match"):
+        artifacts.open_encoder(run_copy / "checkpoints" / "ckpt-6")
+
+
 def test_evaluating_a_checkpoint_restores_every_encoder_variable(run_copy):
     # The projector is not part of the encoder: a config.json that disagrees only there still gives the encoder,
     # with exactly the weights the run saved at step 6 (its encoder.keras, written by Keras, is the reference).
@@ -357,6 +363,34 @@ def test_without_flock_a_dead_holder_is_stale_and_a_live_one_is_not(tmp_path, mo
         live.wait()
 
 
+@pytest.mark.slow
+def test_multi_worker_run_shares_its_workdir_and_still_keeps_others_out(tmp_path):
+    """Two workers of one run share the workdir (only the chief locks it); a third trainer is kept out."""
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": tf_config}
+        processes.append(subprocess.Popen(train_command(tmp_path, "--strategy=multi_worker", epochs=2, steps=6),
+                                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / artifacts.LOCK_FILE).exists() and time.time() < deadline:
+            time.sleep(0.1)
+        holder = json.loads((tmp_path / artifacts.LOCK_FILE).read_text())
+        intruder = run_cli(train_command(tmp_path), timeout=120)
+        outputs = [p.communicate(timeout=300) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+        assert "Finished at step 12" in out
+    assert holder["pid"] == processes[0].pid  # the chief (worker 0) holds the lock, worker 1 does not need it
+    assert intruder.returncode == 2 and f"pid {processes[0].pid}" in last_error_line(intruder.stderr)
+    assert not (tmp_path / artifacts.LOCK_FILE).exists()
+
+
 def test_two_trainers_started_together_one_runs_one_stops(tmp_path):
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     processes = [subprocess.Popen(train_command(tmp_path, epochs=1, steps=6), cwd=REPO, env=environment,
@@ -415,6 +449,7 @@ def test_a_small_image_size_trains(tmp_path):
         t = trainer(tmp_path / f"s{size}", image_size=size, epochs=1, steps_per_epoch=1)
         logs = t.run()
         assert np.isfinite(logs["loss"]) and t.step == 1
+        assert t._step_fn.experimental_get_tracing_count() == 1  # the trace before ckpt-0 is the one that runs
 
 
 def test_cli_image_size_0_is_one_line_exit_2_and_writes_nothing(tmp_path):

@@ -9,6 +9,9 @@ A training workdir (written by `bt_keras.train`):
       encoder.json             its metadata: backbone, image_size, mean, std, dataset, step, feature_dim
       barlow_twins.keras       encoder + projector (for exports that serve the projection)
       metrics.jsonl, tensorboard/, cross_correlation.png
+      config_changes.jsonl     what changed in the config between starts of the run (bt_keras.resume)
+      train.lock               while a trainer runs: its host and pid (bt_keras.workdir_lock)
+      checkpoints/unusable/    corrupt or orphan checkpoint files moved aside on resume (never deleted)
 
 A SavedModel export (written by `bt_keras.serving.savedmodel`): `<export_dir>/<version>/saved_model.pb`, `variables/`
 and `assets.extra/` (`bt_keras.json`: what was exported and how inputs are preprocessed; the warm-up requests).
@@ -34,7 +37,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from bt_keras import builders, io
+from bt_keras import builders, checkpoints, io
 from bt_keras.model import BarlowTwins
 
 # A training workdir.
@@ -46,6 +49,9 @@ MODEL_FILE = "barlow_twins.keras"  # encoder + projector
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CORRELATION_PICTURE = "cross_correlation.png"
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
+LOCK_FILE = "train.lock"
+UNUSABLE_CHECKPOINTS = "unusable"  # inside checkpoints/
 
 # A SavedModel export version folder.
 ASSETS_EXTRA = "assets.extra"
@@ -241,7 +247,10 @@ def _encoder_from_checkpoint(prefix: Path) -> tuple[keras.Model, dict]:
                                 "checkpoint is read with the recipe of the run that wrote it.")
     config = ml_collections.ConfigDict(io.read_json(config_path, "The run's config"))
     model = builders.build_model(config)
-    tf.train.Checkpoint(model=model).read(str(prefix)).expect_partial()
+    # Every encoder variable must come from the checkpoint (optimizer state and projector are not needed).
+    checkpoints.restore_encoder(model.encoder, prefix, fix=f"{config_path} must be the config of the run that wrote "
+                                "this checkpoint; restore it (see config_changes.jsonl beside it) or evaluate the "
+                                f"run's {ENCODER_FILE} instead.")
     views = builders.views_from_config(config)
     step = prefix.name.rsplit("-", 1)[-1]
     return model.encoder, {"backbone": config.backbone, "image_size": config.image_size, "mean": list(views[0].mean),

@@ -46,3 +46,20 @@ def read_json(path: str | os.PathLike, what: str = "file"):
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{what} {path} is not valid JSON ({error}); restore it or remove it.") from None
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) says the disk or quota is full: OSError ENOSPC/EDQUOT, or a TensorFlow
+    error whose message carries the OS's words (TF reports a full disk on save as ResourceExhaustedError, a name
+    it also uses for running out of memory, so the type alone does not tell)."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(error) for words in ("No space left on device", "Disk quota exceeded")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

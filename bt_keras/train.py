@@ -12,11 +12,17 @@ Flags:
   --seed            overrides config.seed
   --callbacks       extra Keras callbacks, as MODULE:NAME of a callable returning a callback or a list of them
                     (e.g. keras.callbacks:TerminateOnNaN, or my_callbacks:early_stopping); repeatable
+  --allow_config_change  resume although the config changes the model, the optimisation or the data stream
+                    (otherwise an error lists the changed fields; changes are recorded in config_changes.jsonl)
+
+Exit codes: 0 done, 2 a mistake in the flags, config, data or workdir (or a full disk), 3 the loss went non-finite.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -35,6 +41,8 @@ _XLA = flags.DEFINE_bool("xla", False, "Compile the train step with XLA.")
 _SEED = flags.DEFINE_integer("seed", None, "Random seed (overrides config.seed).")
 _CALLBACKS = flags.DEFINE_multi_string("callbacks", [], "Extra Keras callbacks: MODULE:NAME of a callable that returns "
                                        "a callback or a list of them (called with no arguments).")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changes fields "
+                                         "the checkpoint depends on (model, optimisation, data stream).")
 
 
 def load_callbacks(specs) -> list:
@@ -88,7 +96,7 @@ def main(argv):
     logging.info("Strategy %s with %d replica(s); global batch %d.", _STRATEGY.value,
                  strategy.num_replicas_in_sync, config.batch_size)
     extra_callbacks = load_callbacks(_CALLBACKS.value)
-    trainer = Trainer(config, _WORKDIR.value, strategy)
+    trainer = Trainer(config, _WORKDIR.value, strategy, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     try:
         logs = trainer.run(extra_callbacks)
     except NonFiniteLossError as error:
@@ -99,13 +107,62 @@ def main(argv):
     print(f"Encoder saved to {os.path.join(_WORKDIR.value, artifacts.ENCODER_FILE)}")
 
 
+def _config_fields(argv) -> list[str]:
+    """The dotted field names of the --config file's config (best effort, for suggestions; [] if it cannot load)."""
+    try:
+        import runpy
+
+        path = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+        config = runpy.run_path(path.split(":", 1)[0])["get_config"]()
+
+        def walk(tree, prefix=""):
+            for key, value in tree.items():
+                yield from walk(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+
+        return list(walk(config.to_dict()))
+    except Exception:  # noqa: BLE001  only a suggestion
+        return []
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with an unknown `--config.FIELD` or a bad flag value as one line and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as error:  # ml_collections: an override of a field the config lacks
+        found = re.search(r"[A-Za-z_][A-Za-z0-9_]*", str(error))  # ml_collections quotes the key, maybe twice
+        missing = found.group(0) if found else str(error)
+        overrides = [a for a in argv[1:] if a.startswith("--config.")]
+        culprit = next((a for a in overrides if re.search(rf"[.]{re.escape(missing)}(=|[.]|$)", a.split("=", 1)[0])),
+                       None)
+        if culprit is None:  # not an override of ours: a bug in the recipe itself, shown as it is
+            raise
+        field = culprit.split("=", 1)[0][len("--config."):]
+        close = difflib.get_close_matches(field, _config_fields(argv), n=3)
+        hint = f" Did you mean {' or '.join('--config.' + c for c in close)}?" if close else ""
+        print(f"ERROR: {culprit}: the config has no field {field!r}.{hint} The fields are those of "
+              "bt_keras/config.py (base_config) and the recipe.", file=sys.stderr)
+        sys.exit(2)
+    except flags.Error as error:
+        print(f"ERROR: {error}. Pass --helpshort to see the flags.", file=sys.stderr)
+        sys.exit(2)
+
+
 def run():
     """Entry point that turns configuration mistakes into one clear line instead of a traceback."""
     try:
-        app.run(main)
+        app.run(main, flags_parser=_parse_flags)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"ERROR: {error}", file=sys.stderr)
         sys.exit(2)
+    except Exception as error:
+        from bt_keras import io
+
+        if io.is_disk_full(error):  # outside the loop (which says more): e.g. while repairing the checkpoint folder
+            detail = " ".join(str(error).split())[:200]
+            print(f"ERROR: No space left on the disk of --workdir={_WORKDIR.value} ({detail}). Free space there and "
+                  "run the same command again.", file=sys.stderr)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

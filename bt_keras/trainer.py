@@ -7,7 +7,11 @@ the one `model.fit` users get; Keras callbacks (kNN monitor, pictures, logs) are
 
 Checkpoints (`tf.train.Checkpoint`: model, and optimizer with its step counter) are written by
 `tf.train.CheckpointManager`, which writes data files first and the `checkpoint` index last, so a kill at any
-moment leaves the previous checkpoint intact. A run started again in the same workdir resumes from the latest one.
+moment leaves the previous checkpoint intact. A run started again in the same workdir resumes from the newest
+complete checkpoint (`bt_keras.resume`: a missing or garbage index, a corrupt latest checkpoint, a changed config
+and leftovers of a kill are handled there, in the log, never by starting over), restoring every variable or failing
+(`bt_keras.checkpoints`). The chief holds `workdir/train.lock` while it runs (`bt_keras.workdir_lock`), and the
+config is checked before anything is built or written (`bt_keras.preflight`).
 The input stream is a pure function of (seed, step) (`data.pretrain_dataset(start_batch=...)`), so a resumed run
 sees exactly the batches the uninterrupted run would have: resuming is bit-exact on a deterministic device.
 """
@@ -16,8 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import keras
@@ -25,12 +31,17 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from bt_keras import artifacts, builders, callbacks, data, fast_paths, io
+from bt_keras import artifacts, builders, callbacks, checkpoints, data, fast_paths, io, preflight, resume
 from bt_keras.distribute import check_global_batch, is_chief
+from bt_keras.workdir_lock import WorkdirLock
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped without overwriting the last good checkpoint."""
+
+
+class DiskFullError(RuntimeError):
+    """The disk (or quota) holding the workdir filled up; the last complete checkpoint is kept."""
 
 
 def _check_workdir(workdir: Path) -> None:
@@ -44,19 +55,62 @@ def _check_workdir(workdir: Path) -> None:
             from error
 
 
-class Trainer:
-    """Builds everything from a config and runs pre-training in `workdir`, resuming if a checkpoint is there."""
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
-    def __init__(self, config, workdir: str | os.PathLike, strategy: tf.distribute.Strategy):
+
+class Trainer:
+    """Builds everything from a config and runs pre-training in `workdir`, resuming if a checkpoint is there.
+
+    `allow_config_change`: resume even though the config changes fields the checkpoint depends on (model,
+    optimisation, data stream; see `bt_keras.resume`); the checkpoint must still restore every variable.
+    The chief holds the workdir's lock from construction until `run()` returns or `close()` is called.
+    """
+
+    def __init__(self, config, workdir: str | os.PathLike, strategy: tf.distribute.Strategy, *,
+                 allow_config_change: bool = False):
         self.config = config
         self.workdir = Path(workdir)
         self.strategy = strategy
         self.chief = is_chief(strategy)
+        preflight.check_config(config)  # before anything is built or written
         check_global_batch(config.batch_size, strategy.num_replicas_in_sync)  # before anything is built
+        created = not self.workdir.exists()
         _check_workdir(self.workdir)
+        # Only the chief locks the workdir: the workers of a multi-worker run share it.
+        self._lock = WorkdirLock(self.workdir / artifacts.LOCK_FILE).acquire() if self.chief else None
+        if self._lock is not None:
+            weakref.finalize(self, self._lock.release)
+        try:
+            self._setup(allow_config_change)
+        except BaseException:
+            self.close()
+            if created:
+                _remove_if_empty(self.workdir)  # a failed first start leaves no empty workdir behind
+            raise
+
+    def close(self) -> None:
+        """Releases the workdir lock (`run()` does this when it returns or fails)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _setup(self, allow_config_change: bool) -> None:
+        config, strategy = self.config, self.strategy
+        # Non-chief workers must take part in saving (it is collective) but write to a scratch folder.
+        self.output_dir = self.workdir if self.chief else self.workdir / ".scratch" / f"task{self._task_id()}"
+        checkpoint_dir = self.output_dir / artifacts.CHECKPOINT_DIR
+        plan = resume.plan_resume(checkpoint_dir)  # reads only; raises rather than restart at step 0
+        self.config_changes = resume.check_config(self.workdir, config, resuming_from=plan.checkpoint,
+                                                  allow_change=allow_config_change)
+        resume.apply_plan(plan)  # temp folders, unusable files, the index: after the config was accepted
+        self.resume_from = plan.checkpoint
         self.steps_per_epoch = builders.steps_per_epoch(config)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.views = builders.views_from_config(config)
+        preflight.check_data(config, self.views)
 
         if not config.get("fast_paths", True):
             fast_paths.set_enabled(False)
@@ -68,9 +122,7 @@ class Trainer:
             self.model.optimizer.build(self.model.pretrain_variables)  # not the online probe's (it has its own)
 
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
-        # Non-chief workers must take part in saving (it is collective) but write to a scratch folder.
-        self.output_dir = self.workdir if self.chief else self.workdir / ".scratch" / f"task{self._task_id()}"
-        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.output_dir / artifacts.CHECKPOINT_DIR),
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(checkpoint_dir),
                                                   max_to_keep=config.keep_checkpoints)
         self.start_step = self.restore()
         # The input stream is a pure function of (seed, step), so it restarts exactly where the checkpoint left off
@@ -116,10 +168,16 @@ class Trainer:
         return int(self.model.optimizer.iterations.numpy())
 
     def restore(self) -> int:
-        """Restores the latest checkpoint if there is one; returns the step it resumes from."""
-        latest = self.manager.latest_checkpoint
-        if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        """Restores the checkpoint `bt_keras.resume` chose (every variable, or an error naming what differs);
+        returns the step it resumes from."""
+        latest = self.resume_from
+        if latest is not None:
+            parts = {("model", "encoder"): len(self.model.encoder.variables),
+                     ("model", "projector"): len(self.model.projector.variables)}
+            checkpoints.restore_exactly(
+                self.checkpoint, latest, parts,
+                fix=f"The config builds another model than the one that wrote it; resume with the run's own config "
+                    f"({self.workdir / artifacts.CONFIG_FILE}), or start a new --workdir.")
             logging.info("Resumed from %s at step %d.", latest, self.step)
         return self.step
 
@@ -133,12 +191,44 @@ class Trainer:
                 "(config.optimizer.lr_weights), a longer warm-up, or float32 instead of mixed precision.")
 
     def save(self, logs: dict | None = None) -> None:
-        """Writes a checkpoint at the current step, after checking that no step since the last one went non-finite."""
+        """Writes a checkpoint at the current step, after checking that no step since the last one went non-finite.
+        A save that fails (a full disk) leaves none of its files behind: the previous checkpoint stays the latest."""
         self._check_finite(logs or {})
-        self.manager.save(checkpoint_number=self.step)
+        step = self.step
+        try:
+            self.manager.save(checkpoint_number=step)
+        except BaseException:
+            folder = self.output_dir / artifacts.CHECKPOINT_DIR
+            for partial in folder.glob(f"ckpt-{step}_temp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            if not any(Path(p).name == f"ckpt-{step}" for p in self.manager.checkpoints):
+                for partial in folder.glob(f"ckpt-{step}.*"):
+                    partial.unlink(missing_ok=True)
+            raise
+
+    def _disk_full_message(self, error: BaseException) -> str:
+        return (f"No space left on the disk of --workdir={self.workdir} ({checkpoints.one_line(error, 160)}). The last "
+                f"complete checkpoint, {self.manager.latest_checkpoint or 'none yet'}, is intact. Free space there "
+                "(or move the workdir to a larger disk) and run the same command again to resume.")
 
     def run(self, extra_callbacks=()) -> dict:
         """Trains to `config.epochs` (or until a callback sets `model.stop_training`); returns the last logs.
+
+        Releases the workdir lock when it returns or fails; a full disk is a DiskFullError naming the workdir.
+        """
+        if self._lock is not None and not self._lock.held:
+            self._lock.acquire()
+        try:
+            return self._run(extra_callbacks)
+        except Exception as error:
+            if io.is_disk_full(error):
+                raise DiskFullError(self._disk_full_message(error)) from error
+            raise
+        finally:
+            self.close()
+
+    def _run(self, extra_callbacks=()) -> dict:
+        """The loop of `run`.
 
         Keras' callback protocol is honoured: `on_train_batch_begin` / `on_train_batch_end` every step (batch = the
         index within the epoch, `logs["step"]` the global step), `on_epoch_*`, and `model.stop_training`, so
@@ -148,8 +238,10 @@ class Trainer:
         """
         c = self.config
         start = self.start_step
+        # Trace the step before the first file is written, so a config that cannot train leaves no ckpt-0 behind.
+        self._step_fn.get_concrete_function(self.iterator)
         if self.chief:
-            io.atomic_write_json(self.workdir / artifacts.CONFIG_FILE, c.to_dict())
+            resume.record_config(self.workdir, c, self.config_changes, start)
         if start == 0 and not self.manager.latest_checkpoint:
             self.save()  # ckpt-0: the random initialisation, the baseline every evaluation is compared with
         cbs = keras.callbacks.CallbackList(

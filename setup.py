@@ -37,9 +37,16 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.20",  # tf.summary needs it installed (the tensorflow wheel no longer pulls it in)
 ]
 
+# ONNX export (bt_keras.serving.onnx_export): Keras's model.export(format="onnx") converts with tf2onnx; 1.17 is the
+# first release without the protobuf~=3.20 pin that conflicts with TensorFlow 2.21. Tested: tf2onnx 1.17.0, onnx 1.23.2,
+# onnxruntime 1.32.0 (numpy 2.4, Python 3.11).
+ONNX_REQUIRES = ["tf2onnx>=1.17", "onnx>=1.17"]
+
 EXTRAS_REQUIRE = {
     # tensorflow-serving-api: the warm-up record and gRPC tests compare against the official protos.
-    "test": ["pytest>=8.0", "tensorflow-serving-api>=2.18"],
+    # onnxruntime (+ the ONNX exporter): tests/test_onnx.py runs the exported model.
+    "test": ["pytest>=8.0", "tensorflow-serving-api>=2.18", "onnxruntime>=1.20", *ONNX_REQUIRES],
+    "onnx": ONNX_REQUIRES,
     "serving": ["tensorflow-serving-api>=2.18"],
     # keras-cv is optional: every augmentation we need is in keras.layers or our own ops.
     "keras-cv": ["keras-cv>=0.9"],
@@ -64,6 +71,8 @@ setup(
             "bt-keras-train = bt_keras.train:run",
             "bt-keras-export = bt_keras.serving.export_cli:run",
             "bt-keras-client = bt_keras.serving.client:run",
+            "bt-keras-export-onnx = bt_keras.serving.onnx_cli:run",
+            "bt-keras-convert = bt_keras.convert:run",
         ],
     },
 )

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "bt_keras"
 # Command lines: entry points that may import anything; nothing in the library may import them.
 CLI_MODULES = {"bt_keras.train", "bt_keras.evaluate.cli", "bt_keras.evaluate.knn", "bt_keras.evaluate.linear",
-               "bt_keras.evaluate.finetune", "bt_keras.serving.export_cli", "bt_keras.report", "bt_keras.convert"}
+               "bt_keras.evaluate.finetune", "bt_keras.serving.export_cli", "bt_keras.report", "bt_keras.convert",
+               "bt_keras.serving.onnx_cli", "bt_keras.serving.client"}
 
 
 def module_names() -> dict[str, Path]:

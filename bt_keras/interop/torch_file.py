@@ -1,0 +1,252 @@
+"""PyTorch's `torch.save` files read into NumPy arrays, without torch and without running pickled code.
+
+Since PyTorch 1.6, `torch.save` writes a zip archive (facts from torch/serialization.py, format version 3):
+
+    NAME/data.pkl        the saved object, pickled (protocol 2); each tensor is a call of
+                         torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, meta])
+                         whose storage is a persistent id ('storage', torch.FloatStorage, KEY, 'cpu', NUMEL)
+    NAME/data/KEY        that storage's raw bytes: NUMEL elements, in the byte order of NAME/byteorder
+    NAME/byteorder, NAME/version, NAME/.format_version, ...
+
+A pickle can name any importable callable and call it (`os.system`, `builtins.eval`), so reading one with the
+standard unpickler runs whatever its author chose. `_RestrictedUnpickler` resolves only the few globals a tensor
+state dict needs (`ALLOWED_GLOBALS`) to functions of this module, and refuses every other one by name before
+anything is called. Storages become NumPy arrays and tensors strided views of them (copied), so the result is
+made of dicts, lists, tuples, numbers, strings and `numpy.ndarray`s only.
+
+    >>> state = load_state_dict("resnet50.pth")          # {"conv1.weight": ndarray [64, 3, 7, 7], ...}
+
+Not read: the legacy pre-1.6 format (a bare pickle stream), TorchScript archives (`torch.jit.save`), and files
+whose pickle needs other globals (e.g. a training checkpoint holding an argparse Namespace); each is refused with
+an error saying how to re-save the file so that it can be read.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+# torch's storage classes, as the pickle names them, and the NumPy dtype of their elements. bfloat16 has no NumPy
+# dtype; it is widened to float32 exactly (a bfloat16 is the upper half of a float32).
+STORAGE_DTYPES = {
+    "DoubleStorage": np.dtype(np.float64),
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+}
+TENSOR_REBUILDERS = ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter")
+ALLOWED_GLOBALS = ("collections.OrderedDict", *TENSOR_REBUILDERS, *(f"torch.{name}" for name in STORAGE_DTYPES))
+
+RESAVE_HINT = ("re-save just the tensors with PyTorch: torch.save(torch.load(OLD, map_location='cpu', "
+               "weights_only=False)['state_dict'], NEW)  (or the model's .state_dict())")
+
+
+class TorchFileError(ValueError):
+    """A file that is not a readable `torch.save` archive of tensors (the message says why and what to do)."""
+
+
+class ForbiddenGlobalError(TorchFileError, pickle.UnpicklingError):
+    """The pickle names a global outside `ALLOWED_GLOBALS`; nothing it names was imported or called."""
+
+    def __init__(self, path, qualified_name: str):
+        self.qualified_name = qualified_name
+        super().__init__(
+            f"{path}: its pickle names the global {qualified_name}, which a tensor state dict never needs, so it is "
+            f"refused (nothing was imported or run). Allowed: {', '.join(ALLOWED_GLOBALS)}. If the file is a "
+            f"training checkpoint holding other objects, {RESAVE_HINT}.")
+
+
+class _StorageType:
+    """Stands for `torch.<Name>Storage` inside the pickle: the element type of a persistent-id storage."""
+
+    def __init__(self, name: str):
+        self.name, self.dtype = name, STORAGE_DTYPES[name]
+
+
+class _Storage:
+    """One storage's elements (a 1-D array) and where it came from, for error messages."""
+
+    def __init__(self, values: np.ndarray, key: str):
+        self.values, self.key = values, key
+
+
+def _bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    """torch._utils._rebuild_tensor_v2's arguments -> a NumPy array (a bounds-checked strided copy)."""
+    if not isinstance(storage, _Storage):
+        raise TorchFileError(f"a tensor's storage is a {type(storage).__name__}, not a storage of this file")
+    values = storage.values
+    size, stride, offset = tuple(int(n) for n in size), tuple(int(s) for s in stride), int(storage_offset)
+    if len(size) != len(stride) or offset < 0 or any(n < 0 for n in size) or any(s < 0 for s in stride):
+        raise TorchFileError(f"a tensor on storage {storage.key} has an invalid layout: offset {offset}, size "
+                             f"{size}, stride {stride}")
+    if 0 in size:
+        return np.zeros(size, values.dtype)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if last >= values.size:
+        raise TorchFileError(f"a tensor of size {size} (offset {offset}, stride {stride}) reads past the end of "
+                             f"storage {storage.key}, which holds {values.size} elements: the file is corrupt")
+    view = np.lib.stride_tricks.as_strided(values[offset:], shape=size,
+                                           strides=[s * values.itemsize for s in stride], writeable=False)
+    return np.array(view, copy=True)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
+    """torch._utils._rebuild_parameter (an nn.Parameter, e.g. in an optimizer's or model's pickled state)."""
+    if not isinstance(data, np.ndarray):
+        raise TorchFileError(f"a Parameter wraps a {type(data).__name__}, not a tensor")
+    return data
+
+
+def _ordered_dict(*args):
+    return collections.OrderedDict(*args)
+
+
+_ALLOWED = {"collections.OrderedDict": _ordered_dict, "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
+            "torch._utils._rebuild_parameter": _rebuild_parameter}
+assert set(_ALLOWED) | {f"torch.{n}" for n in STORAGE_DTYPES} == set(ALLOWED_GLOBALS)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles `data.pkl`: globals only from ALLOWED_GLOBALS (as this module's stand-ins), storages from the zip.
+
+    Every way a pickle can reach a callable (GLOBAL, STACK_GLOBAL, INST, OBJ, the copyreg extension codes) goes
+    through `find_class`, so refusing there refuses before anything foreign is imported or called.
+    """
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path, byteorder: str):
+        super().__init__(io.BytesIO(data))
+        self.archive, self.prefix, self.path, self.byteorder = archive, prefix, path, byteorder
+        self.storages: dict[str, _Storage] = {}
+
+    def find_class(self, module, name):
+        qualified = f"{module}.{name}"
+        if qualified in _ALLOWED:
+            return _ALLOWED[qualified]
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(name)
+        raise ForbiddenGlobalError(self.path, qualified)
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
+            raise TorchFileError(f"{self.path}: unexpected persistent id {pid!r} (want ('storage', <torch storage "
+                                 "type>, key, location, numel))")
+        _, storage_type, key, _location, numel = pid
+        key = str(key)
+        if key not in self.storages:
+            self.storages[key] = _Storage(self._read_storage(key, storage_type, int(numel)), key)
+        return self.storages[key]
+
+    def _read_storage(self, key: str, storage_type: _StorageType, numel: int) -> np.ndarray:
+        member = f"{self.prefix}/data/{key}"
+        try:
+            raw = self.archive.read(member)
+        except KeyError:
+            raise TorchFileError(f"{self.path}: the pickle refers to storage {key}, but there is no {member} in "
+                                 "the archive: the file is truncated or corrupt") from None
+        bfloat16 = storage_type.dtype == "bfloat16"
+        dtype = np.dtype(np.uint16) if bfloat16 else storage_type.dtype
+        if len(raw) != numel * dtype.itemsize:
+            raise TorchFileError(f"{self.path}: storage {key} ({storage_type.name}) should hold {numel} elements = "
+                                 f"{numel * dtype.itemsize} bytes, but {member} has {len(raw)} bytes")
+        values = np.frombuffer(raw, dtype.newbyteorder("<" if self.byteorder == "little" else ">"))
+        values = values.astype(dtype.newbyteorder("="))  # native byte order, and a private writable copy
+        return _bfloat16_to_float32(values) if bfloat16 else values
+
+
+def _archive_prefix(archive: zipfile.ZipFile, path) -> str:
+    """The archive's top folder (torch names it after the file); exactly one `TOP/data.pkl` must exist."""
+    names = archive.namelist()
+    pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+    if len(pickles) == 1:
+        return pickles[0][: -len("/data.pkl")]
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        raise TorchFileError(f"{path} is a TorchScript archive (torch.jit.save), not a state dict: in PyTorch, save "
+                             "the weights with torch.save(model.state_dict(), PATH) and convert that file.")
+    raise TorchFileError(f"{path} is a zip archive but not a torch.save file: it holds {len(pickles)} "
+                         f"TOP/data.pkl entries (want exactly 1); first entries: {names[:5]}")
+
+
+def read_torch_file(path: str | os.PathLike):
+    """The object `torch.save` wrote to `path`, with every tensor as a `numpy.ndarray` (dtype as saved).
+
+    Raises FileNotFoundError, ForbiddenGlobalError (a pickled global outside ALLOWED_GLOBALS, refused before it
+    is called), or TorchFileError (legacy format, TorchScript, corrupt archive), each naming the problem and fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No PyTorch file at {path}.")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head == b"PK":
+            raise TorchFileError(f"{path} starts like a zip archive but is not a readable one: the download or copy "
+                                 "is probably truncated; fetch the file again.")
+        if head[:1] == b"\x80":
+            raise TorchFileError(
+                f"{path} is in PyTorch's legacy (pre-1.6) serialisation format, which is not read here. Re-save it "
+                "in the zip format with PyTorch >= 1.6: torch.save(torch.load(OLD, map_location='cpu'), NEW).")
+        raise TorchFileError(f"{path} is not a torch.save file (a zip archive holding data.pkl); got bytes "
+                             f"{head!r} at its start.")
+    with zipfile.ZipFile(path) as archive:
+        prefix = _archive_prefix(archive, path)
+        names = set(archive.namelist())
+        byteorder = "little"
+        if f"{prefix}/byteorder" in names:
+            byteorder = archive.read(f"{prefix}/byteorder").decode("ascii", "replace").strip()
+            if byteorder not in ("little", "big"):
+                raise TorchFileError(f"{path}: unknown byte order {byteorder!r} in {prefix}/byteorder")
+        unpickler = _RestrictedUnpickler(archive.read(f"{prefix}/data.pkl"), archive, prefix, path, byteorder)
+        try:
+            return unpickler.load()
+        except TorchFileError:
+            raise
+        except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError) as error:
+            raise TorchFileError(f"{path}: its data.pkl could not be read as a tensor state dict: "
+                                 f"{type(error).__name__}: {error}") from None
+
+
+def _is_tensor_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
+
+
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "backbone")
+
+
+def find_state_dict(obj, path="the file") -> dict[str, np.ndarray]:
+    """The tensor dict inside what `read_torch_file` returned: the object itself when it is a {name: tensor} dict,
+    else the value of its first key among STATE_DICT_KEYS that is one (full training checkpoints: Lightning's
+    `state_dict`, the official Barlow Twins `checkpoint.pth`'s `model`)."""
+    if _is_tensor_dict(obj):
+        return dict(obj)
+    if isinstance(obj, dict):
+        for key in STATE_DICT_KEYS:
+            if _is_tensor_dict(obj.get(key)):
+                return dict(obj[key])
+        raise TorchFileError(f"{path} holds a dict with keys {sorted(map(str, obj))[:12]} but no state dict (a "
+                             f"{{name: tensor}} dict) at the top or under {list(STATE_DICT_KEYS)}; {RESAVE_HINT}.")
+    raise TorchFileError(f"{path} holds a {type(obj).__name__}, not a state dict; in PyTorch, save "
+                         "model.state_dict() with torch.save.")
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """`{name: numpy array}` of the state dict in a `torch.save` file (see `read_torch_file`, `find_state_dict`)."""
+    return find_state_dict(read_torch_file(path), path)

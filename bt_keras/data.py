@@ -48,6 +48,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bt_keras import augment
+from bt_keras.folder_walk import FolderWalk
 
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -217,11 +218,12 @@ def _scan_folder(root: Path) -> tuple[tuple[str, ...], tuple[int, ...], tuple[st
         what = "is empty" if not entries else "has no class sub-folders (only files)"
         raise ValueError(f"folder dataset {str(root)!r} {what}; expected images in {root}/CLASS_NAME/*.jpg|.png")
     candidates = []
+    walk = FolderWalk()  # follows symlinks, but enters each real directory once and lists each real file once
     for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames.sort()
-            candidates += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
-                           if f.lower().endswith(IMAGE_EXTENSIONS)]
+        candidates += [(path, label) for path in walk.files(root / name) if path.lower().endswith(IMAGE_EXTENSIONS)]
+    if walk.skipped:
+        log.warning("folder dataset %s: %d symlinked or hard-linked file(s) / folder(s) met a second time were "
+                    "counted once (the first place met, in sorted order)", root, walk.skipped)
     if not candidates:
         raise ValueError(f"folder dataset {str(root)!r}: no {'/'.join(IMAGE_EXTENSIONS)} files in its "
                          f"{len(classes)} class sub-folders")

@@ -4,12 +4,17 @@
 run killed at any moment leaves either the old file or the new one. The temporary file gets the mode a plain open()
 gives (0666 minus the umask), not mkstemp's private 0600, so a serving container or a colleague running as another
 user can read what lands at `path`.
+
+`share_tree(folder)` does the same for a folder made by `tempfile.mkdtemp` (0700) before it is renamed into place:
+every folder 0777 and every file 0666 less the umask, as if created in place (the SavedModel export's version
+folder, which a TF Serving container running as another user must read).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -63,3 +68,33 @@ def is_disk_full(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (/proc/self/status, kernel >= 4.7);
+    elsewhere set and restored at once (os.umask has no read-only form)."""
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(r"^Umask:\s*([0-7]+)", f.read(), re.MULTILINE)
+        if match:
+            return int(match.group(1), 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_tree(top) -> None:
+    """chmod `top` and everything under it (symlinks are left alone): folders 0777 & ~umask, files 0666 & ~umask."""
+    mask = current_umask()
+    folder_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
+    os.chmod(top, folder_mode)
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, folder_mode)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)

@@ -245,7 +245,7 @@ def test_bad_input_fails_clearly_or_works_and_never_crashes(probe):
     assert set(errors) == {"empty string", "empty string in a batch", "not an image", "truncated jpeg",
                            "4001x3000 jpeg", "zero-width pixels", "too many pixels"}, bad
     assert "empty string" in errors["empty string"] and "JPEG" in errors["empty string"]
-    assert "index in the batch:] [1]" in errors["empty string in a batch"]
+    assert "image 1 of the batch is an empty string" in errors["empty string in a batch"]
     assert "Unknown image file format" in errors["not an image"]
     assert "JPEG" in errors["truncated jpeg"]
     assert f"more than {MAX_PIXELS} pixels" in errors["4001x3000 jpeg"]

@@ -18,7 +18,7 @@ from absl import app, flags, logging
 
 from bt_keras import artifacts
 from bt_keras.serving.savedmodel import export_encoder
-from bt_keras.serving.signatures import DEFAULT_MAX_IMAGE_PIXELS
+from bt_keras.serving.signatures import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
 from bt_keras.serving.warmup import DEFAULT_MODEL_NAME, DEFAULT_WARMUP_BATCH_SIZES
 
 
@@ -40,6 +40,11 @@ def main(argv) -> None:
         sys.exit(f"export: unexpected arguments {argv[1:]}")
     f = flags.FLAGS
     logging.set_verbosity(logging.WARNING)  # TF's INFO lines about tracing and assets are noise here
+    try:
+        check_max_image_pixels(f.max_image_pixels)
+    except ValueError as error:  # a usage error: exit 2, as for other bad flags
+        print(f"export: --{error}", file=sys.stderr)
+        sys.exit(2)
     try:
         if not all(re.fullmatch(r"\d+", n.strip()) for n in f.batch_warmup_sizes):
             raise ValueError(f"--batch_warmup_sizes must be comma-separated positive integers, e.g. 1,8; "

@@ -27,7 +27,8 @@ import tensorflow as tf
 
 from bt_keras import __version__, artifacts, io
 from bt_keras.artifacts import SIGNATURE_BYTES, SIGNATURE_NORMALIZED, SIGNATURE_PIXELS
-from bt_keras.serving.signatures import DEFAULT_MAX_IMAGE_PIXELS, Servable, preprocessing_from_metadata, signature_table
+from bt_keras.serving.signatures import (DEFAULT_MAX_IMAGE_PIXELS, Servable, check_max_image_pixels,
+                                        preprocessing_from_metadata, signature_table)
 from bt_keras.serving.warmup import DEFAULT_MODEL_NAME, DEFAULT_WARMUP_BATCH_SIZES, write_warmup_requests
 
 
@@ -69,6 +70,7 @@ def export_encoder(
     Returns the version folder. The version is written under a temporary name and renamed into place, so TF
     Serving, polling export_dir, never sees a half-written version.
     """
+    check_max_image_pixels(max_image_pixels)
     preprocessing = preprocessing_from_metadata(metadata, encoder)
     batch_sizes = tuple(int(n) for n in warmup_batch_sizes)
     if any(n < 1 for n in batch_sizes):
@@ -121,6 +123,7 @@ def export_encoder(
             "encoder_metadata": metadata,
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "bt_keras": __version__},
         })
+        io.share_tree(staging)  # mkdtemp made it 0700: give it the modes of a plain mkdir (0755 under umask 022)
         os.rename(staging, final)
     finally:
         if staging.exists():

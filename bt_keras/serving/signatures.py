@@ -16,12 +16,22 @@ from __future__ import annotations
 import inspect
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from bt_keras.artifacts import ENCODER_METADATA, SIGNATURE_BYTES, SIGNATURE_NORMALIZED, SIGNATURE_PIXELS
 from bt_keras.augment import eval_transform
+from bt_keras.serving.image_header import check_encoded_images
 
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: any camera photo; stops a decompression bomb before the resize
+
+
+def check_max_image_pixels(value) -> int:
+    """`value` as a positive int, or ValueError: 0 or a negative limit would export a model refusing every image."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"max_image_pixels must be a positive integer (the most pixels serving_default decodes, "
+                         f"default {DEFAULT_MAX_IMAGE_PIXELS}), got {value!r}")
+    return int(value)
 DEFAULT_CROP_FRACTION = inspect.signature(eval_transform).parameters["crop_fraction"].default
 
 
@@ -103,22 +113,41 @@ class Servable:
         return tf.map_fn(fn, elems, fn_output_signature=spec)
 
     def from_bytes(self, images):
-        """serving_default: encoded image bytes [batch] -> outputs."""
+        """serving_default: encoded image bytes [batch] -> outputs.
 
-        def one(args):
-            index, data = args
-            empty = tf.debugging.Assert(tf.strings.length(data) > 0, [
-                "serving_default: an element of `images` is an empty string; send the encoded JPEG/PNG/GIF/BMP/WebP "
-                "bytes of the image. Its index in the batch:", index])
-            with tf.control_dependencies([empty]):
-                image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-            shape = tf.shape(image, out_type=tf.int64)
-            with tf.control_dependencies(self._size_checks(shape[0], shape[1], "serving_default: a decoded image")):
-                image = tf.identity(image)
-            return self._transform(image)
+        Every image's header is read first (`image_header.check_encoded_images`) and the batch is refused, naming
+        the image's index, unless each promises 1 ..= max_image_pixels pixels: nothing is decoded before that, so a
+        small file promising a huge image costs microseconds, not gigabytes. Decoding then runs in a tf.data map
+        whose failures are dropped and noticed (`ignore_errors`), so a corrupt image is also reported by its index."""
+        with tf.control_dependencies([check_encoded_images(images, self.max_image_pixels, SIGNATURE_BYTES)]):
+            images = tf.identity(images)
+        n = tf.shape(images, out_type=tf.int64)[0]
 
-        indices = tf.range(tf.shape(images, out_type=tf.int64)[0])
-        return self._outputs(self._map(one, (indices, images)))
+        def one(index, data):
+            image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+            return index, self._transform(image), tf.shape(image, out_type=tf.int64)[:2]
+
+        size = self.size
+        decoded = (tf.data.Dataset.from_tensor_slices((tf.range(n), images))
+                   .map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                   .ignore_errors()
+                   # One sentinel element, so the single batch below exists for an empty request too.
+                   .concatenate(tf.data.Dataset.from_tensors(
+                       (tf.constant(-1, tf.int64), tf.zeros([size, size, 3]), tf.ones([2], tf.int64))))
+                   .batch(n + 1))
+        indices, normalized, sizes = decoded.get_single_element()
+        indices, normalized = indices[:-1], normalized[:-1]
+        # The header check above already bounded these; checked again on what was decoded, in case it ever errs.
+        checks = self._size_checks(sizes[:, 0], sizes[:, 1], "serving_default: a decoded image")
+        survived = tf.size(indices, out_type=tf.int64)
+        # Order is kept, so the first image that failed is where the surviving indices first skip one.
+        failed = tf.argmax(tf.cast(tf.not_equal(tf.concat([indices, [-1]], 0), tf.range(survived + 1)), tf.int32),
+                           output_type=tf.int64)
+        decodable = tf.debugging.Assert(tf.equal(survived, n), [tf.strings.join([
+            "serving_default: image ", tf.strings.as_string(failed), " of the batch could not be decoded: its data "
+            "is corrupt or truncated (the header was readable); send a valid JPEG / PNG / GIF / BMP / WebP file"])])
+        with tf.control_dependencies([decodable, *checks]):
+            return self._outputs(tf.identity(normalized))
 
     def from_pixels(self, pixels):
         """embed_pixels: uint8 [batch, H, W, 3] -> outputs."""

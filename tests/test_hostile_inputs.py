@@ -1,0 +1,470 @@
+"""Hostile inputs stay refused (issue 15): images whose headers promise huge pixel arrays, bad batches, exports other
+users cannot read, client failures, folder datasets with symlink loops, and the trust note for SavedModels.
+
+- `bt_keras.serving.image_header` against Pillow's `.size` (an independent parser) and TensorFlow's decoded shapes, for
+  random sizes in every format, and on edge cases: JPEG fill bytes / stand-alone markers / APPn before SOF, BMP
+  top-down rows, GIF frames beyond the logical screen, every truncated prefix.
+- serving_default in a FRESH process (tests/probes/serving_probe.py): the 1.1 MB 40000 x 40000 GIF, a ~650-byte JPEG
+  whose header says 12000 x 12000, a valid 20000 x 20000 JPEG and others each get the pixel-limit
+  InvalidArgumentError naming index 2 of the batch, in < 1 s and < 300 MB of resident growth.
+"""
+
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from bt_keras import backbones
+from bt_keras.io import current_umask, share_tree
+from bt_keras.folder_walk import FolderWalk
+from bt_keras.serving import image_header, savedmodel
+from tests.probes import hostile_images as hostile
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = REPO / "tests" / "probes" / "serving_probe.py"
+LIMIT = 50_000_000  # the export's max_image_pixels (the default)
+SIZE = 16
+
+read_header = tf.function(image_header.read_image_header, input_signature=[tf.TensorSpec([], tf.string)])
+
+
+def header(data: bytes):
+    """(format name, height, width, pixels) as Python values."""
+    h = read_header(tf.constant(data))
+    return image_header.FORMATS[int(h.format)], int(h.height), int(h.width), int(h.pixels)
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _env():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+# ------------------------------------------------------------------------------------- header parser vs Pillow
+
+# (Pillow format, save options, image modes it writes); PIL decides the container details (JFIF / EXIF APP
+# segments, progressive SOF2, VP8 / VP8L / VP8X, palettes, 16-bit PNG).
+FORMAT_CASES = [
+    ("JPEG", {}, ("RGB", "L", "CMYK")),
+    ("JPEG", {"progressive": True, "exif": b"Exif\x00\x00" + bytes(40)}, ("RGB", "L")),
+    ("PNG", {}, ("RGB", "RGBA", "L", "P", "1", "I;16")),
+    ("GIF", {}, ("RGB", "L", "P")),
+    ("BMP", {}, ("RGB", "L", "P", "1")),
+    ("WEBP", {"quality": 50}, ("RGB",)),  # lossy VP8
+    ("WEBP", {"lossless": True}, ("RGB",)),  # VP8L
+    ("WEBP", {"quality": 50}, ("RGBA",)),  # VP8X (alpha)
+    ("WEBP", {"quality": 50, "exif": b"Exif\x00\x00" + bytes(20)}, ("RGB",)),  # VP8X (metadata)
+]
+
+
+def test_header_sizes_equal_pillow_and_tensorflow_for_random_sizes():
+    rng = np.random.default_rng(15)
+    checked = 0
+    for fmt, options, modes in FORMAT_CASES:
+        for trial in range(6):
+            # log-uniform sizes from 1 to ~3000 per side (multi-byte fields, odd sizes), at most ~1.5 MP
+            height, width = np.exp(rng.uniform(0, np.log(3000), 2)).astype(int) + 1
+            if height * width > 1_500_000:
+                height = max(1, 1_500_000 // width)
+            if fmt == "WEBP":
+                height, width = min(height, 700), min(width, 700)  # WebP encoding is the slow part
+            mode = modes[trial % len(modes)]
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            data = encode(Image.fromarray(pixels).convert(mode), fmt, **options)
+            name, h, w, count = header(data)
+            reference = Image.open(io.BytesIO(data))
+            assert (name, w, h, count) == (reference.format.replace("WEBP", "WebP"), *reference.size, w * h), (
+                fmt, options, mode, height, width)
+            try:
+                decoded = tf.io.decode_image(data, expand_animations=False).shape
+            except tf.errors.InvalidArgumentError:  # e.g. palette BMPs, CMYK: TF declines them after the header
+                continue
+            assert decoded[:2] == (h, w), (fmt, mode)
+            checked += 1
+    assert checked > 30
+
+
+def test_gif_frames_count_all_of_them_and_grow_the_screen():
+    # Pillow writes an animation of frames cropped to what changed (offsets, smaller sizes) with a comment and a
+    # NETSCAPE loop extension; the frame areas come from Pillow's own parser (each frame's tile).
+    rng = np.random.default_rng(1)
+    frames = [Image.fromarray(rng.integers(0, 4, (90, 130), dtype=np.uint8), "L").convert("P")]
+    for k in range(1, 6):
+        frame = frames[-1].copy()
+        frame.paste(k * 40, (7 * k, 3 * k, 7 * k + 20 + k, 3 * k + 15))
+        frames.append(frame)
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], loop=0, comment=b"hello",
+                  optimize=False, disposal=1)
+    reference = Image.open(io.BytesIO(data))
+    areas = []
+    for k in range(reference.n_frames):
+        reference.seek(k)
+        x0, y0, x1, y1 = reference.tile[0][1]
+        areas.append((x1 - x0) * (y1 - y0))
+    assert reference.n_frames == 6 and len(set(areas)) > 1  # really cropped frames
+    assert header(data) == ("GIF", 90, 130, max(90 * 130, sum(areas)))
+
+    # A frame larger than (and offset from) a 1 x 1 logical screen: Pillow grows the size to left + width,
+    # top + height; so do we, and TensorFlow's decoded image fits inside.
+    big = hostile.constant_gif(1, 1, frames=[hostile.gif_frame(300, 200, left=5, top=7)])
+    assert Image.open(io.BytesIO(big)).size == (305, 207)
+    assert header(big) == ("GIF", 207, 305, 207 * 305)
+    assert tf.io.decode_image(big, expand_animations=False).shape[:2] == (200, 300)
+
+    # Forty 1000 x 1000 frames on a 1000 x 1000 screen: giflib holds all of them, so they all count.
+    many = hostile.constant_gif(1000, 1000, frames=[hostile.gif_frame(1000, 1000)] * 40)
+    assert header(many) == ("GIF", 1000, 1000, 40_000_000)
+
+
+def test_hand_built_images_are_valid():
+    """The builders of the hostile images make real files: small instances decode in Pillow and TensorFlow."""
+    for width, height in [(1, 1), (37, 53), (3000, 3000)]:  # 3000^2 spans two LZW tables (clear codes)
+        gif = hostile.constant_gif(width, height)
+        assert header(gif) == ("GIF", height, width, height * width)
+        assert (np.asarray(Image.open(io.BytesIO(gif)).convert("RGB")) == (10, 20, 30)).all()
+        assert (tf.io.decode_image(gif, expand_animations=False).numpy() == (10, 20, 30)).all()
+    for width, height in [(1, 1), (9, 17), (26, 8), (1000, 777)]:
+        jpeg = hostile.constant_jpeg(width, height)
+        assert header(jpeg) == ("JPEG", height, width, height * width)
+        assert (np.asarray(Image.open(io.BytesIO(jpeg))) == 128).all()
+        assert tf.io.decode_image(jpeg).shape == (height, width, 1)
+    Image.MAX_IMAGE_PIXELS, limit = None, Image.MAX_IMAGE_PIXELS  # Pillow reads only the header here
+    try:
+        assert Image.open(io.BytesIO(hostile.constant_gif(40000, 40000))).size == (40000, 40000)
+        assert Image.open(io.BytesIO(hostile.constant_jpeg(20000, 20000))).size == (20000, 20000)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _jpeg(width=40, height=30):
+    return encode(Image.new("RGB", (width, height), (9, 99, 199)), "JPEG")
+
+
+def test_jpeg_marker_walk_matches_libjpeg():
+    """Bytes libjpeg accepts before SOF (TensorFlow decodes each to the same size), and what it does not."""
+    plain = _jpeg()
+    cut = 4 + struct.unpack(">H", plain[4:6])[0]  # after SOI and Pillow's APP0 (FF D8 FF stays the magic)
+    inserted = {
+        "fill bytes": b"\xff\xff\xff",
+        "TEM and RST markers": b"\xff\x01\xff\xd0\xff\xd7",
+        "APP1 and COM segments": b"\xff\xe1\x00\x10" + bytes(14) + b"\xff\xfe\x00\x05abc",
+        "a 64 KB APP2 segment": b"\xff\xe2\xff\xff" + bytes(0xFFFD),
+        "stray bytes before a marker": b"junk",
+        "a stuffed FF 00 pair": b"\xff\x00",
+    }
+    for what, extra in inserted.items():
+        data = plain[:cut] + extra + plain[cut:]
+        assert header(data) == ("JPEG", 30, 40, 1200), what
+        assert tf.io.decode_image(data).shape == (30, 40, 3), what
+    sos_first = plain[:cut] + b"\xff\xda\x00\x08" + bytes(6) + plain[cut:]
+    assert header(sos_first)[1:] == (-1, -1, -1)  # a scan before any frame header: size unknown
+    assert header(hostile.jpeg_with_size(plain, 12000, 12000)) == ("JPEG", 12000, 12000, 144_000_000)
+
+
+def test_bmp_top_down_and_webp_and_unknown():
+    bottom_up = encode(Image.new("RGB", (21, 13), (1, 2, 3)), "BMP")
+    top_down = bottom_up[:22] + struct.pack("<i", -13) + bottom_up[26:]  # negative height: rows stored top-down
+    assert Image.open(io.BytesIO(top_down)).size == (21, 13)
+    assert tf.io.decode_image(top_down).shape == (13, 21, 3)
+    assert header(top_down) == ("BMP", 13, 21, 273)
+    assert header(b"") == ("unknown", -1, -1, -1)
+    assert header(b"this is not an image")[0] == "unknown"
+    assert header(b"\xff\x0a\xfa\x7f")[0] == "unknown"  # JPEG XL: not parsed, so refused by serving
+    webp = encode(Image.new("RGB", (16383, 3)), "WEBP", lossless=True)  # VP8L's 14-bit maximum
+    assert header(webp) == ("WebP", 3, 16383, 3 * 16383)
+
+
+def test_every_truncated_prefix_gives_the_true_size_or_unknown():
+    """A header cut anywhere is never misread: each prefix reports the full image's size, or -1."""
+    images = {
+        "JPEG": _jpeg(300, 200),
+        "PNG": encode(Image.new("RGB", (300, 200)), "PNG"),
+        "GIF": encode(Image.new("P", (300, 200)), "GIF"),
+        "BMP": encode(Image.new("RGB", (300, 200)), "BMP"),
+        "WebP": encode(Image.new("RGB", (300, 200)), "WEBP"),
+    }
+    for name, data in images.items():
+        for cut in range(min(len(data), 400)):
+            fmt, h, w, pixels = header(data[:cut])
+            assert (h, w) in ((-1, -1), (200, 300)), (name, cut)
+            assert pixels <= 60000, (name, cut)
+
+
+def test_header_walks_are_bounded_on_adversarial_structure():
+    """1 MB of 2-byte GIF sub-blocks, of 3-byte GIF extensions, or of 4-byte JPEG comment segments: the walk's cost
+    per byte is bounded (vectorised windows for GIF, a segment cap for JPEG), not per structure element."""
+    gif_head = hostile.constant_gif(10, 10, frames=[])[:-1]
+    descriptor = b"\x2c" + struct.pack("<4HB", 0, 0, 10, 10, 0) + b"\x02"
+    cases = {
+        "GIF of 2-byte sub-blocks": gif_head + descriptor + b"\x01\x00" * 500_000 + b"\x00\x3b",
+        "GIF of 330000 extensions": gif_head + b"\x21\xf9\x00" * 330_000 + hostile.gif_frame(10, 10) + b"\x3b",
+        "JPEG of 250000 comments": _jpeg()[:2] + b"\xff\xfe\x00\x02" * 250_000 + _jpeg()[2:],
+        "JPEG of 1 MB of fill bytes": _jpeg()[:2] + b"\xff" * 1_000_000 + _jpeg()[2:],
+    }
+    for what, data in cases.items():
+        header(data)  # trace and warm up
+        start = time.perf_counter()
+        fmt, h, w, _ = header(data)
+        elapsed = time.perf_counter() - start
+        assert elapsed < 3.0, (what, elapsed)  # measured 0.17-0.21 s on one shared core
+        assert fmt in ("GIF", "JPEG")
+        assert (h, w) in ((10, 10), (-1, -1)), what  # the JPEG walk gives up: unknown, so refused
+
+
+def test_a_mixed_batch_reads_as_its_images_one_by_one():
+    """The batched reader (all images step together; JPEG and GIF walks run on their subsets) equals per-image
+    reads, whatever the mix and order."""
+    images = [_jpeg(7, 5), b"", hostile.constant_gif(33, 44, frames=[hostile.gif_frame(33, 44)] * 3),
+              encode(Image.new("RGB", (3, 9)), "PNG"), b"junk", _jpeg(300, 200)[:100], _jpeg(1, 2),
+              hostile.constant_gif(1, 1, frames=[hostile.gif_frame(50, 60, left=2)]),
+              encode(Image.new("RGB", (6, 4)), "BMP"), encode(Image.new("RGB", (5, 8)), "WEBP")]
+    batch = image_header.read_image_headers(tf.constant(images))
+    together = [(image_header.FORMATS[int(f)], int(h), int(w), int(p)) for f, h, w, p in zip(*batch)]
+    assert together == [header(data) for data in images]
+    assert together[2] == ("GIF", 44, 33, 3 * 44 * 33) and together[5][1:] == (-1, -1, -1)
+    empty = image_header.read_image_headers(tf.zeros([0], tf.string))
+    assert [v.shape for v in empty] == [(0,)] * 4
+
+
+# ------------------------------------------------------------------------------------ the export and the probe
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny encoder exported with the default max_image_pixels, under umask 022."""
+    keras.utils.set_random_seed(0)
+    encoder = backbones.resnet18(input_shape=(SIZE, SIZE, 3), stem="cifar", width_multiplier=1 / 16, blocks=(1, 1))
+    previous = os.umask(0o022)
+    try:
+        version = savedmodel.export_encoder(encoder, {"image_size": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3},
+                                            tmp_path_factory.mktemp("models") / "m", warmup_batch_sizes=(1,))
+    finally:
+        os.umask(previous)
+    return version
+
+
+def _hostile_cases() -> dict:
+    small_jpeg = _jpeg()
+    return {
+        # (bytes, substring the error must hold)
+        "40000x40000 GIF": (hostile.constant_gif(40000, 40000), "is 40000 x 40000 pixels"),
+        "40000x40000 GIF frame on a 1x1 screen": (hostile.constant_gif(1, 1, frames=[hostile.gif_frame(40000, 40000)]),
+                                                  "is 40000 x 40000 pixels"),
+        "40 frames of 2000x2000": (hostile.constant_gif(2000, 2000, frames=[hostile.gif_frame(2000, 2000)] * 40),
+                                   "GIF frames hold 160000000 pixels in all"),
+        "12000x12000-header JPEG": (hostile.jpeg_with_size(small_jpeg, 12000, 12000), "is 12000 x 12000 pixels"),
+        "valid 20000x20000 JPEG": (hostile.constant_jpeg(20000, 20000), "is 20000 x 20000 pixels"),
+        "PNG header 100000x100000": (_patched_png(100000, 100000), "is 100000 x 100000 pixels"),
+        "WebP canvas 16777216x16777216": (_patched_webp(2**24, 2**24), "is 16777216 x 16777216 pixels"),
+        "truncated JPEG body": (small_jpeg[:-200], "image 2 of the batch could not be decoded"),
+        "empty string": (b"", "image 2 of the batch is an empty string"),
+        "JPEG cut inside its header": (small_jpeg[:40], "has a JPEG header that is cut short"),
+    }
+
+
+def _patched_png(width, height):
+    data = encode(Image.new("RGB", (4, 4)), "PNG")
+    return data[:16] + struct.pack(">II", width, height) + data[24:]  # the IHDR CRC is now wrong: never read
+
+
+def _patched_webp(width, height):
+    data = encode(Image.new("RGBA", (4, 4)), "WEBP")
+    assert data[12:16] == b"VP8X"
+    return data[:24] + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little") + data[30:]
+
+
+@pytest.fixture(scope="module")
+def probe_report(exported, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    cases, manifest = _hostile_cases(), {"warmup": [], "cases": {}}
+    cases["valid 1000x900 GIF"] = (hostile.constant_gif(1000, 900), None)
+    for i, (name, (data, _)) in enumerate(cases.items()):
+        (folder / f"{i}.bin").write_bytes(data)
+        manifest["cases"][name] = str(folder / f"{i}.bin")
+    for fmt in ("JPEG", "PNG", "GIF", "BMP", "WEBP"):  # one decode of each format before anything is timed
+        (folder / f"warmup.{fmt}").write_bytes(encode(Image.new("RGB", (20, 10), (50, 60, 70)), fmt))
+        manifest["warmup"].append(str(folder / f"warmup.{fmt}"))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = subprocess.run([sys.executable, str(PROBE), str(exported), str(folder / "manifest.json"),
+                             str(folder / "report.json")], env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "PROBE DONE" in result.stdout, result.stderr[-3000:]
+    return json.loads((folder / "report.json").read_text()), cases
+
+
+def test_serving_refuses_hostile_images_before_decoding_in_bounded_time_and_memory(probe_report):
+    report, cases = probe_report
+    assert report["peak_reset"], "VmHWM could not be reset: the memory numbers would not be per request"
+    for name, (_, expected) in cases.items():
+        result = report["cases"][name]
+        if expected is None:  # the control: a valid image under the limit is embedded
+            assert result["error"] is None and result["shape"] == [3, 8], result
+            continue
+        assert result["error"] == "InvalidArgumentError", (name, result)
+        assert "serving_default: image 2 of the batch" in result["message"] and expected in result["message"], (
+            name, result["message"][-600:])
+        if "pixels" in expected:
+            assert f"more than {LIMIT} pixels (max_image_pixels={LIMIT})" in result["message"]
+        assert result["seconds"] < 1.0, (name, result)
+        assert result["growth_mb"] < 300, (name, result)
+
+
+def test_export_is_world_readable_under_umask_022(exported):
+    assert exported.stat().st_mode & 0o777 == 0o755
+    for path in exported.rglob("*"):
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
+
+
+def test_share_tree_respects_a_stricter_umask(tmp_path):
+    import tempfile
+
+    previous = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+        staged = Path(tempfile.mkdtemp(dir=tmp_path))  # 0700, as export stages versions
+        (staged / "sub").mkdir()
+        fd, name = tempfile.mkstemp(dir=staged / "sub")  # 0600
+        os.close(fd)
+        share_tree(staged)
+    finally:
+        os.umask(previous)
+    assert [staged.stat().st_mode & 0o777, (staged / "sub").stat().st_mode & 0o777,
+            Path(name).stat().st_mode & 0o777] == [0o750, 0o750, 0o640]
+
+
+def test_max_image_pixels_must_be_positive(tmp_path):
+    encoder = backbones.resnet18(input_shape=(SIZE, SIZE, 3), stem="cifar", width_multiplier=1 / 16, blocks=(1, 1))
+    for bad in (-5, 0, 2.5, True):
+        with pytest.raises(ValueError, match="max_image_pixels must be a positive integer"):
+            savedmodel.export_encoder(encoder, {"image_size": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3},
+                                      tmp_path / "m", max_image_pixels=bad)
+    assert not (tmp_path / "m").exists()  # refused before anything was written
+    result = subprocess.run([sys.executable, "-m", "export.savedmodel", f"--checkpoint={tmp_path}",
+                             f"--export_dir={tmp_path / 'm'}", "--max_image_pixels=-5"],
+                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("export:")]
+    assert lines == ["export: --max_image_pixels must be a positive integer (the most pixels serving_default "
+                     f"decodes, default {LIMIT}), got -5"], result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------- the client
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_client_failures_are_one_line_errors_with_exit_code_2(tmp_path):
+    image = tmp_path / "cat.png"
+    image.write_bytes(encode(Image.new("RGB", (4, 4)), "PNG"))
+    refused = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    cases = {
+        "missing file": ([f"--rest={refused}", str(tmp_path / "nope.jpg")], ["nope.jpg", "does not exist"]),
+        "a directory": ([f"--rest={refused}", str(tmp_path)], ["is a directory", "pass the image files in it"]),
+        "no scheme": (["--rest=localhost:8501", str(image)], ["'localhost:8501'", "--rest=http://localhost:8501"]),
+        "bad port": (["--rest=http://127.0.0.1:port", str(image)], ["not a valid URL", "--rest=http://"]),
+        "refused": ([f"--rest={refused}", str(image)], [refused, "Connection refused", "tensorflow_model_server"]),
+    }
+    for what, (args, expected) in cases.items():
+        result = subprocess.run([sys.executable, "-m", "export.client", *args], cwd=REPO, env=_env(),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, (what, result.stderr)
+        assert result.stdout == "" and len(result.stderr.splitlines()) == 1, (what, result.stderr)
+        assert result.stderr.startswith("ERROR: ") and "Traceback" not in result.stderr, (what, result.stderr)
+        assert all(part in result.stderr for part in expected), (what, result.stderr)
+
+
+# ------------------------------------------------------------------------------------------- folder datasets
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _scan(root, seconds=20):
+    """data._scan_folder(root) under an alarm: a walk that never ends fails the test instead of hanging it."""
+    from bt_keras import data
+
+    def alarm(*_):
+        raise _Timeout(f"the scan of {root} took over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        return data._scan_folder(Path(root))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _image_tree(root: Path, per_class=3):
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            (root / name / f"{i}.png").write_bytes(encode(Image.new("RGB", (4, 4), (i, 0, 0)), "PNG"))
+
+
+def test_folder_scan_survives_a_self_link(tmp_path):
+    _image_tree(tmp_path)
+    os.symlink(".", tmp_path / "dog" / "again")  # dog/again/again/...: ~40 levels before ELOOP, each image 41 times
+    os.symlink(".", tmp_path / "cat" / "x")  # two self-links: 2^40 paths, a scan that never ends
+    os.symlink(".", tmp_path / "cat" / "y")
+    paths, labels, classes, _ = _scan(tmp_path)
+    assert classes == ("cat", "dog") and len(paths) == 6 and list(labels) == [0, 0, 0, 1, 1, 1], paths
+
+
+def test_folder_scan_survives_a_loop_of_two_directories(tmp_path):
+    _image_tree(tmp_path)
+    (tmp_path / "cat" / "a").mkdir()
+    (tmp_path / "cat" / "b").mkdir()
+    (tmp_path / "cat" / "a" / "x.png").write_bytes((tmp_path / "cat" / "0.png").read_bytes())
+    os.symlink("../b", tmp_path / "cat" / "a" / "to_b")
+    os.symlink("../a", tmp_path / "cat" / "b" / "to_a")
+    os.symlink(tmp_path / "cat" / "0.png", tmp_path / "dog" / "also_cat.png")  # one file, two places
+    os.symlink(tmp_path / "cat", tmp_path / "dog" / "cats")  # a whole class again, under another one
+    start = time.perf_counter()
+    paths, labels, _, _ = _scan(tmp_path)
+    assert time.perf_counter() - start < 5
+    real = sorted(os.path.realpath(p) for p in paths)
+    assert len(real) == len(set(real)) == 7, paths  # 3 + 1 (a/x.png) cat images, 3 dog images; each once
+    assert list(labels).count(0) == 4
+
+
+def test_folder_walk_lists_each_file_once_in_sorted_order(tmp_path):
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    for name in ("b.png", "a.png", "e/c.png"):
+        (tmp_path / "d" / name).write_bytes(b"x")
+    os.link(tmp_path / "d" / "a.png", tmp_path / "d" / "e" / "hard.png")  # the same file by a hard link
+    walk = FolderWalk()
+    assert [os.path.relpath(p, tmp_path) for p in walk.files(tmp_path / "d")] == ["d/a.png", "d/b.png", "d/e/c.png"]
+    assert walk.skipped == 1 and walk.files(tmp_path / "d") == []  # all of it seen already
+
+
+# --------------------------------------------------------------------------------------------------- the docs
+
+
+def test_readmes_say_a_savedmodel_encoder_must_be_trusted():
+    for readme in ("README.md", "export/README.md"):
+        text = " ".join((REPO / readme).read_text().split())
+        assert "Trust: a SavedModel" in text and "is a program, not data" in text, readme
+        assert "reading and writing files" in text and "trust" in text.split("Trust: a SavedModel", 1)[1][:400]

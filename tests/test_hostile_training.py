@@ -391,6 +391,7 @@ def test_multi_worker_run_shares_its_workdir_and_still_keeps_others_out(tmp_path
     assert not (tmp_path / artifacts.LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_two_trainers_started_together_one_runs_one_stops(tmp_path):
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     processes = [subprocess.Popen(train_command(tmp_path, epochs=1, steps=6), cwd=REPO, env=environment,
@@ -443,6 +444,7 @@ def test_bad_field_values_fail_before_anything_is_written(tmp_path, overrides, f
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_small_image_size_trains(tmp_path):
     # image_size=7 was reported to fail inside the graph; the padded stride-2 layers take any size >= 1.
     for size in (preflight.MIN_IMAGE_SIZE, 7):

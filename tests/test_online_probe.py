@@ -100,7 +100,7 @@ def test_negative_labels_are_left_out():
     assert float(top1) == pytest.approx(want_top1)
 
 
-@pytest.mark.parametrize("replicas", [2, 4])
+@pytest.mark.parametrize("replicas", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_the_probe_is_exact_under_replicas(replicas):
     """Its update with R replicas equals one device's on the same global batch (float64: maths, not round-off)."""
     v1, v2, labels = labelled_views(n=16)
@@ -179,6 +179,7 @@ def test_pretrain_dataset_with_labels_yields_labels_of_the_dataset():
     np.testing.assert_array_equal(v1.numpy(), v1_plain.numpy())
 
 
+@pytest.mark.slow
 def test_trainer_logs_the_probe_and_resumes_it(tmp_path):
     """The pre-training loop with the probe on (solo-learn's form): online_top1 every logged step, online_val_top1
     on the test split, and a resumed run restores the probe's weights and optimizer."""

@@ -306,6 +306,7 @@ def probe_report(exported, tmp_path_factory):
     result = subprocess.run([sys.executable, str(PROBE), str(exported), str(folder / "manifest.json"),
                              str(folder / "report.json")], env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "PROBE DONE" in result.stdout, result.stderr[-3000:]
+    print("serving probe:", json.dumps(json.loads((folder / "report.json").read_text())))  # -s shows the numbers
     return json.loads((folder / "report.json").read_text()), cases
 
 

@@ -9,6 +9,9 @@ A training workdir (written by `bt_keras.train`):
       encoder.json             its metadata: backbone, image_size, mean, std, dataset, step, feature_dim
       barlow_twins.keras       encoder + projector (for exports that serve the projection)
       metrics.jsonl, tensorboard/, cross_correlation.png
+      cross_correlation.npy/.json  the C drawn in that picture (its top-left block for wide projectors), step, size
+      baselines.json           kNN / linear probe of random init, raw pixels, the trained encoder (knn.baselines)
+      report.png               the training report (bt_keras.reporting; `python -m bt_keras.report WORKDIR`)
 
 A SavedModel export (written by `bt_keras.serving.savedmodel`): `<export_dir>/<version>/saved_model.pb`, `variables/`
 and `assets.extra/` (`bt_keras.json`: what was exported and how inputs are preprocessed; the warm-up requests).
@@ -46,6 +49,10 @@ MODEL_FILE = "barlow_twins.keras"  # encoder + projector
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CORRELATION_PICTURE = "cross_correlation.png"
+CORRELATION_DATA = "cross_correlation.npy"  # the C drawn in CORRELATION_PICTURE
+CORRELATION_INFO = "cross_correlation.json"  # its step and full size
+BASELINES_FILE = "baselines.json"
+REPORT_PICTURE = "report.png"
 
 # A SavedModel export version folder.
 ASSETS_EXTRA = "assets.extra"

@@ -218,10 +218,38 @@ def resnet50(**kwargs) -> keras.Model:
     return resnet("resnet50", **kwargs)
 
 
+# ------------------------------------------------------------------ small CNN (the digits quickstart, issue 16)
+
+_SMALL_CNN_WIDTHS = (32, 64, 128)
+
+
+def small_cnn(*, input_shape=(32, 32, 3), width_multiplier: float = 1.0, synchronized_bn: bool = True,
+              stem: str | None = None, blocks=None, name: str = "small_cnn") -> keras.Model:
+    """Three 3x3 conv -> BatchNorm -> ReLU layers (32, 64, 128 channels x `width_multiplier`), 2x2 max-pooling after
+    the first two, global average pooling: 128-d features. Sized for 32 px images of simple data (the digits
+    quickstart), where a ResNet is slower and no better. `stem` and `blocks` are ResNet options: leave them unset.
+    """
+    if blocks:
+        raise ValueError(f"small_cnn has no residual blocks: leave config.blocks unset (got {blocks}).")
+    if width_multiplier <= 0:
+        raise ValueError(f"width_multiplier must be positive, got {width_multiplier}.")
+    build = _Builder(synchronized_bn, zero_init_residual=False)
+    x = inputs = keras.Input(shape=input_shape, name="images")
+    for i, width in enumerate(_SMALL_CNN_WIDTHS):
+        x = build.conv(x, max(1, int(round(width * width_multiplier))), 3, 1, f"conv{i + 1}")
+        x = keras.layers.ReLU(name=f"relu{i + 1}")(build.bn(x, f"bn{i + 1}"))
+        x = keras.layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
+    features = keras.layers.Flatten(name="flatten")(x)
+    return keras.Model(inputs, features, name=name)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
 BACKBONES: dict[str, Callable[..., keras.Model]] = {
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
+    "small_cnn": small_cnn,
 }
 
 

@@ -12,6 +12,7 @@ Flags:
   --seed            overrides config.seed
   --callbacks       extra Keras callbacks, as MODULE:NAME of a callable returning a callback or a list of them
                     (e.g. keras.callbacks:TerminateOnNaN, or my_callbacks:early_stopping); repeatable
+  --verbose         show every log line (TensorFlow's C++ start-up and INFO logs too); quiet by default
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bt_keras.distribute import STRATEGIES
+from bt_keras import console
+
+# TensorFlow loads here (bt_keras.distribute imports it): run as a command, its start-up noise is filtered.
+with console.quiet_start():
+    from bt_keras.distribute import STRATEGIES
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/quickstart.py", "Recipe (ml_collections config).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Output folder; an existing run there is resumed.")
@@ -35,6 +40,8 @@ _XLA = flags.DEFINE_bool("xla", False, "Compile the train step with XLA.")
 _SEED = flags.DEFINE_integer("seed", None, "Random seed (overrides config.seed).")
 _CALLBACKS = flags.DEFINE_multi_string("callbacks", [], "Extra Keras callbacks: MODULE:NAME of a callable that returns "
                                        "a callback or a list of them (called with no arguments).")
+# Read before the flags are parsed too (bt_keras.console.quiet_requested), to filter TensorFlow's start-up lines.
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show every log line, TensorFlow's too (default: a quiet console).")
 
 
 def load_callbacks(specs) -> list:
@@ -66,9 +73,13 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import tensorflow as tf  # after flag parsing: --cpu_devices must act before TF initialises devices
 
-    from bt_keras import artifacts, distribute, perf
+    from bt_keras import artifacts, distribute, perf, reporting
     from bt_keras.trainer import NonFiniteLossError, Trainer, summary
 
+    if console.is_quiet() and not _VERBOSE.value:
+        console.short_log_lines()
+    if _STRATEGY.value != "tpu" and console.device_line():
+        print(console.device_line())
     logging.info("Host settings: %s", perf.configure_host())
     if _CPU_DEVICES.value:
         distribute.split_cpu(_CPU_DEVICES.value)
@@ -95,6 +106,8 @@ def main(argv):
         logging.error("%s", error)
         print(f"ERROR: {error}", file=sys.stderr)
         sys.exit(3)
+    if "loss" not in logs:  # nothing left to train (a finished run, rerun): its last logged metrics
+        logs = {**reporting.final_metrics(_WORKDIR.value), **logs}
     print(f"Finished at step {trainer.step}: {summary(logs)}")
     print(f"Encoder saved to {os.path.join(_WORKDIR.value, artifacts.ENCODER_FILE)}")
 

@@ -43,6 +43,7 @@ def get_config():
     c.optimizer.weight_decay = 1e-4
     c.optimizer.warmup_epochs = 2
     c.knn.every_epochs = 5
+    c.knn.k = 20  # the usual k=200 is more than the ~144 training images of a digit class
     c.knn.train_examples = 0
     c.knn.test_examples = 0
     c.knn.baselines = True  # the closing table: random init, raw pixels (8x8: the scans' own size), Barlow Twins

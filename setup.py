@@ -35,14 +35,13 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",  # the embedded `digits` dataset and the L-BFGS linear probe
     "pillow>=10.0",
     "tensorboard>=2.20",  # tf.summary needs it installed (the tensorflow wheel no longer pulls it in)
+    "matplotlib>=3.7",  # the training report and the colour-barred picture of C (bt_keras.reporting)
 ]
 
 EXTRAS_REQUIRE = {
     # tensorflow-serving-api: the warm-up record and gRPC tests compare against the official protos.
     "test": ["pytest>=8.0", "tensorflow-serving-api>=2.18"],
     "serving": ["tensorflow-serving-api>=2.18"],
-    # keras-cv is optional: every augmentation we need is in keras.layers or our own ops.
-    "keras-cv": ["keras-cv>=0.9"],
 }
 
 setup(

@@ -35,7 +35,7 @@ def get_config():
     c.width_multiplier = 1.0
     c.projector = "512-512"
     c.batch_size = 128
-    c.epochs = 20
+    c.epochs = 30
     c.optimizer.lr_weights = 0.3
     c.optimizer.lr_biases = 0.3 * 0.0048 / 0.2
     c.optimizer.scale_by_batch = False

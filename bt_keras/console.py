@@ -117,12 +117,15 @@ class StderrFilter:
         return False
 
 
-def _command_module(argv) -> str | None:
-    """`bt_keras.train` for `python -m bt_keras.train ...` (the interpreter's own arguments), else None."""
+def _command_arguments(argv) -> list[str] | None:
+    """The arguments after the command when the interpreter runs a bt_keras command line (`python -m bt_keras.X ...`
+    or an installed `bt-keras-*` script), else None."""
     argv = list(argv)
     for i, arg in enumerate(argv[:-1]):
         if arg == "-m":
-            return argv[i + 1] if argv[i + 1].startswith("bt_keras.") else None
+            return argv[i + 2:] if argv[i + 1].startswith("bt_keras.") else None
+    if len(argv) > 1 and os.path.basename(argv[1]).startswith("bt-keras-"):
+        return argv[2:]
     return None
 
 
@@ -135,17 +138,15 @@ def _asks_verbose(args) -> bool:
 
 
 def quiet_requested(orig_argv=None, environ=None) -> bool:
-    """True when this process runs a bt_keras command (`python -m bt_keras.X`) without `--verbose`, `--verbosity`,
+    """True when this process runs a bt_keras command (`python -m bt_keras.X`, `bt-keras-train`) without `--verbose`, `--verbosity`,
     `-v` or BT_KERAS_VERBOSE=1: then its console is kept quiet. Read from the interpreter's original command line
     (`sys.orig_argv`), which exists before the command's flags are parsed."""
     orig_argv = list(getattr(sys, "orig_argv", []) if orig_argv is None else orig_argv)
     environ = os.environ if environ is None else environ
     if environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes"):
         return False
-    module = _command_module(orig_argv)
-    if module is None:
-        return False
-    return not _asks_verbose(orig_argv[orig_argv.index(module) + 1:])
+    arguments = _command_arguments(orig_argv)
+    return arguments is not None and not _asks_verbose(arguments)
 
 
 _QUIET = False

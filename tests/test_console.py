@@ -39,6 +39,8 @@ def test_quiet_only_for_bt_keras_commands_without_verbose():
     assert not console.quiet_requested(["python", "-m", "bt_keras.train", "--verbosity=1"], {})
     assert not console.quiet_requested(["python", "-m", "bt_keras.train"], {console.VERBOSE_ENV: "1"})
     assert not console.quiet_requested(["python", "my_script.py"], {})
+    assert console.quiet_requested(["/venv/bin/python", "/venv/bin/bt-keras-train", "--workdir=x"], {})
+    assert not console.quiet_requested(["/venv/bin/python", "/venv/bin/bt-keras-train", "-v=1"], {})
 
 
 def test_filter_drops_startup_noise_and_passes_real_errors():

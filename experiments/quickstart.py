@@ -2,7 +2,7 @@
 
 A digits recipe, not the CIFAR one: handwritten digits are grey and their meaning changes when mirrored, so there are
 no flips and no colour jitter; the views are random crops (scale 0.5-1, which also shifts the digit) and small
-rotations. The encoder is a 3-layer CNN (`backbones.small_cnn`, 128-d features) with a 512-512 projector, trained
+rotations. The encoder is a 3-layer CNN (`backbones.small_cnn`, 2048-d flattened features) with a 512-512 projector, trained
 with the library's own BarlowTwins, LARS and trainer. The run ends with a table: kNN and linear-probe top-1 of the
 random initialisation, of raw pixels and of the trained encoder on the digits test split.
 

@@ -35,6 +35,7 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",  # the embedded `digits` dataset and the L-BFGS linear probe
     "pillow>=10.0",
     "tensorboard>=2.20",  # tf.summary needs it installed (the tensorflow wheel no longer pulls it in)
+    "matplotlib>=3.7",  # the training report and the colour-barred picture of C (bt_keras.reporting)
 ]
 
 # ONNX export (bt_keras.serving.onnx_export): Keras's model.export(format="onnx") converts with tf2onnx; 1.17 is the
@@ -48,8 +49,6 @@ EXTRAS_REQUIRE = {
     "test": ["pytest>=8.0", "tensorflow-serving-api>=2.18", "onnxruntime>=1.20", *ONNX_REQUIRES],
     "onnx": ONNX_REQUIRES,
     "serving": ["tensorflow-serving-api>=2.18"],
-    # keras-cv is optional: every augmentation we need is in keras.layers or our own ops.
-    "keras-cv": ["keras-cv>=0.9"],
 }
 
 setup(

@@ -12,6 +12,9 @@ A training workdir (written by `bt_keras.train`):
       config_changes.jsonl     what changed in the config between starts of the run (bt_keras.resume)
       train.lock               while a trainer runs: its host and pid (bt_keras.workdir_lock)
       checkpoints/unusable/    corrupt or orphan checkpoint files moved aside on resume (never deleted)
+      cross_correlation.npy/.json  the C drawn in that picture (its top-left block for wide projectors), step, size
+      baselines.json           kNN / linear probe of random init, raw pixels, the trained encoder (knn.baselines)
+      report.png               the training report (bt_keras.reporting; `python -m bt_keras.report WORKDIR`)
 
 A SavedModel export (written by `bt_keras.serving.savedmodel`): `<export_dir>/<version>/saved_model.pb`, `variables/`
 and `assets.extra/` (`bt_keras.json`: what was exported and how inputs are preprocessed; the warm-up requests).
@@ -52,6 +55,10 @@ CORRELATION_PICTURE = "cross_correlation.png"
 CONFIG_CHANGES_FILE = "config_changes.jsonl"
 LOCK_FILE = "train.lock"
 UNUSABLE_CHECKPOINTS = "unusable"  # inside checkpoints/
+CORRELATION_DATA = "cross_correlation.npy"  # the C drawn in CORRELATION_PICTURE
+CORRELATION_INFO = "cross_correlation.json"  # its step and full size
+BASELINES_FILE = "baselines.json"
+REPORT_PICTURE = "report.png"
 
 # A SavedModel export version folder.
 ASSETS_EXTRA = "assets.extra"

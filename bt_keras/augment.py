@@ -7,7 +7,8 @@ grayscale p=0.2, Gaussian blur p=1.0 / 0.1 with sigma ~ U[0.1, 2.0], solarisatio
 then mean/std normalisation. Every random decision is drawn per image, also inside a batch.
 
 Order of operations: crop -> flip -> colour jitter -> grayscale -> blur -> solarise -> normalise,
-as in the official code. Colour jitter applies its four adjustments in a random order per image,
+as in the official code. An optional per-image rotation (off by default, not in the paper; for data such as
+handwritten digits, where flips and colour changes make no sense) runs right after crop and flip. Colour jitter applies its four adjustments in a random order per image,
 like ``torchvision.transforms.ColorJitter``; each adjustment clamps to [0, 1].
 
 Randomness is stateless: ``augment_batch(images, config, seed)`` with an int or an int tensor of
@@ -217,6 +218,34 @@ def _blur(images: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
     return tf.transpose(tf.reshape(planes, [shape[1], shape[2], shape[0], 3]), [2, 0, 1, 3])
 
 
+def rotation_angles(config: ViewConfig, n, seed) -> tf.Tensor:
+    """Per-image rotation angles in degrees [n]: U[rotation_degrees] with probability rotation_prob, else 0."""
+    s_apply, s_angle = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    angles = tf.random.stateless_uniform([n], s_angle, *config.rotation_degrees)
+    return tf.where(_bernoulli(s_apply, n, config.rotation_prob), angles, 0.0)
+
+
+def rotate(images: tf.Tensor, degrees: tf.Tensor) -> tf.Tensor:
+    """Rotates each image of a float batch [B, H, W, C] about its centre by its own angle ``degrees`` [B]
+    (counter-clockwise on screen for positive angles), bilinear, filling with 0 where the source lies outside.
+
+    Output pixel p (x = column, y = row) samples the input at R(angle) (p - c) + c, c the centre
+    ((W - 1) / 2, (H - 1) / 2); an angle of 0 returns the image unchanged.
+    """
+    shape = tf.shape(images)
+    height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    theta = tf.cast(degrees, tf.float32) * (math.pi / 180.0)
+    cos, sin = tf.cos(theta), tf.sin(theta)
+    cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
+    zeros = tf.zeros_like(theta)
+    # ImageProjectiveTransformV3 maps output (x, y) to input ((a0 x + a1 y + a2), (b0 x + b1 y + b2)) for c0 = c1 = 0.
+    transforms = tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, zeros, zeros],
+                          axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")
+
+
 def augment_batch(images, config: ViewConfig, seed=None, *, geometric: bool = True) -> tf.Tensor:
     """One augmented view of a batch: uint8 (or float [0, 1]) [B, H, W, 3] -> float32 [B, S, S, 3].
 
@@ -235,6 +264,9 @@ def augment_batch(images, config: ViewConfig, seed=None, *, geometric: bool = Tr
         x = _crop_and_flip_batch(x, config, seeds[0])
     else:
         x = tf.ensure_shape(x, [None, config.crop_size, config.crop_size, 3])
+    if config.rotation_prob > 0:  # its own seed (folded from the batch's), so recipes without it draw as before
+        angles = rotation_angles(config, n, tf.random.experimental.stateless_fold_in(_as_seed(seed), 1))
+        x = _on_subset(x, tf.not_equal(angles, 0.0), lambda images, idx: rotate(images, tf.gather(angles, idx)))
     if config.jitter_prob > 0 or config.grayscale_prob > 0:
         x = _color_pixels(x, *_jitter_params(config, n, seeds[1]), _bernoulli(seeds[2], n, config.grayscale_prob))
     if config.blur_prob > 0:

@@ -4,8 +4,9 @@ They work with `model.fit` and with `bt_keras.train`'s loop alike:
 
 * `MetricsLogger`: every logged step and epoch as a JSON line (`metrics.jsonl`) and as TensorBoard scalars: every
   numeric metric in the logs (loss, on/off-diagonal terms, learning rate, embedding std, images/s, kNN accuracy, ...).
-* `CrossCorrelationPicture`: the cross-correlation matrix C of a fixed batch, as a TensorBoard image and a PNG.
-  Red is +1, blue -1, white 0: training should turn it into a red diagonal on white.
+* `CrossCorrelationPicture`: the cross-correlation matrix C of a fixed batch, as a TensorBoard image and a PNG with
+  a colour bar (and the C drawn, as .npy). Red is +1, blue -1, white 0: training should turn it into a red diagonal.
+* `TrainingReport`: the report figure (`bt_keras.reporting`) at the end of training.
 * `KnnMonitor`: weighted kNN accuracy (k=200, temperature 0.1, as in Wu et al. 2018 and most SSL papers) of the
   encoder's features on a labelled split, every few epochs.
 * `OnlineProbeMonitor`: the online linear probe's (`bt_keras.probe`) top-1 on a labelled split, every few epochs:
@@ -23,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from bt_keras import artifacts, data
+from bt_keras import artifacts, baselines, builders, data, progress, reporting
 from bt_keras.evaluation.features import extract_features
 from bt_keras.evaluation.knn import knn_accuracy
 
@@ -107,8 +108,13 @@ class CrossCorrelationPicture(keras.callbacks.Callback):
         if (epoch + 1) % self.every_epochs:
             return
         c = self.model.compute_loss_terms(*self.views, training=False)["cross_correlation"].numpy()
-        picture = correlation_image(c)
-        with self.writer.as_default(step=int((logs or {}).get("step", epoch + 1))):
+        step = int((logs or {}).get("step", epoch + 1))
+        reporting.save_correlation(self.workdir, c, step)  # the C drawn, for the report and for tests
+        try:
+            picture = reporting.correlation_picture(c, step=step)  # axes, title and colour bar
+        except ImportError:  # no matplotlib: the bare picture
+            picture = correlation_image(c, reporting.MAX_SHOWN)
+        with self.writer.as_default(step=step):
             tf.summary.image("cross_correlation", picture[None], max_outputs=1)
         self.writer.flush()
         keras.utils.save_img(self.workdir / artifacts.CORRELATION_PICTURE, picture, scale=False)
@@ -124,6 +130,7 @@ class KnnMonitor(keras.callbacks.Callback):
         self.train_data, self.test_data = train_data, test_data
         self.num_classes, self.every_epochs, self.k, self.temperature = num_classes, every_epochs, k, temperature
         self.history = []
+        self.print_epochs = True  # False when a progress line shows the accuracy (bt_keras.progress)
 
     def evaluate(self, encoder) -> tuple[float, float]:
         train_x, train_y = extract_features(encoder, self.train_data)
@@ -145,7 +152,8 @@ class KnnMonitor(keras.callbacks.Callback):
         top1, top5 = self.evaluate(self.model.encoder)
         logs.update(knn_top1=top1, knn_top5=top5)
         self.history.append({"step": int(logs.get("step", 0)), "knn_top1": top1, "knn_top5": top5})
-        print(f"\nepoch {epoch + 1}: kNN top-1 {top1:.4f}  top-5 {top5:.4f}", flush=True)
+        if self.print_epochs:
+            print(f"\nepoch {epoch + 1}: kNN top-1 {top1:.4f}  top-5 {top5:.4f}", flush=True)
 
 
 class OnlineProbeMonitor(keras.callbacks.Callback):
@@ -205,15 +213,38 @@ def knn_monitor_from_config(config) -> KnnMonitor | None:
                       info.num_classes, every_epochs=knn.every_epochs, k=knn.k, temperature=knn.temperature)
 
 
+class TrainingReport(keras.callbacks.Callback):
+    """Writes `workdir/report.png` (bt_keras.reporting) when training ends; a warning, not a failure, if it cannot."""
+
+    def __init__(self, workdir):
+        super().__init__()
+        self.workdir = Path(workdir)
+
+    def on_train_end(self, logs=None):
+        try:
+            path = reporting.write_report(self.workdir)
+        except (ImportError, OSError, ValueError) as error:
+            logging.warning("No training report: %s", error)
+            return
+        print(f"Report: {path}", flush=True)
+
+
 def default_callbacks(config, workdir, views, enabled: bool = True) -> list[keras.callbacks.Callback]:
-    """What `bt_keras.train` attaches: kNN and online-probe monitors (if configured), C picture, then the logger
-    (last, so it sees the others' additions to the logs). Empty on non-chief workers."""
+    """What `bt_keras.train` attaches: kNN and online-probe monitors (if configured), the baseline table (if
+    configured), C picture, the progress line, the logger (after those, so it sees their additions to the logs), the
+    report (last: it reads what the others wrote). Empty on non-chief workers."""
     if not enabled:
         return []
     fixed = data.pretrain_dataset(config.dataset, global_batch_size=min(config.batch_size, 256), views=views,
                                   data_dir=config.data_dir, download=config.download, split=config.split,
                                   seed=config.seed + 1, repeat=False, cache=False, shuffle_buffer=1024)
-    result = [knn_monitor_from_config(config), online_probe_monitor_from_config(config),
+    monitor = knn_monitor_from_config(config)
+    if monitor is not None:
+        monitor.print_epochs = False  # the progress line shows it
+    table = baselines.BaselineTable(config, workdir) if monitor is not None and config.knn.get("baselines") else None
+    result = [monitor, online_probe_monitor_from_config(config), table,
               CrossCorrelationPicture(next(iter(fixed)), workdir, every_epochs=config.picture_every_epochs),
-              MetricsLogger(workdir, every_steps=config.log_every_steps)]
+              progress.ProgressLines(config.epochs, builders.steps_per_epoch(config)),
+              MetricsLogger(workdir, every_steps=config.log_every_steps),
+              TrainingReport(workdir)]
     return [cb for cb in result if cb is not None]

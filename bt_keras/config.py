@@ -109,4 +109,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.knn.test_examples = 2_000
     c.knn.k = 200
     c.knn.temperature = 0.1
+    c.knn.baselines = False  # at the end: kNN + linear probe of random init, raw pixels and the trained encoder
+    c.knn.raw_pixel_size = 0  # raw-pixel baseline area-resized to this many px (0: config.image_size)
     return c

@@ -16,6 +16,7 @@ Flags:
                     (otherwise an error lists the changed fields; changes are recorded in config_changes.jsonl)
 
 Exit codes: 0 done, 2 a mistake in the flags, config, data or workdir (or a full disk), 3 the loss went non-finite.
+  --verbose         show every log line (TensorFlow's C++ start-up and INFO logs too); quiet by default
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bt_keras.distribute import STRATEGIES
+from bt_keras import console
+
+# TensorFlow loads here (bt_keras.distribute imports it): run as a command, its start-up noise is filtered.
+with console.quiet_start():
+    from bt_keras.distribute import STRATEGIES
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/quickstart.py", "Recipe (ml_collections config).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Output folder; an existing run there is resumed.")
@@ -43,6 +48,8 @@ _CALLBACKS = flags.DEFINE_multi_string("callbacks", [], "Extra Keras callbacks: 
                                        "a callback or a list of them (called with no arguments).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changes fields "
                                          "the checkpoint depends on (model, optimisation, data stream).")
+# Read before the flags are parsed too (bt_keras.console.quiet_requested), to filter TensorFlow's start-up lines.
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show every log line, TensorFlow's too (default: a quiet console).")
 
 
 def load_callbacks(specs) -> list:
@@ -74,9 +81,13 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import tensorflow as tf  # after flag parsing: --cpu_devices must act before TF initialises devices
 
-    from bt_keras import artifacts, distribute, perf
+    from bt_keras import artifacts, distribute, perf, reporting
     from bt_keras.trainer import NonFiniteLossError, Trainer, summary
 
+    if console.is_quiet() and not _VERBOSE.value:
+        console.short_log_lines()
+    if _STRATEGY.value != "tpu" and console.device_line():
+        print(console.device_line())
     logging.info("Host settings: %s", perf.configure_host())
     if _CPU_DEVICES.value:
         distribute.split_cpu(_CPU_DEVICES.value)
@@ -103,6 +114,8 @@ def main(argv):
         logging.error("%s", error)
         print(f"ERROR: {error}", file=sys.stderr)
         sys.exit(3)
+    if "loss" not in logs:  # nothing left to train (a finished run, rerun): its last logged metrics
+        logs = {**reporting.final_metrics(_WORKDIR.value), **logs}
     print(f"Finished at step {trainer.step}: {summary(logs)}")
     print(f"Encoder saved to {os.path.join(_WORKDIR.value, artifacts.ENCODER_FILE)}")
 

@@ -234,7 +234,7 @@ class Trainer:
         index within the epoch, `logs["step"]` the global step), `on_epoch_*`, and `model.stop_training`, so
         `keras.callbacks.EarlyStopping` and `TerminateOnNaN` work as they do under `fit`. Metrics are tensors in
         batch logs and are read back from the device only every `config.log_every_steps` steps (and at epoch ends),
-        where the progress bar and the NaN check use them.
+        where the progress line (bt_keras.progress, a callback) and the NaN check use them.
         """
         c = self.config
         start = self.start_step
@@ -271,9 +271,6 @@ class Trainer:
         cbs.on_epoch_begin(epoch)
         for tracker in self.model.metrics:
             tracker.reset_state()
-        progbar = keras.utils.Progbar(self.steps_per_epoch, verbose=1 if self.chief else 0,
-                                      stateful_metrics=["lr", "images/s"])
-        progbar.update(step - first)
         tic, tic_step, logs = time.perf_counter(), step, {"step": step}
         while step < end and not self.model.stop_training:
             cbs.on_train_batch_begin(step - first)
@@ -283,9 +280,6 @@ class Trainer:
                 logs = {name: float(value) for name, value in logs.items()}
                 self._check_finite(logs)
                 logs["images/s"] = (step - tic_step) * c.batch_size / max(time.perf_counter() - tic, 1e-9)
-                progbar.update(step - first, list(logs.items()))
-            else:
-                progbar.update(step - first)
             logs["step"] = step
             cbs.on_train_batch_end(step - first - 1, logs)
         logs = {name: value if name == "step" else float(value) for name, value in logs.items()}

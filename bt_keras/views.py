@@ -33,6 +33,9 @@ class ViewConfig:
     (radius ``crop_size // 20``: 23 taps at 224 px, as in SimCLR/BYOL). ``brightness``, ``contrast``
     and ``saturation`` draw a factor from U[max(0, 1 - v), 1 + v], ``hue`` a shift from U[-v, v]
     (fraction of the hue circle), as in torchvision. ``mean``/``std`` normalise the [0, 1] output.
+    ``rotation_prob`` (default 0: off, as in the paper) rotates an image about its centre by an angle
+    ~ U[rotation_degrees] (counter-clockwise for positive angles, as torchvision's RandomRotation),
+    bilinear, the corners that come from outside filled with 0 (black, torchvision's default fill).
     """
 
     crop_size: int
@@ -48,6 +51,8 @@ class ViewConfig:
     blur_prob: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_prob: float = 0.0
+    rotation_prob: float = 0.0
+    rotation_degrees: tuple[float, float] = (-15.0, 15.0)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -57,7 +62,7 @@ class ViewConfig:
 
         if isinstance(self.crop_size, bool) or not isinstance(self.crop_size, int) or self.crop_size < 2:
             raise ValueError(f"ViewConfig.crop_size must be an int >= 2, got {self.crop_size!r}")
-        for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+        for name in ("crop_scale", "crop_ratio", "blur_sigma", "rotation_degrees"):
             put(name, _pair(getattr(self, name), name))
         if not (0.0 < self.crop_scale[0] and self.crop_scale[1] <= 1.0):
             raise ValueError(f"ViewConfig.crop_scale must lie in (0, 1], got {self.crop_scale}")
@@ -65,7 +70,9 @@ class ViewConfig:
             raise ValueError(f"ViewConfig.crop_ratio must be positive, got {self.crop_ratio}")
         if self.blur_sigma[0] <= 0.0:
             raise ValueError(f"ViewConfig.blur_sigma must be positive, got {self.blur_sigma}")
-        for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+        if not (-180.0 <= self.rotation_degrees[0] and self.rotation_degrees[1] <= 180.0):
+            raise ValueError(f"ViewConfig.rotation_degrees must lie in [-180, 180], got {self.rotation_degrees}")
+        for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob", "rotation_prob"):
             value = float(getattr(self, name))
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"ViewConfig.{name} must be a probability in [0, 1], got {value}")

@@ -1,13 +1,28 @@
-"""Quick demo: Barlow Twins on scikit-learn's bundled handwritten digits (offline), a few minutes on a laptop CPU.
+"""Quick demo: Barlow Twins on scikit-learn's bundled handwritten digits (offline), under 3 minutes on 2 CPU cores.
 
-A narrow ResNet-18 (1/4 width, one block per stage) on 32 px digits with the CIFAR augmentation recipe. The online
-kNN monitor reports accuracy on the digits test split before training and every few epochs: it should end well
-above the random-initialisation number it starts from.
+A digits recipe, not the CIFAR one: handwritten digits are grey and their meaning changes when mirrored, so there are
+no flips and no colour jitter; the views are random crops (scale 0.5-1, which also shifts the digit) and small
+rotations. The encoder is a 3-layer CNN (`backbones.small_cnn`, 2048-d flattened features) with a 512-512 projector, trained
+with the library's own BarlowTwins, LARS and trainer. The run ends with a table: kNN and linear-probe top-1 of the
+random initialisation, of raw pixels and of the trained encoder on the digits test split.
 
     python -m bt_keras.train --config=experiments/quickstart.py --workdir=runs/quickstart
 """
 
-from bt_keras.config import base_config, recipe_views
+import ml_collections
+
+from bt_keras.config import base_config
+
+
+def digits_view(**overrides) -> ml_collections.ConfigDict:
+    """One view for handwritten digits (bt_keras.views.ViewConfig fields; crop size left to config.image_size)."""
+    view = dict(crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob=0.0, jitter_prob=0.0,
+                grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0, rotation_prob=0.5,
+                rotation_degrees=(-15.0, 15.0))
+    view.update(overrides)
+    view = ml_collections.ConfigDict(view)
+    view.crop_size = ml_collections.FieldReference(None, field_type=int)
+    return view
 
 
 def get_config():
@@ -15,21 +30,22 @@ def get_config():
     c.name = "quickstart"
     c.dataset = "digits"
     c.image_size = 32
-    c.view1, c.view2 = recipe_views("cifar")
-    c.backbone = "resnet18"
-    c.stem = "cifar"
-    c.width_multiplier = 0.25
-    c.blocks = (1, 1, 1, 1)
-    c.projector = "512-512-512"
+    c.view1, c.view2 = digits_view(), digits_view()
+    c.backbone = "small_cnn"
+    c.width_multiplier = 1.0
+    c.projector = "512-512"
     c.batch_size = 128
-    c.epochs = 20
-    c.optimizer.lr_weights = 0.3  # the CIFAR recipe's LARS settings (solo-learn), not batch-scaled
+    c.epochs = 25
+    c.optimizer.lr_weights = 0.3
     c.optimizer.lr_biases = 0.3 * 0.0048 / 0.2
     c.optimizer.scale_by_batch = False
     c.optimizer.eta = 0.02
     c.optimizer.weight_decay = 1e-4
     c.optimizer.warmup_epochs = 2
     c.knn.every_epochs = 5
+    c.knn.k = 20  # the usual k=200 is more than the ~144 training images of a digit class
     c.knn.train_examples = 0
     c.knn.test_examples = 0
+    c.knn.baselines = True  # the closing table: random init, raw pixels (8x8: the scans' own size), Barlow Twins
+    c.knn.raw_pixel_size = 8
     return c

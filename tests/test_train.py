@@ -25,8 +25,8 @@ from bt_keras.trainer import NonFiniteLossError, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "experiments" / "quickstart.py")
-TINY = ["--config.width_multiplier=0.125", "--config.blocks=(1,1)", "--config.projector=64-64",
-        "--config.batch_size=32", "--config.knn.every_epochs=0", "--config.log_every_steps=2"]
+TINY = ["--config.backbone=resnet18", "--config.width_multiplier=0.125", "--config.blocks=(1,1)",
+        "--config.projector=64-64", "--config.batch_size=32", "--config.knn.every_epochs=0", "--config.log_every_steps=2"]
 
 
 def train_command(workdir, *extra, epochs=2, steps=3):
@@ -52,8 +52,8 @@ def tiny_config(**overrides):
     import quickstart
 
     config = quickstart.get_config()
-    config.update(dict(width_multiplier=0.125, blocks=(1, 1), projector="64-64", batch_size=32, epochs=2,
-                       steps_per_epoch=3))
+    config.update(dict(backbone="resnet18", width_multiplier=0.125, blocks=(1, 1), projector="64-64", batch_size=32,
+                       epochs=2, steps_per_epoch=3))
     config.knn.every_epochs = 0
     config.update(overrides)
     return config

@@ -7,8 +7,11 @@ from typing import Callable
 
 from absl import flags
 
-from bt_keras import artifacts
-from bt_keras.evaluation import protocol
+from bt_keras import console
+
+with console.quiet_start():  # TensorFlow loads here: its start-up lines filtered (bt_keras.console)
+    from bt_keras import artifacts
+    from bt_keras.evaluation import protocol
 
 
 def define_common_flags(fv) -> None:

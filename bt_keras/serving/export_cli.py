@@ -16,10 +16,13 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from bt_keras import artifacts
-from bt_keras.serving.savedmodel import export_encoder
-from bt_keras.serving.signatures import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
-from bt_keras.serving.warmup import DEFAULT_MODEL_NAME, DEFAULT_WARMUP_BATCH_SIZES
+from bt_keras import console
+
+with console.quiet_start():  # TensorFlow loads here: its start-up lines filtered (bt_keras.console)
+    from bt_keras import artifacts
+    from bt_keras.serving.savedmodel import export_encoder
+    from bt_keras.serving.signatures import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
+    from bt_keras.serving.warmup import DEFAULT_MODEL_NAME, DEFAULT_WARMUP_BATCH_SIZES
 
 
 def _define_flags():

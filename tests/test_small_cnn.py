@@ -1,0 +1,25 @@
+"""The quickstart's backbone (`backbones.small_cnn`): registered, 2048-d at 32 px, the library's BatchNorm, clear
+errors for ResNet-only options and variable image sizes."""
+
+import numpy as np
+import pytest
+
+from bt_keras import backbones
+
+
+def test_small_cnn_is_registered_with_flattened_features():
+    model = backbones.get_backbone("small_cnn", input_shape=(32, 32, 3), stem="cifar")
+    assert model.output_shape == (None, 4 * 4 * 128)
+    norms = [layer for layer in model.layers if "bn" in layer.name]
+    assert len(norms) == 3 and all(isinstance(layer, backbones.BatchNormalization) for layer in norms)
+    half = backbones.small_cnn(input_shape=(32, 32, 3), width_multiplier=0.5)
+    assert half.output_shape == (None, 4 * 4 * 64)
+    features = model(np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32"), training=False)
+    assert np.all(np.isfinite(features)) and float(np.min(features)) >= 0.0  # max-pooled ReLUs
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(blocks=(1, 1)), "blocks"), (dict(input_shape=(None, None, 3)),
+                                              "fixed image size"), (dict(width_multiplier=0.0), "width_multiplier")])
+def test_small_cnn_rejects_what_it_cannot_build(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        backbones.small_cnn(**kwargs)

@@ -277,6 +277,8 @@ def _hostile_cases() -> dict:
         "truncated JPEG body": (small_jpeg[:-200], "image 2 of the batch could not be decoded"),
         "empty string": (b"", "image 2 of the batch is an empty string"),
         "JPEG cut inside its header": (small_jpeg[:40], "has a JPEG header that is cut short"),
+        # Under the pixel limit, but resized to the model's shorter side (18 px) it would be 3.6 million x 18.
+        "thin 200000x1 PNG": (encode(Image.new("RGB", (200000, 1)), "PNG"), "an extreme aspect ratio"),
     }
 
 
@@ -325,6 +327,19 @@ def test_serving_refuses_hostile_images_before_decoding_in_bounded_time_and_memo
             assert f"more than {LIMIT} pixels (max_image_pixels={LIMIT})" in result["message"]
         assert result["seconds"] < 1.0, (name, result)
         assert result["growth_mb"] < 300, (name, result)
+
+
+def test_resized_size_bound_equals_its_float_formula():
+    rng = np.random.default_rng(5)
+    heights = np.concatenate([rng.integers(1, 300_000, 400), [1, 1, 7, 200_000, 2**31]])
+    widths = np.concatenate([rng.integers(1, 300_000, 400), [200_000, 1, 7, 1, 3]])
+    for short_side, limit in ((18, 50_000_000), (256, 50_000_000), (37, 1_000)):
+        got = image_header.resized_too_large(tf.constant(heights, tf.int64), tf.constant(widths, tf.int64),
+                                             short_side, limit).numpy()
+        short, long = np.minimum(heights, widths).astype(float), np.maximum(heights, widths).astype(float)
+        np.testing.assert_array_equal(got, short_side * (long * short_side / short) > limit)
+    assert not image_header.resized_too_large(tf.constant([5], tf.int64), tf.constant([10**9], tf.int64), None,
+                                              10).numpy().any()  # no resize: nothing to bound
 
 
 def test_export_is_world_readable_under_umask_022(exported):

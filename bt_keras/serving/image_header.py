@@ -348,20 +348,38 @@ def encoded_image_size(contents):
 # ------------------------------------------------------------------------------------------ checking a batch
 
 
-def _problems(images, max_image_pixels: int):
+def resized_too_large(height, width, resized_short_side: int | None, max_image_pixels: int):
+    """Whether an image of height x width (int64 tensors) holds more than max_image_pixels once its shorter side is
+    resized to `resized_short_side` (the evaluation transform's resize; the longer side grows by the same factor).
+
+    A few hundred bytes can promise 200000 x 1 pixels: under any pixel limit, yet resized to a shorter side of 37 it
+    is 7.4 million x 37 floats, and at 256 it would be terabytes. So the limit applies to the resized image too."""
+    if not resized_short_side:
+        return tf.zeros_like(height, tf.bool)
+    short, long = tf.minimum(height, width), tf.maximum(height, width)
+    target = int(resized_short_side)
+    # target * (long * target / short) > limit, in integers (no overflow below 2^63 for any header value here).
+    return (short > 0) & (tf.minimum(long, _i64(2**40)) * target * target > _i64(int(max_image_pixels)) * short)
+
+
+def _problems(images, max_image_pixels: int, resized_short_side: int | None = None):
     """Per image of a [batch] string tensor: (problem code, header). Codes: 0 fine, 1 empty string, 2 unknown
-    format, 3 header cut short / malformed, 4 zero (or negative) height or width, 5 over max_image_pixels."""
+    format, 3 header cut short / malformed, 4 zero (or negative) height or width, 5 over max_image_pixels,
+    6 over max_image_pixels once resized (an extreme aspect ratio; see `resized_too_large`)."""
     headers = read_image_headers(images)
     limit = tf.constant(int(max_image_pixels), tf.int64)
     problem = tf.where(tf.equal(tf.strings.length(images), 0), 1,
               tf.where(tf.equal(headers.format, UNKNOWN), 2,
               tf.where(headers.height < 0, 3,
               tf.where(tf.minimum(headers.height, headers.width) <= 0, 4,
-              tf.where(headers.pixels > limit, 5, 0)))))
+              tf.where(headers.pixels > limit, 5,
+              tf.where(resized_too_large(headers.height, headers.width, resized_short_side, max_image_pixels),
+                       6, 0))))))
     return problem, headers
 
 
-def check_encoded_images(images, max_image_pixels: int, what: str = "serving_default"):
+def check_encoded_images(images, max_image_pixels: int, what: str = "serving_default",
+                         resized_short_side: int | None = None):
     """An assert op that fails (InvalidArgumentError) unless every encoded image of `images` (string [batch]) has a
     readable JPEG / PNG / GIF / BMP / WebP header promising 1 ..= max_image_pixels pixels; run it BEFORE decoding.
 
@@ -370,7 +388,7 @@ def check_encoded_images(images, max_image_pixels: int, what: str = "serving_def
     (max_image_pixels=50000000); downscale it before sending". Costs a header read per image, no decoding.
     """
     max_image_pixels = int(max_image_pixels)
-    problem, h = _problems(images, max_image_pixels)
+    problem, h = _problems(images, max_image_pixels, resized_short_side)
     bad = problem > 0
     index = _first(bad[None, :])[0]  # the batch size when none is bad (then the message below is not used)
 
@@ -394,6 +412,9 @@ def check_encoded_images(images, max_image_pixels: int, what: str = "serving_def
         tf.where(pixels > width * height,
                  tf.strings.join(["is ", size, " but its GIF frames hold ", text(pixels), " pixels in all, ", limit]),
                  tf.strings.join(["is ", size, ", ", limit])),
+        tf.strings.join(["is ", size, ": resized to a shorter side of ", str(resized_short_side), " px for the "
+                         f"model it would hold more than {max_image_pixels} pixels (max_image_pixels), an extreme "
+                         "aspect ratio; crop it closer to square before sending"]),
     ])
     message = tf.strings.join([f"{what}: image ", text(index), " of the batch ",
                                tf.gather(messages, at(problem, 0))])

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from bt_keras.artifacts import ENCODER_METADATA, SIGNATURE_BYTES, SIGNATURE_NORMALIZED, SIGNATURE_PIXELS
 from bt_keras.augment import eval_transform
-from bt_keras.serving.image_header import check_encoded_images
+from bt_keras.serving.image_header import check_encoded_images, resized_too_large
 
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: any camera photo; stops a decompression bomb before the resize
 
@@ -83,8 +83,15 @@ class Servable:
         p = self.prep
         return eval_transform(image, p["image_size"], p["mean"], p["std"], crop_fraction=p["crop_fraction"])
 
+    @property
+    def resized_short_side(self) -> int:
+        """The shorter side an image is resized to before the centre crop (`eval_transform`)."""
+        return int(round(self.size / self.prep["crop_fraction"]))
+
     def _size_checks(self, height, width, what):
-        """Asserts that 1 <= height, width and height * width <= max_image_pixels (int64 scalars)."""
+        """Asserts that 1 <= height, width and height * width <= max_image_pixels (int64), and that the image
+        resized for the model stays within max_image_pixels too (`image_header.resized_too_large`)."""
+        too_large = resized_too_large(height, width, self.resized_short_side, self.max_image_pixels)
         return [
             tf.debugging.assert_positive(
                 tf.minimum(height, width), message=f"{what} has zero height or width; send a non-empty image"),
@@ -92,6 +99,11 @@ class Servable:
                 height * width, tf.constant(self.max_image_pixels, tf.int64),
                 message=f"{what} has more than {self.max_image_pixels} pixels (the export's max_image_pixels); "
                         "downscale it before sending"),
+            tf.debugging.Assert(
+                ~tf.reduce_any(too_large),
+                [f"{what}: resized to a shorter side of {self.resized_short_side} px for the model it would hold more "
+                 f"than {self.max_image_pixels} pixels (max_image_pixels), an extreme aspect ratio; crop it closer to "
+                 "square before sending"]),
         ]
 
     def _outputs(self, normalized):
@@ -119,7 +131,8 @@ class Servable:
         the image's index, unless each promises 1 ..= max_image_pixels pixels: nothing is decoded before that, so a
         small file promising a huge image costs microseconds, not gigabytes. Decoding then runs in a tf.data map
         whose failures are dropped and noticed (`ignore_errors`), so a corrupt image is also reported by its index."""
-        with tf.control_dependencies([check_encoded_images(images, self.max_image_pixels, SIGNATURE_BYTES)]):
+        with tf.control_dependencies([check_encoded_images(images, self.max_image_pixels, SIGNATURE_BYTES,
+                                                           self.resized_short_side)]):
             images = tf.identity(images)
         n = tf.shape(images, out_type=tf.int64)[0]
 
@@ -145,7 +158,8 @@ class Servable:
                            output_type=tf.int64)
         decodable = tf.debugging.Assert(tf.equal(survived, n), [tf.strings.join([
             "serving_default: image ", tf.strings.as_string(failed), " of the batch could not be decoded: its data "
-            "is corrupt or truncated (the header was readable); send a valid JPEG / PNG / GIF / BMP / WebP file"])])
+            "is corrupt or truncated (the header was readable), or a variant TensorFlow cannot decode to RGB such as an "
+            "animated WebP; send a valid still JPEG / PNG / GIF / BMP / WebP file"])])
         with tf.control_dependencies([decodable, *checks]):
             return self._outputs(tf.identity(normalized))
 

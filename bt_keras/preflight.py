@@ -14,6 +14,7 @@ limit is the random resized crop of the views (`ViewConfig.crop_size >= 2`). Hen
 from __future__ import annotations
 
 import numbers
+import os
 
 from bt_keras import backbones, data, heads
 
@@ -30,6 +31,14 @@ def _get(config, field: str):
     for part in field.split("."):
         value = value.get(part) if hasattr(value, "get") else None
     return value
+
+
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def config_problems(config) -> list[str]:
@@ -51,6 +60,12 @@ def config_problems(config) -> list[str]:
         need(crop is None or crop == image_size, f"{view}.crop_size",
              f"differs from config.image_size={image_size!r}: the encoder's input is image_size x image_size, so "
              f"the views must crop to it (remove the override, or change config.image_size)")
+    batch = config.get("batch_size")
+    if _is_int(image_size) and _is_int(batch) and image_size > 0 and batch > 0:
+        views_bytes, memory = 2 * batch * image_size * image_size * 3 * 4, _physical_memory()
+        need(memory is None or views_bytes <= memory, "image_size",
+             f"with config.batch_size={batch} makes the two float32 views alone {views_bytes / 2**30:.1f} GiB, more "
+             f"than this machine's {(memory or 0) / 2**30:.1f} GiB of memory: lower image_size or batch_size")
     integer("epochs", 1)
     steps = config.get("steps_per_epoch")
     need(steps is None or (_is_int(steps) and steps >= 1), "steps_per_epoch",
@@ -67,7 +82,8 @@ def config_problems(config) -> list[str]:
     need(isinstance(lambd, numbers.Real) and not isinstance(lambd, bool) and lambd > 0, "lambd",
          "must be a positive number (the off-diagonal weight; the paper uses 0.0051)")
     need(config.get("backbone") in backbones.BACKBONES, "backbone", f"is not one of {sorted(backbones.BACKBONES)}")
-    need(config.get("stem") in ("imagenet", "cifar"), "stem", "must be 'imagenet' (7x7/2 + max-pool) or 'cifar' (3x3/1)")
+    need(config.get("stem") in backbones.STEMS, "stem",
+         "must be 'imagenet' (7x7/2 + max-pool), 'cifar' (3x3/1) or 'cifar_pad2' (3x3/1, padding 2: solo-learn's)")
     width = config.get("width_multiplier")
     need(isinstance(width, numbers.Real) and not isinstance(width, bool) and width > 0, "width_multiplier",
          "must be a positive number")

@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,22 @@ class WorkdirLock:
         os.write(fd, (json.dumps(me) + "\n").encode("utf-8"))
         os.fsync(fd)
 
+    def _open(self, flags: int) -> int:
+        """Opens the lock file without following a symlink (a planted `train.lock -> ~/precious` must not be
+        overwritten) and refuses anything but a regular file, naming it and the fix."""
+        try:
+            fd = os.open(self.path, flags | os.O_NOFOLLOW, 0o644)
+        except OSError as error:
+            if error.errno in (errno.ELOOP, errno.EISDIR) or self.path.is_symlink() or self.path.is_dir():
+                raise WorkdirLockedError(
+                    f"The lock file {self.path} is a {'symlink' if self.path.is_symlink() else 'folder'}, not a file "
+                    "bt_keras wrote; remove it (nothing it points to is touched) and start again.") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise WorkdirLockedError(f"The lock file {self.path} is not a regular file; remove it and start again.")
+        return fd
+
     def acquire(self) -> "WorkdirLock":
         key = self._key
         if key in _HELD:
@@ -105,7 +122,7 @@ class WorkdirLock:
                 f"{self.path.parent} is already being trained by this process (another Trainer holds {self.path}); "
                 "finish or close() that Trainer first.")
         for _ in range(10):  # retries only when the previous holder removed the file between our open and lock
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open(os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -137,7 +154,7 @@ class WorkdirLock:
     def _acquire_without_flock(self, key: str) -> "WorkdirLock":
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = self._open(os.O_RDWR | os.O_CREAT | os.O_EXCL)
             except FileExistsError:
                 holder = self._read()
                 if _alive(holder):

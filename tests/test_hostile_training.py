@@ -317,6 +317,19 @@ def test_a_second_trainer_stops_at_once_naming_the_holder(tmp_path):
     assert not (tmp_path / artifacts.LOCK_FILE).exists()
 
 
+def test_a_planted_lock_symlink_or_folder_is_refused_and_nothing_is_overwritten(tmp_path):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / artifacts.LOCK_FILE).symlink_to(victim)
+    with pytest.raises(WorkdirLockedError, match="is a symlink"):
+        WorkdirLock(tmp_path / "a" / artifacts.LOCK_FILE).acquire()
+    assert victim.read_text() == "precious"
+    (tmp_path / "b" / artifacts.LOCK_FILE).mkdir(parents=True)
+    with pytest.raises(WorkdirLockedError, match="is a folder"):
+        WorkdirLock(tmp_path / "b" / artifacts.LOCK_FILE).acquire()
+
+
 def test_a_lock_left_by_a_killed_trainer_is_taken_over(tmp_path, caplog):
     holder = _hold_lock(tmp_path)
     holder.send_signal(signal.SIGKILL)
@@ -431,6 +444,8 @@ def test_an_unknown_config_field_is_one_line_exit_2(tmp_path, override, expected
     (dict(projector="64-x"), "config.projector='64-x'"),
     (dict(lambd=0.0), "config.lambd=0.0"),
     (dict(backbone="resnet7"), "config.backbone='resnet7'"),
+    (dict(stem="cifar_pad3"), "config.stem='cifar_pad3'"),
+    (dict(image_size=100_000), "config.image_size=100000"),  # 2 x 32 x 100000^2 x 3 floats: far beyond any RAM
 ])
 def test_bad_field_values_fail_before_anything_is_written(tmp_path, overrides, field):
     config = tiny_config()
@@ -446,6 +461,15 @@ def test_bad_field_values_fail_before_anything_is_written(tmp_path, overrides, f
 
 
 @pytest.mark.slow
+def test_every_recipe_passes_the_config_check():
+    import runpy
+
+    for recipe in sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.py")):
+        module = runpy.run_path(str(recipe))
+        if "get_config" in module:
+            assert preflight.config_problems(module["get_config"]()) == [], recipe.name
+
+
 def test_a_small_image_size_trains(tmp_path):
     # image_size=7 was reported to fail inside the graph; the padded stride-2 layers take any size >= 1.
     for size in (preflight.MIN_IMAGE_SIZE, 7):

@@ -252,8 +252,16 @@ def _encoder_from_checkpoint(prefix: Path) -> tuple[keras.Model, dict]:
     if not config_path.is_file():
         raise FileNotFoundError(f"Checkpoint {prefix} has no {CONFIG_FILE} two folders up ({config_path}); a training "
                                 "checkpoint is read with the recipe of the run that wrote it.")
-    config = ml_collections.ConfigDict(io.read_json(config_path, "The run's config"))
-    model = builders.build_model(config)
+    saved = io.read_json(config_path, "The run's config")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_path} is not a run's config (a JSON object of its fields); restore the file "
+                         f"written by the run, or evaluate its {ENCODER_FILE} instead.")
+    config = ml_collections.ConfigDict(saved)
+    try:
+        model = builders.build_model(config)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ValueError(f"The run's config {config_path} does not build a model ({' '.join(str(error).split())}); "
+                         f"restore the file written by the run, or evaluate its {ENCODER_FILE} instead.") from None
     # Every encoder variable must come from the checkpoint (optimizer state and projector are not needed).
     checkpoints.restore_encoder(model.encoder, prefix, fix=f"{config_path} must be the config of the run that wrote "
                                 "this checkpoint; restore it (see config_changes.jsonl beside it) or evaluate the "

@@ -160,11 +160,11 @@ class OnlineProbeMonitor(keras.callbacks.Callback):
     """Top-1 of the model's online probe on `test_data` ((images, labels) batches; encoder in inference mode) every
     `every_epochs` epochs; adds `online_val_top1` to the epoch's logs (solo-learn's `val_acc1`)."""
 
-    def __init__(self, test_data: tf.data.Dataset, every_epochs: int = 1):
+    def __init__(self, test_data: tf.data.Dataset, every_epochs: int = 1, split_name: str = "the test split"):
         super().__init__()
         if every_epochs < 1:
             raise ValueError(f"OnlineProbeMonitor: every_epochs must be >= 1, got {every_epochs}.")
-        self.test_data, self.every_epochs = test_data, every_epochs
+        self.test_data, self.every_epochs, self.split_name = test_data, every_epochs, split_name
 
     def evaluate(self) -> float:
         features, labels = extract_features(self.model.encoder, self.test_data)
@@ -175,7 +175,7 @@ class OnlineProbeMonitor(keras.callbacks.Callback):
         if logs is None or (epoch + 1) % self.every_epochs or self.model.online_probe is None:
             return
         logs["online_val_top1"] = top1 = self.evaluate()
-        print(f"\nepoch {epoch + 1}: online probe top-1 {top1:.4f}", flush=True)
+        print(f"\nepoch {epoch + 1}: online probe top-1 on {self.split_name} {top1:.4f}", flush=True)
 
 
 def online_probe_monitor_from_config(config) -> OnlineProbeMonitor | None:
@@ -191,7 +191,8 @@ def online_probe_monitor_from_config(config) -> OnlineProbeMonitor | None:
                                data_dir=config.data_dir, download=config.download, shuffle=False)
     if probe.eval_examples:
         ds = ds.unbatch().take(probe.eval_examples).batch(256)
-    return OnlineProbeMonitor(ds, every_epochs=probe.eval_every_epochs)
+    return OnlineProbeMonitor(ds, every_epochs=probe.eval_every_epochs,
+                              split_name=f"split {probe.eval_split!r} (online_val_top1)")
 
 
 def knn_monitor_from_config(config) -> KnnMonitor | None:

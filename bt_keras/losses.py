@@ -237,8 +237,8 @@ class LossTerms(dict):
     the same context as the loss (the same replica function or traced step).
     """
 
-    def __init__(self, values: dict, correlation):
-        super().__init__(values)
+    def __init__(self, values=(), correlation=None):
+        super().__init__(values)  # tf.nest rebuilds dict subclasses from their items alone: correlation is optional
         self._correlation = correlation
 
     def __missing__(self, key):

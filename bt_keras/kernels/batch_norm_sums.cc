@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -129,11 +128,22 @@ bool RowsAndChannels(OpKernelContext* ctx, const Tensor& x, int64_t* rows, int64
 }
 
 // Per-channel sums of two functions of each row (`Accumulate(row, c0, c1, acc1, acc2)`), in double, over tiles.
+// The partial sums live in a temporary tensor from the op's allocator (TensorFlow's pool), not the C++ heap: blocks
+// of a few hundred KiB from glibc malloc are mmap'ed and unmapped on every call, and page-fault back each step.
 template <typename Accumulate>
-void ChannelSums(OpKernelContext* ctx, int64_t rows, int64_t channels, Accumulate accumulate, double* out1,
+bool ChannelSums(OpKernelContext* ctx, int64_t rows, int64_t channels, Accumulate accumulate, double* out1,
                  double* out2) {
   const Tiling t = MakeTiling(rows, channels);
-  std::vector<double> part1(t.row_blocks * channels, 0.0), part2(t.row_blocks * channels, 0.0);
+  Tensor partials;
+  ::tensorflow::Status status =
+      ctx->allocate_temp(::tensorflow::DT_DOUBLE, TensorShape({2, t.row_blocks, channels}), &partials);
+  if (!status.ok()) {
+    ctx->CtxFailure(__FILE__, __LINE__, status);
+    return false;
+  }
+  double* part1 = partials.flat<double>().data();
+  double* part2 = part1 + t.row_blocks * channels;
+  std::fill(part1, part1 + 2 * t.row_blocks * channels, 0.0);
   auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
   using Params = ::tensorflow::thread::ThreadPool::SchedulingParams;
   const int64_t cost = 4 * t.row_block * t.tile;  // ~cycles per unit: memory-bound, a few per value
@@ -142,8 +152,8 @@ void ChannelSums(OpKernelContext* ctx, int64_t rows, int64_t channels, Accumulat
       const int64_t block = unit / t.tiles, tile = unit % t.tiles;
       const int64_t r0 = block * t.row_block, r1 = std::min(rows, r0 + t.row_block);
       const int64_t c0 = tile * t.tile, c1 = std::min(channels, c0 + t.tile);
-      double* acc1 = part1.data() + block * channels;
-      double* acc2 = part2.data() + block * channels;
+      double* acc1 = part1 + block * channels;
+      double* acc2 = part2 + block * channels;
       for (int64_t r = r0; r < r1; ++r) accumulate(r, c0, c1, acc1, acc2);
     }
   });
@@ -156,6 +166,7 @@ void ChannelSums(OpKernelContext* ctx, int64_t rows, int64_t channels, Accumulat
     out1[c] = s1;
     out2[c] = s2;
   }
+  return true;
 }
 
 // Runs `map(r0, r1)` over blocks of rows on the intra-op pool (for the elementwise affine maps).
@@ -185,7 +196,7 @@ class ChannelMomentsOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({2, channels}), &out));
     const T* __restrict xs = x.flat<T>().data();
     const T* __restrict k = ctx->input(1).flat<T>().data();
-    std::vector<double> s1(channels), s2(channels);
+    double* o = out->flat<double>().data();
     ChannelSums(ctx, rows, channels, [&](int64_t r, int64_t c0, int64_t c1, double* a1, double* a2) {
       const T* row = xs + r * channels;
       for (int64_t c = c0; c < c1; ++c) {
@@ -193,12 +204,7 @@ class ChannelMomentsOp : public OpKernel {
         a1[c] += v;
         a2[c] += v * v;
       }
-    }, s1.data(), s2.data());
-    double* o = out->flat<double>().data();
-    for (int64_t c = 0; c < channels; ++c) {
-      o[c] = s1[c];
-      o[channels + c] = s2[c];
-    }
+    }, o, o + channels);
   }
 };
 
@@ -220,7 +226,7 @@ class ChannelGradSumsOp : public OpKernel {
     const T* __restrict g = dy.flat<T>().data();
     const T* __restrict xs = x.flat<T>().data();
     const T* __restrict m = ctx->input(2).flat<T>().data();
-    std::vector<double> s1(channels), s2(channels);
+    double* o = out->flat<double>().data();
     ChannelSums(ctx, rows, channels, [&](int64_t r, int64_t c0, int64_t c1, double* a1, double* a2) {
       const T* grow = g + r * channels;
       const T* xrow = xs + r * channels;
@@ -229,12 +235,7 @@ class ChannelGradSumsOp : public OpKernel {
         a1[c] += gv;
         a2[c] += gv * (double(xrow[c]) - double(m[c]));
       }
-    }, s1.data(), s2.data());
-    double* o = out->flat<double>().data();
-    for (int64_t c = 0; c < channels; ++c) {
-      o[c] = s1[c];
-      o[channels + c] = s2[c];
-    }
+    }, o, o + channels);
   }
 };
 

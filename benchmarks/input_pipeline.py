@@ -10,7 +10,16 @@ Cases (each: warm-up batches, then --reps timed runs of --batches batches; the m
                     shuffle), if --tfds-dir holds CIFAR-10; the warm-up covers one epoch so the
                     cache is filled.
 
+Modes (--strategy, several allowed): ``default`` iterates the dataset as one device's ``fit`` does;
+``mirrored:N`` iterates ``MirroredStrategy.experimental_distribute_dataset`` over N logical CPU
+devices, as ``fit`` does under N replicas (each global batch split and placed on the replicas).
+
+Per core: besides pairs/s (wall clock), each case reports pairs/s per usable core and pairs per
+CPU-second of the process (user + system time over the timed batches), which stays meaningful
+when other jobs share the cores.
+
     python benchmarks/input_pipeline.py            # writes benchmarks/results/input_pipeline.json
+    python benchmarks/input_pipeline.py --strategy default mirrored:2 --skip cifar10-tfds
 """
 
 from __future__ import annotations
@@ -31,6 +40,18 @@ from bt_keras import augment, data
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 def smooth_images(rng: np.random.Generator, count: int, sides=(300, 500)) -> list[np.ndarray]:
     """Natural-ish test images: coarse random colour fields upsampled to random sizes (JPEG
     compresses them like photos, unlike per-pixel noise)."""
@@ -44,20 +65,36 @@ def smooth_images(rng: np.random.Generator, count: int, sides=(300, 500)) -> lis
     return images
 
 
-def measure(dataset: tf.data.Dataset, batch_size: int, warmup: int, batches: int, reps: int) -> dict:
+def _materialise(view) -> None:
+    """Waits for a batch: a tensor, or a distributed batch's per-replica parts."""
+    for part in getattr(view, "values", (view,)):
+        part.numpy()
+
+
+def measure(dataset, batch_size: int, warmup: int, batches: int, reps: int, strategy=None) -> dict:
+    if strategy is not None:
+        dataset = strategy.experimental_distribute_dataset(dataset)
     iterator = iter(dataset)
     for _ in range(warmup):
         next(iterator)
-    rates = []
+    rates, per_cpu_second = [], []
     for _ in range(reps):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         for _ in range(batches):
             view1, _ = next(iterator)
-        view1.numpy()
+        _materialise(view1)
         rates.append(batches * batch_size / (time.perf_counter() - start))
+        per_cpu_second.append(batches * batch_size / max(_cpu_seconds() - cpu, 1e-9))
+    cores = _usable_cores()
     return {"pairs_per_s_median": statistics.median(rates), "pairs_per_s_min": min(rates),
-            "pairs_per_s_max": max(rates), "batch_size": batch_size, "warmup_batches": warmup,
-            "timed_batches": batches, "reps": reps}
+            "pairs_per_s_max": max(rates), "pairs_per_s_per_core": statistics.median(rates) / cores,
+            "pairs_per_cpu_second": statistics.median(per_cpu_second), "usable_cores": cores,
+            "batch_size": batch_size, "warmup_batches": warmup, "timed_batches": batches, "reps": reps}
+
+
+def _key(case: str, mode: str) -> str:
+    """Result names: the case alone for one device (as before), `case/mirrored:N` for the distributed mode."""
+    return case if mode == "default" else f"{case}/{mode}"
 
 
 def main() -> None:
@@ -71,8 +108,21 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tfds-dir", default=str(REPO.parent / "shared" / "tfds"))
     parser.add_argument("--skip", nargs="*", default=[], choices=["cifar32-memory", "imagenet224-jpeg", "cifar10-tfds"])
+    parser.add_argument("--strategy", nargs="+", default=["default"],
+                        help="default (one device) and/or mirrored:N (the distributed dataset over N logical CPUs)")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "input_pipeline.json"))
     args = parser.parse_args()
+    replicas = []
+    for name in args.strategy:
+        if name != "default" and not (name.startswith("mirrored:") and name.split(":")[1].isdigit()):
+            raise SystemExit(f"--strategy {name!r}: use default or mirrored:N")
+        replicas.append(1 if name == "default" else int(name.split(":")[1]))
+
+    if max(replicas) > 1:  # before TensorFlow initialises its devices (importing it does not)
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * max(replicas))
+    strategies = {name: (None if r == 1 else tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(r)]))
+                  for name, r in zip(args.strategy, replicas)}
     rng = np.random.default_rng(0)
     results = {}
     load_at_start = os.getloadavg()[0]  # other processes on the machine lower the numbers; recorded
@@ -81,28 +131,36 @@ def main() -> None:
         arrays = rng.integers(0, 256, size=(10_000, 32, 32, 3), dtype=np.uint8)
         ds = data.pair_batches(tf.data.Dataset.from_tensor_slices(arrays), batch_size=args.batch_size_32,
                                views=augment.cifar_views(32))
-        results["cifar32-memory"] = measure(ds, args.batch_size_32, args.warmup, args.batches_32, args.reps)
+        for mode, strategy in strategies.items():
+            results[_key("cifar32-memory", mode)] = measure(ds, args.batch_size_32, args.warmup, args.batches_32,
+                                                            args.reps, strategy)
 
     if "imagenet224-jpeg" not in args.skip:
         jpegs = [tf.io.encode_jpeg(image, quality=90).numpy() for image in smooth_images(rng, args.num_jpegs)]
         ds = data.pair_batches(tf.data.Dataset.from_tensor_slices(jpegs), batch_size=args.batch_size_224,
                                views=augment.imagenet_views(224), encoded=True, shuffle_buffer=args.num_jpegs)
-        results["imagenet224-jpeg"] = measure(ds, args.batch_size_224, args.warmup, args.batches_224, args.reps)
-        results["imagenet224-jpeg"]["mean_jpeg_kib"] = float(np.mean([len(j) for j in jpegs]) / 1024)
+        for mode, strategy in strategies.items():
+            key = _key("imagenet224-jpeg", mode)
+            results[key] = measure(ds, args.batch_size_224, args.warmup, args.batches_224, args.reps, strategy)
+            results[key]["mean_jpeg_kib"] = float(np.mean([len(j) for j in jpegs]) / 1024)
 
     if "cifar10-tfds" not in args.skip and (Path(args.tfds_dir) / "cifar10").is_dir():
         ds = data.pretrain_dataset("tfds:cifar10", global_batch_size=args.batch_size_32, data_dir=args.tfds_dir)
         epoch = 50_000 // args.batch_size_32
-        results["cifar10-tfds"] = measure(ds, args.batch_size_32, epoch, args.batches_32, args.reps)
+        for mode, strategy in strategies.items():
+            results[_key("cifar10-tfds", mode)] = measure(ds, args.batch_size_32, epoch, args.batches_32, args.reps,
+                                                          strategy)
 
     report = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "tensorflow": tf.__version__, "gpus": len(tf.config.list_physical_devices("GPU")),
                           "load_average_1min_at_start": load_at_start, "load_average_1min_at_end": os.getloadavg()[0]},
               "results": results}
-    print(f"\n{'case':<18} {'batch':>6} {'pairs/s (median)':>17} {'min':>9} {'max':>9}")
+    print(f"\n{'case':<30} {'batch':>6} {'pairs/s (median)':>17} {'min':>9} {'max':>9} {'per core':>9} "
+          f"{'per CPU-s':>10}")
     for name, r in results.items():
-        print(f"{name:<18} {r['batch_size']:>6} {r['pairs_per_s_median']:>17.1f} "
-              f"{r['pairs_per_s_min']:>9.1f} {r['pairs_per_s_max']:>9.1f}")
+        print(f"{name:<30} {r['batch_size']:>6} {r['pairs_per_s_median']:>17.1f} "
+              f"{r['pairs_per_s_min']:>9.1f} {r['pairs_per_s_max']:>9.1f} {r['pairs_per_s_per_core']:>9.1f} "
+              f"{r['pairs_per_cpu_second']:>10.1f}")
     print(f"(1-min load average {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at end, {os.cpu_count()} CPUs)")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

@@ -36,7 +36,9 @@ passes over each variable); `tf-ops` forces the TensorFlow-ops update (LARS(nati
 
 Strategies (--strategy, several allowed): `default` (one device) and `mirrored:N` (MirroredStrategy over N logical
 CPU devices: the same cores, split). Each mirrored configuration also reports
-  vs 1 device        its images/s over the same configuration's on one device, in the same run (same global batch)
+  vs 1 device        its images/s over the same configuration's on one device, in the same run (same global batch),
+                     and "paired": the ratio of the two "% matmul" (each step's rate over the matmul rate measured
+                     right before it), which cancels most of the drift when other jobs share the cores
   sent/replica       bytes each replica sends per step, measured from the traced step's collective ops
                      (bt_keras.collectives: every all-reduce / all-gather's input, ring algorithm), by kind
   loss: gram / C     the same for the loss alone in its two forms (bt_keras.loss_forms), traced at the step's
@@ -428,7 +430,7 @@ def _size(n: float) -> str:
 def format_scaling_table(results: list[dict]) -> str:
     """Mirrored configurations against the same configuration on one device, from the same run."""
     by_name = {r["config"]["name"]: r for r in results if "error" not in r}
-    header = ("config", "img/s", "vs 1 device", "% matmul (1 device)", "peak RSS GiB (1 device)",
+    header = ("config", "img/s", "vs 1 device: img/s, paired", "% matmul (1 device)", "peak RSS GiB (1 device)",
               "variables/replica GiB", "sent/replica/step MiB", "loss form", "loss sent: gram / C (model)")
     rows = []
     for r in results:
@@ -439,7 +441,8 @@ def format_scaling_table(results: list[dict]) -> str:
         loss = c["loss"]
         rows.append((
             r["config"]["name"], f"{r['images_per_s']:.1f}",
-            f"{r['images_per_s'] / base['images_per_s']:.2f}" if base else "n/a",
+            f"{r['images_per_s'] / base['images_per_s']:.2f}, "
+            f"{r['fraction_of_matmul'] / base['fraction_of_matmul']:.2f}" if base else "n/a",
             f"{100 * r['fraction_of_matmul']:.0f}% ({100 * base['fraction_of_matmul']:.0f}%)" if base else "",
             f"{r['peak_rss_gib']:.2f} ({base['peak_rss_gib']:.2f})" if base else f"{r['peak_rss_gib']:.2f}",
             f"{r['variables_gib_per_replica']:.2f}", f"{c['step']['bytes_sent'] / 2**20:.1f}", c["loss_form_used"],

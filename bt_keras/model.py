@@ -10,7 +10,8 @@ The story of one step (paper, Algorithm 1):
   4. the optimizer (LARS in the paper's recipe) applies the true gradient of that global loss.
 
 Exactness under `tf.distribute`. Each replica computes the same global loss L, thanks to differentiable
-all-reduces of the statistics and of C. Differentiating L on one replica gives R times that replica's share of the
+all-reduces of the statistics and of C (or, when the global batch is below D, of the gathered embeddings' Gram
+sums: `bt_keras.loss_forms`). Differentiating L on one replica gives R times that replica's share of the
 gradient (the backward pass of an all-reduce sums the R identical upstream gradients), and Keras optimizers SUM the
 replicas' gradients. So each replica differentiates L / R, and the summed gradient is exactly dL/dtheta: N replicas
 with global batch B take the same step as one device with the same B examples (tests/test_distributed.py). The

@@ -1,8 +1,8 @@
 """A whole training step under 2 and 4 replicas, with every multi-replica fast path, equals one device in float64.
 
 The fast paths under replicas: the loss's all-gather Gram form (bt_keras.loss_forms; B < D here), synchronised
-BatchNorm with one all-reduce each way (bt_keras.sync_batch_norm) and LARS's native kernel on each replica's copy of
-the variables. Two `fit` steps (the second uses the momentum buffers the first wrote), from identical weights and
+BatchNorm with one all-reduce each way (bt_keras.sync_batch_norm), LARS's native kernel on each replica's copy of
+the variables, and one all-reduce per gradient (not one over all of them concatenated). Two `fit` steps (the second uses the momentum buffers the first wrote), from identical weights and
 data: the loss before and after, first-step gradients and final weights (BatchNorm moving statistics included) must
 agree to 1e-10.
 The traced step must contain the ops those paths are made of, and no D x D collective.
@@ -51,7 +51,8 @@ def _train(replicas, initial, batches):
     second = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batches[1]))
     _, second_loss = gradients(*next(iter(second)))  # the loss at the weights after the two steps
     losses = [float(first_loss), float(second_loss)]  # float64 (Keras's loss metric is float32)
-    return losses, grads, model.get_weights(), graph, len(model.trainable_variables)
+    sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
+    return losses, grads, model.get_weights(), graph, sizes
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,8 @@ def one_device():
 @pytest.mark.parametrize("replicas", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: ~20 s
 def test_two_steps_under_replicas_equal_one_device_to_1e_10(one_device, replicas):
     initial, batches, (loss_1, grads_1, weights_1, _, _) = one_device
-    loss_n, grads_n, weights_n, graph, num_variables = _train(replicas, initial, batches)
+    loss_n, grads_n, weights_n, graph, sizes = _train(replicas, initial, batches)
+    num_variables = len(sizes)
     print(f"{replicas} replicas: |dloss| {max(abs(a - b) for a, b in zip(loss_1, loss_n)):.1e}, "
           f"|dgrad| {max(np.abs(a - b).max() for a, b in zip(grads_1, grads_n)):.1e}, "
           f"|dweight| {max(np.abs(a - b).max() for a, b in zip(weights_1, weights_n)):.1e}")
@@ -84,6 +86,12 @@ def test_two_steps_under_replicas_equal_one_device_to_1e_10(one_device, replicas
     assert types.count("BtKerasLarsUpdate") == replicas * num_variables
     assert types.count("BtKerasChannelMoments") > 0 and types.count("BtKerasChannelAffine2") > 0
     assert "FusedBatchNormV3" not in types  # statistics are global: the local-statistics kernel must not run
+    # LARS all-reduces each gradient on its own: no collective over all the gradients concatenated.
+    reduced = sorted(op.elements for op in collectives.collective_ops(graph) if op.kind == "all_reduce"
+                     and op.replica == 0)
+    assert sum(sizes) not in reduced
+    for size in set(sizes):
+        assert reduced.count(size) >= sizes.count(size)
 
 
 def test_the_loss_sends_no_d_by_d_tensor_under_replicas(one_device):

@@ -229,12 +229,42 @@ def augment_batch(images, config: ViewConfig, seed=None, *, geometric: bool = Tr
     x = _to_unit_float(images)
     if x.shape.rank != 4 or x.shape[-1] not in (3, None):
         raise ValueError(f"images must be a batch [B, H, W, 3], got shape {x.shape}")
-    seeds = tf.unstack(tf.random.experimental.stateless_split(_as_seed(seed), 5))
-    n = tf.shape(x)[0]
+    seed = _as_seed(seed)
     if geometric:
-        x = _crop_and_flip_batch(x, config, seeds[0])
-    else:
-        x = tf.ensure_shape(x, [None, config.crop_size, config.crop_size, 3])
+        x = _crop_and_flip_batch(x, config, _stage_seeds(seed)[0])
+    return photometric_batch(x, config, seed)
+
+
+# ------------------------------------------- the two stages: geometric (host) / photometric (either)
+# `augment_on="host" | "accelerator"` (bt_keras.device_augment): both modes run `geometric_batch` (or the per-image
+# crop) on the host to uint8 and `photometric_batch` with the same batch seed, on the host or in the model's
+# train_step, so the two modes give the same views.
+
+
+def _stage_seeds(seed) -> list[tf.Tensor]:
+    """The five per-step seeds of a batch seed: [crop+flip, jitter, grayscale, blur, solarise]."""
+    return tf.unstack(tf.random.experimental.stateless_split(_as_seed(seed), 5))
+
+
+def geometric_batch(images, config: ViewConfig, seed) -> tf.Tensor:
+    """The size-changing part of ``augment_batch``: per-image random resized crop + flip of an equal-size
+    uint8 batch [B, H, W, 3] -> uint8 [B, S, S, 3] (rounded, as PIL does), with the same draws as
+    ``augment_batch(images, config, seed)``. No float image leaves this function."""
+    images = tf.convert_to_tensor(images)
+    if images.dtype != tf.uint8 or images.shape.rank != 4:
+        raise ValueError(f"geometric_batch takes a uint8 batch [B, H, W, 3], got {images.dtype.name} {images.shape}")
+    x = _crop_and_flip_batch(tf.cast(images, tf.float32), config, _stage_seeds(seed)[0])
+    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 255.0)), tf.uint8)
+
+
+def photometric_batch(images, config: ViewConfig, seed) -> tf.Tensor:
+    """The per-pixel part of ``augment_batch`` on an S x S batch (uint8 or float [0, 1]) -> float32
+    normalised: colour jitter, grayscale, blur, solarisation, normalisation, drawn from ``seed``'s
+    stage seeds 1-4 (stage 0 is the crop's), so host and accelerator modes draw the same."""
+    x = _to_unit_float(images)
+    x = tf.ensure_shape(x, [None, config.crop_size, config.crop_size, 3])
+    seeds = _stage_seeds(seed)
+    n = tf.shape(x)[0]
     if config.jitter_prob > 0 or config.grayscale_prob > 0:
         x = _color_pixels(x, *_jitter_params(config, n, seeds[1]), _bernoulli(seeds[2], n, config.grayscale_prob))
     if config.blur_prob > 0:
@@ -248,6 +278,9 @@ def augment_batch(images, config: ViewConfig, seed=None, *, geometric: bool = Tr
             x = _on_subset(x, blur, lambda images, idx: _blur(images, tf.gather(sigma, idx), radius))
     return _solarize_and_normalize(x, _bernoulli(seeds[4], n, config.solarize_prob),
                                    tf.constant(config.mean), tf.constant(config.std))
+
+
+# --------------------------------------------------------------------- end of the two stages
 
 
 class TwoViews:

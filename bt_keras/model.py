@@ -138,13 +138,21 @@ class BarlowTwins(keras.Model):
                 objective = self.optimizer.scale_loss(objective)
         return tape.gradient(objective, self.trainable_variables), terms
 
+    # augment_on="accelerator" (bt_keras.device_augment): a DeviceAugment that turns the pipeline's uint8 crops + seeds
+    # into the two views on the device; None (default) or an already augmented batch: nothing to do.
+    device_augment = None
+
     def train_step(self, data):
+        if self.device_augment is not None:
+            data = self.device_augment(data)
         view1, view2 = _views(data)
         gradients, terms = self.compute_gradients(view1, view2)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
         return self._update_metrics(terms)
 
     def test_step(self, data):
+        if self.device_augment is not None:
+            data = self.device_augment(data)
         view1, view2 = _views(data)
         return self._update_metrics(self.compute_loss_terms(view1, view2, training=False))
 

@@ -63,6 +63,7 @@ class Trainer:
         keras.utils.set_random_seed(config.seed)
         with strategy.scope():
             self.model = builders.build_model(config)
+            self.model.device_augment = builders.build_device_augment(config, self.views)  # augment_on (issue 17)
             self.model.compile(optimizer=builders.build_optimizer(config, self.steps_per_epoch),
                                jit_compile=bool(config.jit_compile))
             self.model.optimizer.build(self.model.trainable_variables)
@@ -89,11 +90,17 @@ class Trainer:
     def _dataset_fn(self, input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         c = self.config
         replicas_per_pipeline = input_context.num_replicas_in_sync // input_context.num_input_pipelines
-        return data.pretrain_dataset(
+        dataset = data.pretrain_dataset(
             c.dataset, global_batch_size=c.batch_size, views=self.views, data_dir=c.data_dir, download=c.download,
             split=c.split, shuffle_buffer=c.shuffle_buffer, seed=c.seed, input_context=input_context,
             start_batch=self.start_step * replicas_per_pipeline,
+            augment_on=c.get("augment_on", "host"), dct_scaling=c.get("dct_scaling", False),
         )
+        if c.get("data_service"):  # run the pipeline on a tf.data service's workers (bt_keras.data_service)
+            from bt_keras import data_service
+
+            dataset = data_service.distribute(dataset, c.data_service, job_name=f"bt_keras-{self.workdir.name}")
+        return dataset
 
     def _make_step_fn(self):
         """One training step under the strategy: returns replica 0's metrics and the learning rate, as tensors."""

@@ -53,6 +53,10 @@ class Trainer:
         self.strategy = strategy
         self.chief = is_chief(strategy)
         check_global_batch(config.batch_size, strategy.num_replicas_in_sync)  # before anything is built
+        if config.get("data_service"):  # an unreachable dispatcher: a clear error now, not a hang at the first step
+            from bt_keras import data_service
+
+            data_service.check_reachable(config.data_service)
         _check_workdir(self.workdir)
         self.steps_per_epoch = builders.steps_per_epoch(config)
         self.total_steps = config.epochs * self.steps_per_epoch
@@ -99,7 +103,8 @@ class Trainer:
         if c.get("data_service"):  # run the pipeline on a tf.data service's workers (bt_keras.data_service)
             from bt_keras import data_service
 
-            dataset = data_service.distribute(dataset, c.data_service, job_name=f"bt_keras-{self.workdir.name}")
+            dataset = data_service.distribute(dataset, c.data_service)
+            self.served_key = dataset.served_key  # data_service.served(key): batches per worker
         return dataset
 
     def _make_step_fn(self):

@@ -393,9 +393,9 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
     ds = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(epoch).skip(skip)
     crop_key, batch_key = _fold(key, 0), _fold(key, 1)
     if encoded:  # per-image decode + random resized crop, keyed by the global image index
-        def crop_pair(i, data):  # decodes only the crop window of a JPEG: same pixels as a full decode + crop
-            return tuple(host_crop.decode_random_resized_crop(data, v, s, dct_scaling=dct_scaling)
-                         for v, s in zip(views, _split_pair(_fold(crop_key, i))))
+        def crop_pair(i, data):  # decodes a JPEG once, only the crop windows: same pixels as a full decode + crop
+            return host_crop.decode_random_resized_crop_pair(data, views, _split_pair(_fold(crop_key, i)),
+                                                             dct_scaling=dct_scaling)
 
         ds = (ds.unbatch().enumerate(start=start_batch * batch_size).map(crop_pair, num_parallel_calls=AUTOTUNE)
               .ignore_errors(log_warning=True).batch(batch_size, drop_remainder=True))

@@ -95,6 +95,13 @@ def test_decode_to_window_equals_full_decode_and_png_path():
                                                     view.crop_ratio, seed, view.flip_prob)
                 assert fast.dtype == tf.uint8
                 np.testing.assert_array_equal(fast.numpy(), plain.numpy())
+            seeds = [tf.constant([k, 10 + s], tf.int64) for s in range(2)]
+            views = augment.imagenet_views(32)
+            pair = host_crop.decode_random_resized_crop_pair(encoded, views, seeds)
+            for crop, v, seed in zip(pair, views, seeds):
+                plain = augment.random_resized_crop(tf.io.decode_image(encoded, channels=3), 32, v.crop_scale,
+                                                    v.crop_ratio, seed, v.flip_prob)
+                np.testing.assert_array_equal(crop.numpy(), plain.numpy())
     gray = tf.io.encode_jpeg(images[0][..., :1])  # one-channel JPEG: decoded to 3 channels
     assert host_crop.decode_random_resized_crop(gray, view, tf.constant([0, 0], tf.int64)).shape == (32, 32, 3)
 

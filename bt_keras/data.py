@@ -340,7 +340,8 @@ def default_views(name: str, data_dir=None) -> tuple[augment.ViewConfig, augment
 
 def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bool = False, seed=None,
                  shuffle_buffer: int = 10_000, cache: bool = False, repeat: bool = True,
-                 start_batch: int = 0, augment_on: str = "host", dct_scaling: bool = False) -> tf.data.Dataset:
+                 start_batch: int = 0, augment_on: str = "host", dct_scaling: bool = False,
+                 epoch_keyed: bool = False) -> tf.data.Dataset:
     """(view1, view2) float32 batches from a dataset of single images, drop_remainder=True.
 
     ``images``: uint8 [H, W, 3] of one size (batched first, then augmented a batch at a time) or,
@@ -357,6 +358,10 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
     the views equal ``augment_on="host"``'s. Encoded JPEGs are decoded straight to the crop window in both
     modes (``bt_keras.host_crop``; same pixels); ``dct_scaling=True`` also decodes large crops at 1/2-1/8
     scale in libjpeg, which is faster but changes pixels slightly.
+
+    ``epoch_keyed=True`` folds the epoch into every augmentation seed as well (a different stream from the default):
+    for the tf.data service, whose workers each take whole epochs but count batches from 0 each, so (epoch, index)
+    is what keeps their seeds distinct (``bt_keras.data_service``).
     """
     device_augment.check_augment_on(augment_on)
     if batch_size < 1:
@@ -387,21 +392,31 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
             # shuffle_seed alone anyway, so the traced graph gets no graph-level seed.
             tf.compat.v1.get_default_graph().seed = None
             ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-        return ds.batch(batch_size, drop_remainder=True)
+        ds = ds.batch(batch_size, drop_remainder=True)
+        if epoch_keyed:  # each batch carries its epoch, folded into its seeds below
+            ds = ds.map(lambda images: (tf.fill([batch_size], e), images))
+        return ds
 
     last_epoch = np.iinfo(np.int64).max if repeat else first_epoch + 1
     ds = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(epoch).skip(skip)
     crop_key, batch_key = _fold(key, 0), _fold(key, 1)
     if encoded:  # per-image decode + random resized crop, keyed by the global image index
         def crop_pair(i, data):  # decodes a JPEG once, only the crop windows: same pixels as a full decode + crop
-            return host_crop.decode_random_resized_crop_pair(data, views, _split_pair(_fold(crop_key, i)),
-                                                             dct_scaling=dct_scaling)
+            e, data = data if epoch_keyed else (None, data)
+            image_key = _fold(_fold(crop_key, e), i) if epoch_keyed else _fold(crop_key, i)
+            crops = host_crop.decode_random_resized_crop_pair(data, views, _split_pair(image_key),
+                                                              dct_scaling=dct_scaling)
+            return (e, crops) if epoch_keyed else crops
 
         ds = (ds.unbatch().enumerate(start=start_batch * batch_size).map(crop_pair, num_parallel_calls=AUTOTUNE)
               .ignore_errors(log_warning=True).batch(batch_size, drop_remainder=True))
 
     def augment_pair(i, batch):  # stage 1 (uint8 crops) here; stage 2 here or in the model (device_augment)
-        s1, s2 = _split_pair(_fold(batch_key, i))
+        if epoch_keyed:
+            epochs, batch = batch
+            s1, s2 = _split_pair(_fold(_fold(batch_key, epochs[0]), i))
+        else:
+            s1, s2 = _split_pair(_fold(batch_key, i))
         if encoded:
             crops1, crops2 = batch
         elif batch.dtype != tf.uint8:  # float images in [0, 1]: no uint8 stage, host mode only
@@ -424,7 +439,7 @@ def pretrain_dataset(name: str, *, global_batch_size: int, views=None, data_dir=
                      split: str = "train", shuffle_buffer: int = 10_000, seed: int | None = None,
                      input_context: tf.distribute.InputContext | None = None, cache="auto",
                      repeat: bool = True, start_batch: int = 0, augment_on: str = "host",
-                     dct_scaling: bool = False) -> tf.data.Dataset:
+                     dct_scaling: bool = False, epoch_keyed: bool = False) -> tf.data.Dataset:
     """(view1, view2) float32 batches for Barlow Twins pretraining (labels dropped).
 
     With ``input_context`` (``strategy.distribute_datasets_from_function``) each input pipeline
@@ -432,7 +447,7 @@ def pretrain_dataset(name: str, *, global_batch_size: int, views=None, data_dir=
     ``default_views(name)``. ``cache``: True, False or "auto" (in memory when the decoded - or, for
     variable-size images, encoded - data is under 2 GiB). ``start_batch``: skip to this batch of the
     (seeded) stream cheaply, to resume training exactly; see ``pair_batches``. ``augment_on`` / ``dct_scaling``:
-    see ``pair_batches`` (accelerator mode yields uint8 crops + seeds for ``bt_keras.device_augment``).
+    ``epoch_keyed``: see ``pair_batches`` (accelerator mode yields uint8 crops + seeds for ``bt_keras.device_augment``).
     """
     views = default_views(name, data_dir) if views is None else views
     shard, batch_size = (1, 0), global_batch_size
@@ -444,7 +459,7 @@ def pretrain_dataset(name: str, *, global_batch_size: int, views=None, data_dir=
     return pair_batches(images, batch_size=batch_size, views=views, encoded=source.image_shape is None,
                         seed=None if seed is None else (seed, shard[1]), shuffle_buffer=shuffle_buffer,
                         cache=_want_cache(cache, source), repeat=repeat, start_batch=start_batch,
-                        augment_on=augment_on, dct_scaling=dct_scaling)
+                        augment_on=augment_on, dct_scaling=dct_scaling, epoch_keyed=epoch_keyed)
 
 
 def labelled_dataset(name: str, *, split: str, batch_size: int, image_size: int, train: bool = False,

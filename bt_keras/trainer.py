@@ -99,6 +99,7 @@ class Trainer:
             split=c.split, shuffle_buffer=c.shuffle_buffer, seed=c.seed, input_context=input_context,
             start_batch=self.start_step * replicas_per_pipeline,
             augment_on=c.get("augment_on", "host"), dct_scaling=c.get("dct_scaling", False),
+            epoch_keyed=bool(c.get("data_service")),  # workers count batches from 0 each: seeds fold in the epoch
         )
         if c.get("data_service"):  # run the pipeline on a tf.data service's workers (bt_keras.data_service)
             from bt_keras import data_service

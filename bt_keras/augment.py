@@ -253,20 +253,34 @@ def geometric_batch(images, config: ViewConfig, seed) -> tf.Tensor:
     images = tf.convert_to_tensor(images)
     if images.dtype != tf.uint8 or images.shape.rank != 4:
         raise ValueError(f"geometric_batch takes a uint8 batch [B, H, W, 3], got {images.dtype.name} {images.shape}")
-    x = _crop_and_flip_batch(tf.cast(images, tf.float32), config, _stage_seeds(seed)[0])
+    return _to_uint8(_crop_and_flip_batch(tf.cast(images, tf.float32), config, _stage_seeds(seed)[0]))
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _to_uint8(x):
+    """float [0, 255] -> uint8, rounded (one fused pass)."""
     return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 255.0)), tf.uint8)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _color_pixels_uint8(images, factors, order, hue, shift_hue, to_gray):
+    """`_color_pixels` of a uint8 batch, the conversion to [0, 1] fused into it."""
+    return _color_pixels(tf.cast(images, tf.float32) / 255.0, factors, order, hue, shift_hue, to_gray)
 
 
 def photometric_batch(images, config: ViewConfig, seed) -> tf.Tensor:
     """The per-pixel part of ``augment_batch`` on an S x S batch (uint8 or float [0, 1]) -> float32
     normalised: colour jitter, grayscale, blur, solarisation, normalisation, drawn from ``seed``'s
     stage seeds 1-4 (stage 0 is the crop's), so host and accelerator modes draw the same."""
-    x = _to_unit_float(images)
-    x = tf.ensure_shape(x, [None, config.crop_size, config.crop_size, 3])
+    images = tf.ensure_shape(tf.convert_to_tensor(images), [None, config.crop_size, config.crop_size, 3])
     seeds = _stage_seeds(seed)
-    n = tf.shape(x)[0]
+    n = tf.shape(images)[0]
     if config.jitter_prob > 0 or config.grayscale_prob > 0:
-        x = _color_pixels(x, *_jitter_params(config, n, seeds[1]), _bernoulli(seeds[2], n, config.grayscale_prob))
+        color = _color_pixels_uint8 if images.dtype == tf.uint8 else _color_pixels
+        x = color(images if images.dtype == tf.uint8 else _to_unit_float(images),
+                  *_jitter_params(config, n, seeds[1]), _bernoulli(seeds[2], n, config.grayscale_prob))
+    else:
+        x = _to_unit_float(images)
     if config.blur_prob > 0:
         s_apply, s_sigma = tf.unstack(tf.random.experimental.stateless_split(seeds[3], 2))
         sigma = tf.random.stateless_uniform([n], s_sigma, *config.blur_sigma)

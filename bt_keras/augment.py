@@ -21,6 +21,10 @@ fast; bilinear without antialiasing, which matters only when a crop is shrunk, n
 their native size such as CIFAR at 32 px); ``random_resized_crop`` crops one image of any size with
 antialiased bicubic resizing as in the paper, for datasets whose images differ in size.
 
+Two stages (issue 17, ``bt_keras.device_augment``): ``geometric_batch`` (crop + flip to uint8, on the host) and
+``photometric_batch`` (colour, grayscale, blur, solarise, normalise; on the host or in the model's train_step), drawn
+from the same batch seed as ``augment_batch``; the pipelines call the two, so ``augment_on`` does not change the views.
+
 Speed: the colour steps (jitter, grayscale, solarise, normalise) are fused with XLA
 (``jit_compile``; compiled once per batch shape, about a second), blur with p < 1 runs only on the
 selected images. See benchmarks/input_pipeline.py for measured throughput.

@@ -79,6 +79,7 @@ def steps_per_epoch(config) -> int:
 
 
 def build_device_augment(config, views) -> device_augment.DeviceAugment | None:
-    """The model's on-device colour steps when `config.augment_on == "accelerator"`, else None (`bt_keras.device_augment`)."""
+    """The model's on-device colour steps when `config.augment_on == "accelerator"`, else None
+    (`bt_keras.device_augment`)."""
     mode = device_augment.check_augment_on(config.get("augment_on", "host"))
     return device_augment.DeviceAugment(*views) if mode == "accelerator" else None

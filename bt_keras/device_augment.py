@@ -9,8 +9,8 @@ A view is made in two stages (`bt_keras.augment`):
 
 With `augment_on="host"` tf.data runs both and yields float `(view1, view2)`. With `augment_on="accelerator"` tf.data
 yields `{"view1": uint8, "view2": uint8, "view1_seed": int64[2], "view2_seed": int64[2]}` (the crops and each view's
-batch seed) and `BarlowTwins.train_step` runs stage 2 on the device from the same seeds: the two modes give the same views
-(tests/test_device_augment.py checks it to float tolerance). The host then sends 1 byte per pixel instead of 4 and
+batch seed) and `BarlowTwins.train_step` runs stage 2 on the device from the same seeds: the two modes give the same
+views (tests/test_device_augment.py checks it to float tolerance). The host then sends 1 byte per pixel instead of 4 and
 spends no time on the colour steps (benchmarks/input_pipeline.py: `--augment_on host accelerator`).
 
 Compiling the train step with XLA (`jit_compile`) is not supported in accelerator mode on CPU: the blur of a random

@@ -176,8 +176,8 @@ def test_a_worker_killed_mid_run_does_not_stop_training(cluster, tmp_path):
     assert sorted(grown.values())[0] <= 3 and sorted(grown.values())[-1] >= 32 - times.killed_step - 3, grown
     after = np.diff(times.times)[times.killed_step - 1:]  # the steps after the kill
     print(f"killed a serving worker after step {times.killed_step}: the {len(after)} steps after it took "
-          f"{np.median(after):.3f} s (median), the longest {after.max():.3f} s (stall {after.max() - np.median(after):.3f}"
-          f" s); batches per worker at the kill {times.served_at_kill}, at the end {served}")
+          f"{np.median(after):.3f} s (median), the longest {after.max():.3f} s "
+          f"(stall {after.max() - np.median(after):.3f} s); batches per worker at the kill {times.served_at_kill}, at the end {served}")
     assert after.max() < 30  # a stall, if any, is bounded
 
 

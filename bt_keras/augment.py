@@ -272,30 +272,47 @@ def _color_pixels_uint8(images, factors, order, hue, shift_hue, to_gray):
     return _color_pixels(tf.cast(images, tf.float32) / 255.0, factors, order, hue, shift_hue, to_gray)
 
 
+def photometric_params(config: ViewConfig, n, seed) -> dict:
+    """The per-image draws of the photometric stage for n images from a batch seed (stage seeds 1-4; stage 0 is the
+    crop's), as small tensors with the image axis first: factors [n, 3], order [n, 4], hue, shift_hue, to_gray,
+    sigma, blur, solarize [n]. Drawn on the host in both modes; batched per image, so a batch split over replicas
+    splits its parameters with it."""
+    seeds = _stage_seeds(seed)
+    factors, order, hue, shift_hue = _jitter_params(config, n, seeds[1])
+    s_apply, s_sigma = tf.unstack(tf.random.experimental.stateless_split(seeds[3], 2))
+    return {"factors": factors, "order": order, "hue": hue, "shift_hue": shift_hue,
+            "to_gray": _bernoulli(seeds[2], n, config.grayscale_prob),
+            "sigma": tf.random.stateless_uniform([n], s_sigma, *config.blur_sigma),
+            "blur": _bernoulli(s_apply, n, config.blur_prob) if config.blur_prob < 1.0 else tf.fill([n], True),
+            "solarize": _bernoulli(seeds[4], n, config.solarize_prob)}
+
+
+def apply_photometric(images, config: ViewConfig, params: dict) -> tf.Tensor:
+    """Colour jitter, grayscale, blur, solarisation and normalisation of an S x S batch (uint8 or float [0, 1]) with
+    the draws `params` (``photometric_params``) -> float32 normalised. Steps with probability 0 are skipped."""
+    images = tf.ensure_shape(tf.convert_to_tensor(images), [None, config.crop_size, config.crop_size, 3])
+    if config.jitter_prob > 0 or config.grayscale_prob > 0:
+        color = _color_pixels_uint8 if images.dtype == tf.uint8 else _color_pixels
+        x = color(images if images.dtype == tf.uint8 else _to_unit_float(images), params["factors"],
+                  params["order"], params["hue"], params["shift_hue"], params["to_gray"])
+    else:
+        x = _to_unit_float(images)
+    if config.blur_prob > 0:
+        radius = max(1, config.crop_size // 20)
+        sigma = params["sigma"]
+        if config.blur_prob == 1.0:
+            x = _blur(x, sigma, radius)
+        else:
+            x = _on_subset(x, params["blur"], lambda images, idx: _blur(images, tf.gather(sigma, idx), radius))
+    return _solarize_and_normalize(x, params["solarize"], tf.constant(config.mean), tf.constant(config.std))
+
+
 def photometric_batch(images, config: ViewConfig, seed) -> tf.Tensor:
     """The per-pixel part of ``augment_batch`` on an S x S batch (uint8 or float [0, 1]) -> float32
     normalised: colour jitter, grayscale, blur, solarisation, normalisation, drawn from ``seed``'s
     stage seeds 1-4 (stage 0 is the crop's), so host and accelerator modes draw the same."""
-    images = tf.ensure_shape(tf.convert_to_tensor(images), [None, config.crop_size, config.crop_size, 3])
-    seeds = _stage_seeds(seed)
-    n = tf.shape(images)[0]
-    if config.jitter_prob > 0 or config.grayscale_prob > 0:
-        color = _color_pixels_uint8 if images.dtype == tf.uint8 else _color_pixels
-        x = color(images if images.dtype == tf.uint8 else _to_unit_float(images),
-                  *_jitter_params(config, n, seeds[1]), _bernoulli(seeds[2], n, config.grayscale_prob))
-    else:
-        x = _to_unit_float(images)
-    if config.blur_prob > 0:
-        s_apply, s_sigma = tf.unstack(tf.random.experimental.stateless_split(seeds[3], 2))
-        sigma = tf.random.stateless_uniform([n], s_sigma, *config.blur_sigma)
-        radius = max(1, config.crop_size // 20)
-        if config.blur_prob == 1.0:
-            x = _blur(x, sigma, radius)
-        else:
-            blur = _bernoulli(s_apply, n, config.blur_prob)
-            x = _on_subset(x, blur, lambda images, idx: _blur(images, tf.gather(sigma, idx), radius))
-    return _solarize_and_normalize(x, _bernoulli(seeds[4], n, config.solarize_prob),
-                                   tf.constant(config.mean), tf.constant(config.std))
+    images = tf.convert_to_tensor(images)
+    return apply_photometric(images, config, photometric_params(config, tf.shape(images)[0], seed))
 
 
 # --------------------------------------------------------------------- end of the two stages

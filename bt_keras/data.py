@@ -426,7 +426,7 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
         else:
             crops1, crops2 = augment.geometric_batch(batch, view1, s1), augment.geometric_batch(batch, view2, s2)
         if augment_on == "accelerator":
-            return device_augment.host_batch(crops1, crops2, s1, s2)
+            return device_augment.host_batch(crops1, crops2, views, s1, s2)
         return augment.photometric_batch(crops1, view1, s1), augment.photometric_batch(crops2, view2, s2)
 
     ds = ds.enumerate(start=start_batch).map(augment_pair, num_parallel_calls=AUTOTUNE)

@@ -8,8 +8,11 @@ A view is made in two stages (`bt_keras.augment`):
    per image.
 
 With `augment_on="host"` tf.data runs both and yields float `(view1, view2)`. With `augment_on="accelerator"` tf.data
-yields `{"view1": uint8, "view2": uint8, "view1_seed": int64[2], "view2_seed": int64[2]}` (the crops and each view's
-batch seed) and `BarlowTwins.train_step` runs stage 2 on the device from the same seeds: the two modes give the same
+yields `{"view1": uint8 [B, S, S, 3], "view2": ..., "view1_params": {...}, "view2_params": {...}}`: the crops and
+each image's photometric draws (`augment.photometric_params`, a few numbers per image, drawn on the host from the same
+stateless seeds), and `BarlowTwins.train_step` applies them on the device (`augment.apply_photometric`). The draws
+are batched per image, so `fit` under a MirroredStrategy, which splits every tensor of a batch over the replicas,
+splits them with their images. The two modes give the same
 views (tests/test_device_augment.py checks it to float tolerance). The host then sends 1 byte per pixel instead of 4 and
 spends no time on the colour steps (benchmarks/input_pipeline.py: `--augment_on host accelerator`).
 
@@ -26,7 +29,7 @@ from bt_keras.views import ViewConfig
 
 AUGMENT_ON = ("host", "accelerator")
 # Sorted (as tf.nest flattens dicts) an image comes first, so `fit`'s batch-size check reads view1's batch dimension.
-HOST_KEYS = frozenset({"view1", "view2", "view1_seed", "view2_seed"})
+HOST_KEYS = frozenset({"view1", "view2", "view1_params", "view2_params"})
 
 
 def check_augment_on(value) -> str:
@@ -42,7 +45,7 @@ def is_host_batch(data) -> bool:
 
 
 class DeviceAugment:
-    """Stage 2 of both views on the device: `{"view1", "view2", "view1_seed", "view2_seed"}` -> float views.
+    """Stage 2 of both views on the device: `{"view1", "view2", "view1_params", "view2_params"}` -> float views.
 
     Called by `BarlowTwins.train_step` / `test_step` when the model's `device_augment` is set; any other batch (already
     augmented views) passes through unchanged, so one model trains from either mode's pipeline.
@@ -56,14 +59,28 @@ class DeviceAugment:
     def __call__(self, data):
         if not is_host_batch(data):
             return data
-        return tuple(augment.photometric_batch(data[f"view{i}"], view, data[f"view{i}_seed"])
+        return tuple(augment.apply_photometric(data[f"view{i}"], view, _unpack(data[f"view{i}_params"]))
                      for i, view in enumerate(self.views, start=1))
 
 
-def host_batch(crops1: tf.Tensor, crops2: tf.Tensor, seed1: tf.Tensor, seed2: tf.Tensor) -> dict:
-    """The element a pipeline yields in accelerator mode (uint8 crops and the batch seeds of the two views)."""
+def host_batch(crops1: tf.Tensor, crops2: tf.Tensor, views, seed1: tf.Tensor, seed2: tf.Tensor) -> dict:
+    """The element a pipeline yields in accelerator mode: uint8 crops and their photometric draws (from the views'
+    batch seeds, as `augment.photometric_batch` draws them)."""
     for name, crops in (("view1", crops1), ("view2", crops2)):
         if crops.dtype != tf.uint8:
             raise ValueError(f"accelerator mode sends uint8 crops, {name} is {crops.dtype.name}")
-    return {"view1": crops1, "view2": crops2, "view1_seed": tf.cast(seed1, tf.int64),
-            "view2_seed": tf.cast(seed2, tf.int64)}
+    n = tf.shape(crops1)[0]
+    return {"view1": crops1, "view2": crops2, "view1_params": _pack(augment.photometric_params(views[0], n, seed1)),
+            "view2_params": _pack(augment.photometric_params(views[1], n, seed2))}
+
+
+_MASKS = ("shift_hue", "to_gray", "blur", "solarize")  # bool per image
+
+
+def _pack(params: dict) -> dict:
+    """Masks as int32: tf.distribute's dataset splitting cannot add up bool tensors (AddN has no bool kernel)."""
+    return {k: tf.cast(v, tf.int32) if k in _MASKS else v for k, v in params.items()}
+
+
+def _unpack(params: dict) -> dict:
+    return {k: tf.cast(v, tf.bool) if k in _MASKS else v for k, v in params.items()}

@@ -137,7 +137,7 @@ def test_workers_batches_have_distinct_seeds(cluster):
     remote = data_service.distribute(local, cluster.address)
     seeds, deadline = [], time.monotonic() + 60
     for batch in remote.take(60):
-        seeds.append(tuple(batch["view1_seed"].numpy()))
+        seeds.append(tuple(batch["view1_params"]["hue"].numpy()))
         if len(data_service.served(remote.served_key)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)  # a consumer as slow as a real training step, so the second worker gets to deliver
     served = data_service.served(remote.served_key)
@@ -151,7 +151,7 @@ def test_epoch_keyed_streams_are_seeded_and_distinct_per_epoch():
     def seeds(**kwargs):
         ds = data.pair_batches(images, batch_size=8, views=augment.cifar_views(8), seed=3, augment_on="accelerator",
                                **kwargs)
-        return [tuple(b["view1_seed"].numpy()) for b in ds.take(6)]
+        return [tuple(b["view1_params"]["hue"].numpy()) for b in ds.take(6)]
 
     keyed = seeds(epoch_keyed=True)
     assert keyed == seeds(epoch_keyed=True) and len(set(keyed)) == 6  # reproducible locally, all distinct

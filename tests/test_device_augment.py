@@ -147,3 +147,28 @@ def test_config_mode_is_checked_and_wired():
     with pytest.raises(ValueError, match="augment_on must be one of"):
         data.pair_batches(tf.data.Dataset.from_tensor_slices(np.zeros((4, 8, 8, 3), np.uint8)), batch_size=2,
                           views=views, augment_on="tpu")
+
+
+def test_accelerator_mode_under_two_replicas_and_in_the_trainer(tmp_path):
+    """The per-replica batches of a MirroredStrategy are dicts of uint8 crops + seeds, augmented in train_step on each
+    replica; and `Trainer` wires config.augment_on through to the pipeline and the model."""
+    from tests.test_train import tiny_config
+    from bt_keras.trainer import Trainer
+
+    views = augment.cifar_views(8)
+    images = tf.data.Dataset.from_tensor_slices(np.random.default_rng(5).integers(0, 256, (32, 8, 8, 3), np.uint8))
+    accel = data.pair_batches(images, batch_size=8, views=views, seed=1, augment_on="accelerator")
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = tiny_model(image_size=8)
+        model.compile(optimizer="sgd")
+    model.device_augment = device_augment.DeviceAugment(*views)
+    history = model.fit(accel.take(2), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+
+    trainer = Trainer(tiny_config(augment_on="accelerator", epochs=1, steps_per_epoch=2), tmp_path / "run",
+                      tf.distribute.get_strategy())
+    assert isinstance(trainer.model.device_augment, device_augment.DeviceAugment)
+    assert set(trainer.dataset.element_spec) == device_augment.HOST_KEYS
+    logs = trainer.run()
+    assert trainer.step == 2 and np.isfinite(logs["loss"])

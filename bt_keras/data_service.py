@@ -22,14 +22,14 @@ Resume guarantees in this mode (weaker than local reading, where the stream is a
 * What a resume restores is exactly what it restores locally: the model, the optimizer (moments, step counter, so the
   learning-rate schedule) and the step, from the latest checkpoint.
 * The data stream is NOT reproduced: batches arrive in whatever order the workers finish them (several workers'
-  epochs are interleaved, and the element counters that seed the augmentations are handed out by the dispatcher too).
-  Each batch is still a valid, independently seeded pair of views of `batch_size` distinct images of one epoch,
-  but neither an uninterrupted run nor a resumed one can be replayed bit-exactly, and a resumed run starts its
-  stream at the checkpoint's epoch (each worker skips `start_batch`'s offset into the epochs it is given) rather
-  than at the exact batch.
+  epochs are interleaved, and which worker gets which epoch depends on timing). Each worker counts its batches from
+  0, so the trainer folds the epoch into every augmentation seed (`pair_batches(epoch_keyed=True)`): each batch is
+  a valid pair of views of `batch_size` distinct images of one epoch, with seeds no other batch shares (tested).
+  But neither an uninterrupted run nor a resumed one can be replayed bit-exactly, and a resumed run does not
+  restart at the exact batch: the trainer's `start_batch` becomes each worker's offset into its own stream.
 * A worker that dies loses the batches it had prepared and the rest of its current epoch (the dispatcher does not
-  reassign a split that was handed out); training continues on the other workers after the client gives up on the
-  dead one (measured in tests/test_data_service.py). A dispatcher that dies stops the run (its state is not
+  reassign a split that was handed out); training continues on the other workers (measured in
+  tests/test_data_service.py: a 0.1-0.2 s stall at one step on this machine). A dispatcher that dies stops the run (its state is not
   fault-tolerant here unless started with --work_dir and --fault_tolerant).
 
 An unreachable dispatcher is an error within `probe_timeout` seconds naming the address (TensorFlow itself would retry

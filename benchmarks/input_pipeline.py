@@ -10,7 +10,26 @@ Cases (each: warm-up batches, then --reps timed runs of --batches batches; the m
                     shuffle), if --tfds-dir holds CIFAR-10; the warm-up covers one epoch so the
                     cache is filled.
 
+Augmentation modes (--augment_on, ``bt_keras.device_augment``), for the 224 px case, measured round-robin in one
+process (each repetition: a fresh iterator per variant, warm-up, timed batches) so a busy spell hits all alike:
+  today                 the pipeline before augment_on existed: full JPEG decode, crop, resize, colour steps
+  host                  augment_on="host": decode to the crop window (same pixels), resize, colour steps
+  accelerator           augment_on="accelerator": the host's share only (uint8 crops + seeds); the colour steps
+                        run in the model's train_step
+  accelerator+dct       the same with dct_scaling=True (large crops decoded at 1/2-1/8 scale; changes pixels)
+The ratios accelerator / host and host / today are reported per core and per CPU-second.
+
+Modes (--strategy, several allowed): ``default`` iterates the dataset as one device's ``fit`` does;
+``mirrored:N`` iterates ``MirroredStrategy.experimental_distribute_dataset`` over N logical CPU
+devices, as ``fit`` does under N replicas (each global batch split and placed on the replicas).
+
+Per core: besides pairs/s (wall clock), each case reports pairs/s per usable core and pairs per
+CPU-second of the process (user + system time over the timed batches), which stays meaningful
+when other jobs share the cores.
+
     python benchmarks/input_pipeline.py            # writes benchmarks/results/input_pipeline.json
+    python benchmarks/input_pipeline.py --strategy default mirrored:2 --skip cifar10-tfds
+    python benchmarks/input_pipeline.py --skip cifar32-memory cifar10-tfds --augment_on today host accelerator
 """
 
 from __future__ import annotations
@@ -26,9 +45,21 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from bt_keras import augment, data
+from bt_keras import augment, data, host_crop
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def smooth_images(rng: np.random.Generator, count: int, sides=(300, 500)) -> list[np.ndarray]:
@@ -44,20 +75,82 @@ def smooth_images(rng: np.random.Generator, count: int, sides=(300, 500)) -> lis
     return images
 
 
-def measure(dataset: tf.data.Dataset, batch_size: int, warmup: int, batches: int, reps: int) -> dict:
+def _materialise(batch) -> None:
+    """Waits for a batch: (view1, view2) or accelerator mode's dict; tensors or a distributed batch's parts."""
+    view = batch["view1"] if isinstance(batch, dict) else batch[0]
+    for part in getattr(view, "values", (view,)):
+        part.numpy()
+
+
+def _full_decode_crop(data_bytes, view, seed, dct_scaling=False):
+    """The per-image crop as it was before `host_crop`: decode the whole image, then crop (the `today` baseline)."""
+    image = tf.ensure_shape(tf.io.decode_image(data_bytes, channels=3, expand_animations=False), [None, None, 3])
+    return augment.random_resized_crop(image, view.crop_size, view.crop_scale, view.crop_ratio, seed, view.flip_prob)
+
+
+def jpeg_variant(jpegs, batch_size: int, variant: str) -> tf.data.Dataset:
+    """The 224-px ImageNet pipeline from JPEG bytes for one --augment_on variant (see the module docstring)."""
+    kwargs = dict(batch_size=batch_size, views=augment.imagenet_views(224), encoded=True, shuffle_buffer=len(jpegs),
+                  augment_on="host" if variant in ("today", "host") else "accelerator",
+                  dct_scaling=variant == "accelerator+dct")
+    source = tf.data.Dataset.from_tensor_slices(jpegs)
+    if variant != "today":
+        return data.pair_batches(source, **kwargs)
+    fast, host_crop.decode_random_resized_crop = host_crop.decode_random_resized_crop, _full_decode_crop
+    try:  # the map functions are traced here, inside pair_batches
+        return data.pair_batches(source, **kwargs)
+    finally:
+        host_crop.decode_random_resized_crop = fast
+
+
+def measure_round_robin(datasets: dict, batch_size: int, warmup: int, batches: int, reps: int) -> dict:
+    """`measure` for several pipelines, one repetition of each in turn; only one iterator exists at a time."""
+    rates = {name: [] for name in datasets}
+    per_cpu_second = {name: [] for name in datasets}
+    for _ in range(reps):
+        for name, dataset in datasets.items():
+            iterator = iter(dataset)
+            for _ in range(warmup):
+                _materialise(next(iterator))
+            start, cpu = time.perf_counter(), _cpu_seconds()
+            for _ in range(batches):
+                batch = next(iterator)
+            _materialise(batch)
+            rates[name].append(batches * batch_size / (time.perf_counter() - start))
+            per_cpu_second[name].append(batches * batch_size / max(_cpu_seconds() - cpu, 1e-9))
+            del iterator
+    cores = _usable_cores()
+    return {name: {"pairs_per_s_median": statistics.median(rates[name]), "pairs_per_s_min": min(rates[name]),
+                   "pairs_per_s_max": max(rates[name]), "pairs_per_s_per_core": statistics.median(rates[name]) / cores,
+                   "pairs_per_cpu_second": statistics.median(per_cpu_second[name]), "usable_cores": cores,
+                   "batch_size": batch_size, "warmup_batches": warmup, "timed_batches": batches, "reps": reps}
+            for name in datasets}
+
+
+def measure(dataset, batch_size: int, warmup: int, batches: int, reps: int, strategy=None) -> dict:
+    if strategy is not None:
+        dataset = strategy.experimental_distribute_dataset(dataset)
     iterator = iter(dataset)
     for _ in range(warmup):
         next(iterator)
-    rates = []
+    rates, per_cpu_second = [], []
     for _ in range(reps):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         for _ in range(batches):
-            view1, _ = next(iterator)
-        view1.numpy()
+            batch = next(iterator)
+        _materialise(batch)
         rates.append(batches * batch_size / (time.perf_counter() - start))
+        per_cpu_second.append(batches * batch_size / max(_cpu_seconds() - cpu, 1e-9))
+    cores = _usable_cores()
     return {"pairs_per_s_median": statistics.median(rates), "pairs_per_s_min": min(rates),
-            "pairs_per_s_max": max(rates), "batch_size": batch_size, "warmup_batches": warmup,
-            "timed_batches": batches, "reps": reps}
+            "pairs_per_s_max": max(rates), "pairs_per_s_per_core": statistics.median(rates) / cores,
+            "pairs_per_cpu_second": statistics.median(per_cpu_second), "usable_cores": cores,
+            "batch_size": batch_size, "warmup_batches": warmup, "timed_batches": batches, "reps": reps}
+
+
+def _key(case: str, mode: str) -> str:
+    """Result names: the case alone for one device (as before), `case/mirrored:N` for the distributed mode."""
+    return case if mode == "default" else f"{case}/{mode}"
 
 
 def main() -> None:
@@ -71,8 +164,24 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tfds-dir", default=str(REPO.parent / "shared" / "tfds"))
     parser.add_argument("--skip", nargs="*", default=[], choices=["cifar32-memory", "imagenet224-jpeg", "cifar10-tfds"])
+    parser.add_argument("--strategy", nargs="+", default=["default"],
+                        help="default (one device) and/or mirrored:N (the distributed dataset over N logical CPUs)")
+    parser.add_argument("--augment_on", nargs="+", default=["today", "host", "accelerator", "accelerator+dct"],
+                        choices=["today", "host", "accelerator", "accelerator+dct"],
+                        help="variants of the 224 px JPEG case, measured round-robin (one device)")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "input_pipeline.json"))
     args = parser.parse_args()
+    replicas = []
+    for name in args.strategy:
+        if name != "default" and not (name.startswith("mirrored:") and name.split(":")[1].isdigit()):
+            raise SystemExit(f"--strategy {name!r}: use default or mirrored:N")
+        replicas.append(1 if name == "default" else int(name.split(":")[1]))
+
+    if max(replicas) > 1:  # before TensorFlow initialises its devices (importing it does not)
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * max(replicas))
+    strategies = {name: (None if r == 1 else tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(r)]))
+                  for name, r in zip(args.strategy, replicas)}
     rng = np.random.default_rng(0)
     results = {}
     load_at_start = os.getloadavg()[0]  # other processes on the machine lower the numbers; recorded
@@ -81,28 +190,57 @@ def main() -> None:
         arrays = rng.integers(0, 256, size=(10_000, 32, 32, 3), dtype=np.uint8)
         ds = data.pair_batches(tf.data.Dataset.from_tensor_slices(arrays), batch_size=args.batch_size_32,
                                views=augment.cifar_views(32))
-        results["cifar32-memory"] = measure(ds, args.batch_size_32, args.warmup, args.batches_32, args.reps)
+        for mode, strategy in strategies.items():
+            results[_key("cifar32-memory", mode)] = measure(ds, args.batch_size_32, args.warmup, args.batches_32,
+                                                            args.reps, strategy)
 
     if "imagenet224-jpeg" not in args.skip:
         jpegs = [tf.io.encode_jpeg(image, quality=90).numpy() for image in smooth_images(rng, args.num_jpegs)]
         ds = data.pair_batches(tf.data.Dataset.from_tensor_slices(jpegs), batch_size=args.batch_size_224,
                                views=augment.imagenet_views(224), encoded=True, shuffle_buffer=args.num_jpegs)
-        results["imagenet224-jpeg"] = measure(ds, args.batch_size_224, args.warmup, args.batches_224, args.reps)
-        results["imagenet224-jpeg"]["mean_jpeg_kib"] = float(np.mean([len(j) for j in jpegs]) / 1024)
+        for mode, strategy in strategies.items():
+            if mode == "default" and args.augment_on:
+                continue  # measured round-robin below, as the `host` variant
+            key = _key("imagenet224-jpeg", mode)
+            results[key] = measure(ds, args.batch_size_224, args.warmup, args.batches_224, args.reps, strategy)
+            results[key]["mean_jpeg_kib"] = float(np.mean([len(j) for j in jpegs]) / 1024)
+        variants = {v: jpeg_variant(jpegs, args.batch_size_224, v) for v in args.augment_on}
+        timed = measure_round_robin(variants, args.batch_size_224, args.warmup, args.batches_224, args.reps)
+        for variant, result in timed.items():
+            key = "imagenet224-jpeg" if variant == "host" else f"imagenet224-jpeg/{variant}"
+            results[key] = {**result, "mean_jpeg_kib": float(np.mean([len(j) for j in jpegs]) / 1024)}
+
+        def ratio(a, b, field):
+            a, b = results.get(f"imagenet224-jpeg/{a}" if a != "host" else "imagenet224-jpeg"), \
+                results.get(f"imagenet224-jpeg/{b}" if b != "host" else "imagenet224-jpeg")
+            return a[field] / b[field] if a and b else None
+
+        ratios = {f"{a}/{b}": {"per_core": ratio(a, b, "pairs_per_s_per_core"),
+                               "per_cpu_second": ratio(a, b, "pairs_per_cpu_second")}
+                  for a, b in (("accelerator", "host"), ("accelerator+dct", "host"), ("host", "today"))}
+        results["imagenet224-jpeg/ratios"] = {k: v for k, v in ratios.items() if v["per_core"] is not None}
 
     if "cifar10-tfds" not in args.skip and (Path(args.tfds_dir) / "cifar10").is_dir():
         ds = data.pretrain_dataset("tfds:cifar10", global_batch_size=args.batch_size_32, data_dir=args.tfds_dir)
         epoch = 50_000 // args.batch_size_32
-        results["cifar10-tfds"] = measure(ds, args.batch_size_32, epoch, args.batches_32, args.reps)
+        for mode, strategy in strategies.items():
+            results[_key("cifar10-tfds", mode)] = measure(ds, args.batch_size_32, epoch, args.batches_32, args.reps,
+                                                          strategy)
 
     report = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "tensorflow": tf.__version__, "gpus": len(tf.config.list_physical_devices("GPU")),
                           "load_average_1min_at_start": load_at_start, "load_average_1min_at_end": os.getloadavg()[0]},
               "results": results}
-    print(f"\n{'case':<18} {'batch':>6} {'pairs/s (median)':>17} {'min':>9} {'max':>9}")
+    print(f"\n{'case':<30} {'batch':>6} {'pairs/s (median)':>17} {'min':>9} {'max':>9} {'per core':>9} "
+          f"{'per CPU-s':>10}")
     for name, r in results.items():
-        print(f"{name:<18} {r['batch_size']:>6} {r['pairs_per_s_median']:>17.1f} "
-              f"{r['pairs_per_s_min']:>9.1f} {r['pairs_per_s_max']:>9.1f}")
+        if name.endswith("/ratios"):
+            continue
+        print(f"{name:<30} {r['batch_size']:>6} {r['pairs_per_s_median']:>17.1f} "
+              f"{r['pairs_per_s_min']:>9.1f} {r['pairs_per_s_max']:>9.1f} {r['pairs_per_s_per_core']:>9.1f} "
+              f"{r['pairs_per_cpu_second']:>10.1f}")
+    for name, r in results.get("imagenet224-jpeg/ratios", {}).items():
+        print(f"ratio {name:<22} per core {r['per_core']:.2f}   per CPU-second {r['per_cpu_second']:.2f}")
     print(f"(1-min load average {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at end, {os.cpu_count()} CPUs)")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

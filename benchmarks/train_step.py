@@ -34,6 +34,19 @@ Allocators (--allocator, several allowed). TensorFlow's oneDNN build (the x86 de
 LARS (--lars, several allowed): `native` (default) is bt_keras.optim.LARS's native CPU kernel (bt_keras.kernels: two
 passes over each variable); `tf-ops` forces the TensorFlow-ops update (LARS(native=False)), for comparison.
 
+Strategies (--strategy, several allowed): `default` (one device) and `mirrored:N` (MirroredStrategy over N logical
+CPU devices: the same cores, split). Each mirrored configuration also reports
+  vs 1 device        its images/s over the same configuration's on one device, in the same run (same global batch),
+                     and "paired": the ratio of the two "% matmul" (each step's rate over the matmul rate measured
+                     right before it), which cancels most of the drift when other jobs share the cores
+  sent/replica       bytes each replica sends per step, measured from the traced step's collective ops
+                     (bt_keras.collectives: every all-reduce / all-gather's input, ring algorithm), by kind
+  loss: gram / C     the same for the loss alone in its two forms (bt_keras.loss_forms), traced at the step's
+                     batch and embedding width, beside the cost model's count
+  variables/replica  bytes of one replica's copy of the model's and the optimizer's variables (what R replicas
+                     hold R times)
+--loss-form gram|correlation forces a form of the loss (default auto: the cost rule of bt_keras.loss_forms).
+
 Examples:
   python benchmarks/train_step.py                                   # cifar + imagenet_small, default vs system (~10 min)
   python benchmarks/train_step.py --preset cifar --allocator tuned
@@ -43,6 +56,7 @@ Examples:
   python benchmarks/train_step.py --preset imagenet_small --profile /tmp/bt_profile   # adds the top ops
   python benchmarks/train_step.py --backbone resnet50 --image-size 64 --batch-size 16 --projector 4096-4096
   python benchmarks/train_step.py --preset cifar --strategy mirrored:2 --jit --dtype-policy mixed_bfloat16
+  python benchmarks/train_step.py --preset cifar imagenet_small --allocator default --strategy default mirrored:2 mirrored:4
 """
 
 from __future__ import annotations
@@ -177,6 +191,51 @@ def top_ops_from_trace(logdir: str, limit: int = 25) -> list[dict]:
     return [{"op": k, "ms": round(v[0], 2), "count": v[1], "share": round(v[0] / total, 4)} for k, v in rows]
 
 
+def variable_bytes(model) -> int:
+    """Bytes of one copy of the model's and its optimizer's variables (each replica holds one)."""
+    import numpy as np
+
+    variables = list(model.variables) + list(model.optimizer.variables)
+    return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables))
+
+
+def measure_collectives(tf, strategy, model, views, config) -> dict:
+    """Bytes each replica sends per step, read from the traced graphs' collective ops (bt_keras.collectives): the
+    whole `train_step`, and the loss alone in both forms at the step's shapes beside bt_keras.loss_forms' count."""
+    from bt_keras import collectives, loss_forms
+    from bt_keras.losses import barlow_twins_loss
+
+    replicas = strategy.num_replicas_in_sync
+    v1, v2 = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(views))))
+    step = tf.function(lambda a, b: strategy.run(model.train_step, args=((a, b),)))
+    step_ops = collectives.collective_ops(step.get_concrete_function(v1, v2).graph)
+    report = {"step": collectives.summary(step_ops), "loss": {}}
+
+    batch, dim = config["batch_size"], int(model.projector.layers[-1].units)
+    z = tf.zeros([batch, dim])
+    z1, z2 = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((z, z)))))
+
+    def loss_step(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch([a, b])
+            objective = barlow_twins_loss(a, b)["loss"] / replicas
+        return tape.gradient(objective, [a, b])
+
+    chosen = loss_forms.forced()
+    try:
+        for form in loss_forms.FORMS:
+            loss_forms.set_form(form)
+            graph = tf.function(lambda a, b: strategy.run(loss_step, args=(a, b))).get_concrete_function(z1, z2).graph
+            ops = collectives.collective_ops(graph)
+            report["loss"][form] = {"measured_bytes": collectives.bytes_sent_per_replica(ops),
+                                    "model_bytes": loss_forms.costs(batch, dim, replicas)[form].bytes_sent,
+                                    "ops": len([op for op in ops if op.replica == 0])}
+    finally:
+        loss_forms.set_form(chosen)
+    report["loss_form_used"] = chosen or loss_forms.choose(batch, dim, replicas)
+    return report
+
+
 def run_child(config: dict) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from bt_keras import perf
@@ -201,7 +260,11 @@ def run_child(config: dict) -> dict:
     from bt_keras import BarlowTwins, backbones, heads
     from bt_keras.optim import LARS, WarmupCosine
 
+    from bt_keras import loss_forms
+
     keras.config.set_dtype_policy(config["dtype_policy"])
+    if config.get("loss_form", "auto") != "auto":
+        loss_forms.set_form(config["loss_form"])
     strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)]) if replicas > 1
                 else tf.distribute.get_strategy())
     size, batch = config["image_size"], config["batch_size"]
@@ -265,6 +328,10 @@ def run_child(config: dict) -> dict:
     # The headline ratio: median over steps of (this step's GFLOP/s) / (the matmul rate measured just before it).
     result["fraction_of_matmul"] = statistics.median(paired)
     result["fraction_of_matmul_all"] = paired
+
+    result["variables_gib_per_replica"] = variable_bytes(model) / 2**30
+    if replicas > 1:  # after the timed steps: tracing adds nothing to the step's peak memory
+        result["collectives"] = measure_collectives(tf, strategy, model, views, config)
 
     if config.get("profile"):
         logdir = os.path.join(config["profile"], config["name"])
@@ -333,6 +400,11 @@ def run_config(config: dict, log) -> dict:
     return json.loads(lines[-1])
 
 
+def one_device_name(config: dict) -> str:
+    """The name of the same configuration on one device (the strategy tag removed)."""
+    return "/".join(tag for tag in config["name"].split("/") if not tag.startswith("mirrored:"))
+
+
 def format_table(results: list[dict]) -> str:
     header = ("config", "img/s", "step s med [p10, p90]", "CPU s/step", "GFLOP/img", "GFLOP/s", "matmul",
               "% matmul", "peak RSS GiB", "faults/step")
@@ -349,6 +421,35 @@ def format_table(results: list[dict]) -> str:
             f"{100 * r['fraction_of_matmul']:.0f}%", f"{r['peak_rss_gib']:.2f}", f"{r['page_faults_per_step']:.0f}",
         ))
     return markdown_table(header, rows)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def format_scaling_table(results: list[dict]) -> str:
+    """Mirrored configurations against the same configuration on one device, from the same run."""
+    by_name = {r["config"]["name"]: r for r in results if "error" not in r}
+    header = ("config", "img/s", "vs 1 device: img/s, paired", "% matmul (1 device)", "peak RSS GiB (1 device)",
+              "variables/replica GiB", "sent/replica/step MiB", "loss form", "loss sent: gram / C (model)")
+    rows = []
+    for r in results:
+        if "error" in r or "collectives" not in r:
+            continue
+        base = by_name.get(one_device_name(r["config"]))
+        c = r["collectives"]
+        loss = c["loss"]
+        rows.append((
+            r["config"]["name"], f"{r['images_per_s']:.1f}",
+            f"{r['images_per_s'] / base['images_per_s']:.2f}, "
+            f"{r['fraction_of_matmul'] / base['fraction_of_matmul']:.2f}" if base else "n/a",
+            f"{100 * r['fraction_of_matmul']:.0f}% ({100 * base['fraction_of_matmul']:.0f}%)" if base else "",
+            f"{r['peak_rss_gib']:.2f} ({base['peak_rss_gib']:.2f})" if base else f"{r['peak_rss_gib']:.2f}",
+            f"{r['variables_gib_per_replica']:.2f}", f"{c['step']['bytes_sent'] / 2**20:.1f}", c["loss_form_used"],
+            f"{_size(loss['gram']['measured_bytes'])} / {_size(loss['correlation']['measured_bytes'])} "
+            f"({_size(loss['gram']['model_bytes'])} / {_size(loss['correlation']['model_bytes'])})",
+        ))
+    return markdown_table(header, rows) if rows else ""
 
 
 def markdown_table(header, rows) -> str:
@@ -373,17 +474,20 @@ def build_configs(args) -> list[dict]:
         if args.sweep_projector:
             variants = [dict(v, projector=p) for v in variants for p in args.sweep_projector]
         for variant in variants:
-            for allocator, lars in [(a, k) for a in args.allocator for k in args.lars]:
-                config = dict(base, **variant, allocator=allocator, lars=lars, strategy=args.strategy, jit=args.jit,
+            for allocator, lars, strategy, loss_form in [(a, k, st, lf) for a in args.allocator for k in args.lars
+                                                          for st in args.strategy for lf in args.loss_form]:
+                config = dict(base, **variant, allocator=allocator, lars=lars, strategy=strategy, jit=args.jit,
                               dtype_policy=args.dtype_policy, threads=args.threads, inter_op=args.inter_op,
                               warmup=args.warmup if args.warmup is not None else warmup,
-                              steps=args.steps if args.steps is not None else steps, profile=args.profile)
+                              steps=args.steps if args.steps is not None else steps, profile=args.profile,
+                              loss_form=loss_form)
                 tags = [preset]
                 tags += [f"b{config['batch_size']}"] if (args.sweep_batch or args.batch_size) else []
                 tags += [f"p{config['projector'].split('-')[-1]}"] if (args.sweep_projector or args.projector) else []
                 tags += [allocator]
                 tags += [lars] if lars != "native" else []
-                tags += [args.strategy] if args.strategy != "default" else []
+                tags += [f"loss-{loss_form}"] if loss_form != "auto" else []
+                tags += [strategy] if strategy != "default" else []
                 tags += ["xla"] if args.jit else []
                 tags += [args.dtype_policy] if args.dtype_policy != "float32" else []
                 if args.threads == "tf-default":
@@ -405,7 +509,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--batch-size", type=int, help="global batch")
     parser.add_argument("--projector", help='e.g. "8192-8192-8192"')
-    parser.add_argument("--strategy", default="default", help='"default" or "mirrored:N" (N logical CPU devices)')
+    parser.add_argument("--strategy", nargs="+", default=["default"],
+                        help='"default" and/or "mirrored:N" (N logical CPU devices), e.g. default mirrored:2 mirrored:4')
+    parser.add_argument("--loss-form", nargs="+", default=["auto"], choices=["auto", "gram", "correlation"],
+                        help="the loss's form (bt_keras.loss_forms): auto (its cost rule) or forced")
     parser.add_argument("--allocator", nargs="+", default=None, choices=ALLOCATORS,
                         help="default: default system (see above)")
     parser.add_argument("--lars", nargs="+", default=["native"], choices=["native", "tf-ops"],
@@ -428,6 +535,9 @@ def main() -> None:
         print(json.dumps(run_child(json.loads(args.child))), flush=True)
         return
 
+    for strategy in args.strategy:
+        if strategy != "default" and not (strategy.startswith("mirrored:") and strategy.split(":")[1].isdigit()):
+            raise SystemExit(f"--strategy {strategy!r}: use default or mirrored:N (N logical CPU devices)")
     args.allocator = args.allocator or ["default", "system"]
     configs = build_configs(args)
     info = {"machine": machine_info(), "versions": versions(), "command": " ".join(sys.argv)}
@@ -453,6 +563,10 @@ def main() -> None:
                 print(f"      {op['share']:6.1%} {op['ms']:9.1f} ms  {op['count']:6d}x  {op['op']}")
     print()
     print(format_table(results))
+    scaling = format_scaling_table(results)
+    if scaling:
+        print("\nReplicas against one device (same run, same global batch):\n")
+        print(scaling)
     output.write_text(json.dumps({**info, "results": results}, indent=1))
     print(f"\nwrote {output}")
 

@@ -22,6 +22,10 @@ fast; bilinear without antialiasing, which matters only when a crop is shrunk, n
 their native size such as CIFAR at 32 px); ``random_resized_crop`` crops one image of any size with
 antialiased bicubic resizing as in the paper, for datasets whose images differ in size.
 
+Two stages (issue 17, ``bt_keras.device_augment``): ``geometric_batch`` (crop + flip to uint8, on the host) and
+``photometric_batch`` (colour, grayscale, blur, solarise, normalise; on the host or in the model's train_step), drawn
+from the same batch seed as ``augment_batch``; the pipelines call the two, so ``augment_on`` does not change the views.
+
 Speed: the colour steps (jitter, grayscale, solarise, normalise) are fused with XLA
 (``jit_compile``; compiled once per batch shape, about a second), blur with p < 1 runs only on the
 selected images. See benchmarks/input_pipeline.py for measured throughput.
@@ -258,28 +262,104 @@ def augment_batch(images, config: ViewConfig, seed=None, *, geometric: bool = Tr
     x = _to_unit_float(images)
     if x.shape.rank != 4 or x.shape[-1] not in (3, None):
         raise ValueError(f"images must be a batch [B, H, W, 3], got shape {x.shape}")
-    seeds = tf.unstack(tf.random.experimental.stateless_split(_as_seed(seed), 5))
-    n = tf.shape(x)[0]
+    seed = _as_seed(seed)
     if geometric:
-        x = _crop_and_flip_batch(x, config, seeds[0])
-    else:
-        x = tf.ensure_shape(x, [None, config.crop_size, config.crop_size, 3])
-    if config.rotation_prob > 0:  # its own seed (folded from the batch's), so recipes without it draw as before
-        angles = rotation_angles(config, n, tf.random.experimental.stateless_fold_in(_as_seed(seed), 1))
-        x = _on_subset(x, tf.not_equal(angles, 0.0), lambda images, idx: rotate(images, tf.gather(angles, idx)))
+        x = _crop_and_flip_batch(x, config, _stage_seeds(seed)[0])
+    return photometric_batch(rotate_batch(x, config, seed), config, seed)
+
+
+def rotate_batch(images, config: ViewConfig, seed) -> tf.Tensor:
+    """The optional small rotation (``rotation_prob``, off by default), right after crop and flip, from its own
+    seed folded from the batch seed (so recipes without it draw exactly as before). uint8 in, uint8 out (rounded:
+    the host stage of both augment modes); float in, float out. Identity when rotation_prob is 0."""
+    if config.rotation_prob <= 0:
+        return images
+    images = tf.convert_to_tensor(images)
+    n = tf.shape(images)[0]
+    angles = rotation_angles(config, n, tf.random.experimental.stateless_fold_in(_as_seed(seed), 1))
+    x = tf.cast(images, tf.float32) if images.dtype == tf.uint8 else images
+    x = _on_subset(x, tf.not_equal(angles, 0.0), lambda batch, idx: rotate(batch, tf.gather(angles, idx)))
+    return _to_uint8(x) if images.dtype == tf.uint8 else x
+
+
+# ------------------------------------------- the two stages: geometric (host) / photometric (either)
+# `augment_on="host" | "accelerator"` (bt_keras.device_augment): both modes run `geometric_batch` (or the per-image
+# crop) on the host to uint8 and `photometric_batch` with the same batch seed, on the host or in the model's
+# train_step, so the two modes give the same views.
+
+
+def _stage_seeds(seed) -> list[tf.Tensor]:
+    """The five per-step seeds of a batch seed: [crop+flip, jitter, grayscale, blur, solarise]."""
+    return tf.unstack(tf.random.experimental.stateless_split(_as_seed(seed), 5))
+
+
+def geometric_batch(images, config: ViewConfig, seed) -> tf.Tensor:
+    """The geometric part of ``augment_batch``: per-image random resized crop + flip (+ the optional rotation) of an
+    equal-size uint8 batch [B, H, W, 3] -> uint8 [B, S, S, 3] (rounded, as PIL does), with the same draws as
+    ``augment_batch(images, config, seed)``. No float image leaves this function."""
+    images = tf.convert_to_tensor(images)
+    if images.dtype != tf.uint8 or images.shape.rank != 4:
+        raise ValueError(f"geometric_batch takes a uint8 batch [B, H, W, 3], got {images.dtype.name} {images.shape}")
+    cropped = _crop_and_flip_batch(tf.cast(images, tf.float32), config, _stage_seeds(seed)[0])
+    return _to_uint8(rotate_batch(cropped, config, seed))
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _to_uint8(x):
+    """float [0, 255] -> uint8, rounded (one fused pass)."""
+    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 255.0)), tf.uint8)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _color_pixels_uint8(images, factors, order, hue, shift_hue, to_gray):
+    """`_color_pixels` of a uint8 batch, the conversion to [0, 1] fused into it."""
+    return _color_pixels(tf.cast(images, tf.float32) / 255.0, factors, order, hue, shift_hue, to_gray)
+
+
+def photometric_params(config: ViewConfig, n, seed) -> dict:
+    """The per-image draws of the photometric stage for n images from a batch seed (stage seeds 1-4; stage 0 is the
+    crop's), as small tensors with the image axis first: factors [n, 3], order [n, 4], hue, shift_hue, to_gray,
+    sigma, blur, solarize [n]. Drawn on the host in both modes; batched per image, so a batch split over replicas
+    splits its parameters with it."""
+    seeds = _stage_seeds(seed)
+    factors, order, hue, shift_hue = _jitter_params(config, n, seeds[1])
+    s_apply, s_sigma = tf.unstack(tf.random.experimental.stateless_split(seeds[3], 2))
+    return {"factors": factors, "order": order, "hue": hue, "shift_hue": shift_hue,
+            "to_gray": _bernoulli(seeds[2], n, config.grayscale_prob),
+            "sigma": tf.random.stateless_uniform([n], s_sigma, *config.blur_sigma),
+            "blur": _bernoulli(s_apply, n, config.blur_prob) if config.blur_prob < 1.0 else tf.fill([n], True),
+            "solarize": _bernoulli(seeds[4], n, config.solarize_prob)}
+
+
+def apply_photometric(images, config: ViewConfig, params: dict) -> tf.Tensor:
+    """Colour jitter, grayscale, blur, solarisation and normalisation of an S x S batch (uint8 or float [0, 1]) with
+    the draws `params` (``photometric_params``) -> float32 normalised. Steps with probability 0 are skipped."""
+    images = tf.ensure_shape(tf.convert_to_tensor(images), [None, config.crop_size, config.crop_size, 3])
     if config.jitter_prob > 0 or config.grayscale_prob > 0:
-        x = _color_pixels(x, *_jitter_params(config, n, seeds[1]), _bernoulli(seeds[2], n, config.grayscale_prob))
+        color = _color_pixels_uint8 if images.dtype == tf.uint8 else _color_pixels
+        x = color(images if images.dtype == tf.uint8 else _to_unit_float(images), params["factors"],
+                  params["order"], params["hue"], params["shift_hue"], params["to_gray"])
+    else:
+        x = _to_unit_float(images)
     if config.blur_prob > 0:
-        s_apply, s_sigma = tf.unstack(tf.random.experimental.stateless_split(seeds[3], 2))
-        sigma = tf.random.stateless_uniform([n], s_sigma, *config.blur_sigma)
         radius = max(1, config.crop_size // 20)
+        sigma = params["sigma"]
         if config.blur_prob == 1.0:
             x = _blur(x, sigma, radius)
         else:
-            blur = _bernoulli(s_apply, n, config.blur_prob)
-            x = _on_subset(x, blur, lambda images, idx: _blur(images, tf.gather(sigma, idx), radius))
-    return _solarize_and_normalize(x, _bernoulli(seeds[4], n, config.solarize_prob),
-                                   tf.constant(config.mean), tf.constant(config.std))
+            x = _on_subset(x, params["blur"], lambda images, idx: _blur(images, tf.gather(sigma, idx), radius))
+    return _solarize_and_normalize(x, params["solarize"], tf.constant(config.mean), tf.constant(config.std))
+
+
+def photometric_batch(images, config: ViewConfig, seed) -> tf.Tensor:
+    """The per-pixel part of ``augment_batch`` on an S x S batch (uint8 or float [0, 1]) -> float32
+    normalised: colour jitter, grayscale, blur, solarisation, normalisation, drawn from ``seed``'s
+    stage seeds 1-4 (stage 0 is the crop's), so host and accelerator modes draw the same."""
+    images = tf.convert_to_tensor(images)
+    return apply_photometric(images, config, photometric_params(config, tf.shape(images)[0], seed))
+
+
+# --------------------------------------------------------------------- end of the two stages
 
 
 class TwoViews:

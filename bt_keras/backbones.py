@@ -54,9 +54,43 @@ class BatchNormalization(keras.layers.BatchNormalization):
     x^2 plus a tensor of ones), about ten passes over each activation forward and backward; the fused kernel
     (oneDNN on CPU, cuDNN on GPU) makes two each way. It is used when the batch statistics are those of the local
     batch anyway: one replica in sync (or `synchronized=False`), float32/float16/bfloat16, the channel axis last,
-    rank 2 or 4, no mask, no renorm. Otherwise (several replicas with synchronized statistics, float64, ...) the
-    Keras computation runs unchanged.
+    rank 2 or 4, no mask, no renorm. With several replicas and synchronized statistics, `bt_keras.sync_batch_norm`
+    runs instead (one all-reduce each way, as many passes as the fused kernel; float64 too). Otherwise (a mask,
+    renorm, another axis, or `BT_KERAS_FAST=0`) the Keras computation runs unchanged.
     """
+
+    def _synchronizable(self, inputs, mask) -> bool:
+        """True when the global-batch statistics of several replicas can run as `sync_batch_norm.normalize`."""
+        import tensorflow as tf
+
+        if not (self.synchronized and fast_paths.enabled()) or mask is not None or self.renorm:
+            return False
+        if keras.backend.backend() != "tensorflow":
+            return False
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return False
+        rank = inputs.shape.rank
+        if rank is None or rank < 2 or self.axis not in (-1, rank - 1):
+            return False
+        return inputs.dtype in (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+    def _synchronized_call(self, inputs):
+        import tensorflow as tf
+
+        from bt_keras import sync_batch_norm
+
+        dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32  # Keras's compute dtype for the statistics
+        x = tf.cast(inputs, dtype)
+        channels = x.shape[-1]
+        gamma = tf.cast(self.gamma, dtype) if self.scale else tf.ones([channels], dtype)
+        beta = tf.cast(self.beta, dtype) if self.center else tf.zeros([channels], dtype)
+        moving_mean = tf.cast(self.moving_mean, dtype)
+        y, mean, variance = sync_batch_norm.normalize(x, gamma, beta, shift=moving_mean, epsilon=self.epsilon)
+        momentum = self.momentum  # as Keras: moving = moving * momentum + batch * (1 - momentum)
+        self.moving_mean.assign(moving_mean * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(tf.cast(self.moving_variance, dtype) * momentum + variance * (1.0 - momentum))
+        return tf.cast(y, self.compute_dtype)
 
     def _fusable(self, inputs, mask) -> bool:
         import tensorflow as tf
@@ -75,6 +109,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return count is not None and count > 1  # the unbiased -> biased variance conversion below needs n > 1
 
     def call(self, inputs, training=None, mask=None):
+        if training and self.trainable and self._synchronizable(inputs, mask):
+            return self._synchronized_call(inputs)
         if not (training and self.trainable and self._fusable(inputs, mask)):
             return super().call(inputs, training=training, mask=mask)
         import tensorflow as tf

@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 from absl import logging
 
-from bt_keras import backbones, data, heads, optim
+from bt_keras import backbones, data, device_augment, heads, optim
 from bt_keras.model import BarlowTwins
 from bt_keras.probe import OnlineProbe
 from bt_keras.views import ViewConfig
@@ -160,3 +160,10 @@ def steps_per_epoch(config) -> int:
         raise ValueError(f"config.batch_size={config.batch_size} is larger than the {examples} examples of "
                          f"{config.dataset}:{config.split}; lower it.")
     return steps
+
+
+def build_device_augment(config, views) -> device_augment.DeviceAugment | None:
+    """The model's on-device colour steps when `config.augment_on == "accelerator"`, else None
+    (`bt_keras.device_augment`)."""
+    mode = device_augment.check_augment_on(config.get("augment_on", "host"))
+    return device_augment.DeviceAugment(*views) if mode == "accelerator" else None

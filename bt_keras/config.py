@@ -46,6 +46,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.shuffle_buffer = 10_000
     c.view1 = ml_collections.ConfigDict()  # augment.ViewConfig fields, filled by the recipe (config.recipe_views)
     c.view2 = ml_collections.ConfigDict()
+    # Where the colour steps run (bt_keras.device_augment): "host" (tf.data) or "accelerator" (the model's train_step);
+    # both give the same views. dct_scaling: decode large JPEG crops at 1/2-1/8 scale (faster; changes pixels slightly).
+    c.augment_on = "host"
+    c.dct_scaling = False
+    # tf.data service (bt_keras.data_service): "grpc://HOST:PORT" of a dispatcher runs the pre-training pipeline on its
+    # workers; "" reads locally. See bt_keras/data_service.py for what resuming guarantees then.
+    c.data_service = ""
 
     # Networks.
     c.backbone = "resnet18"  # bt_keras.backbones registry

@@ -47,7 +47,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from bt_keras import augment
+from bt_keras import augment, device_augment, host_crop
 from bt_keras.folder_walk import FolderWalk
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -342,7 +342,8 @@ def default_views(name: str, data_dir=None) -> tuple[augment.ViewConfig, augment
 
 def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bool = False, seed=None,
                  shuffle_buffer: int = 10_000, cache: bool = False, repeat: bool = True,
-                 start_batch: int = 0, labels: bool = False) -> tf.data.Dataset:
+                 start_batch: int = 0, labels: bool = False, augment_on: str = "host", dct_scaling: bool = False,
+                 epoch_keyed: bool = False) -> tf.data.Dataset:
     """(view1, view2) float32 batches from a dataset of single images, drop_remainder=True.
 
     ``labels=True``: the elements of ``images`` are (image, label) pairs and the batches are
@@ -356,7 +357,18 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
     from (seed, e), and batch i is augmented with a seed made from (seed, i). ``start_batch`` starts the
     stream at batch i without augmenting the batches before it (only shuffling and batching the raw
     epoch up to there), which is how a resumed training run sees exactly the batches it would have seen.
+
+    ``augment_on="accelerator"``: yield uint8 crops and the views' batch seeds instead (a dict, see
+    ``bt_keras.device_augment``); the model's train_step applies the colour steps from the same seeds, so
+    the views equal ``augment_on="host"``'s. Encoded JPEGs are decoded straight to the crop window in both
+    modes (``bt_keras.host_crop``; same pixels); ``dct_scaling=True`` also decodes large crops at 1/2-1/8
+    scale in libjpeg, which is faster but changes pixels slightly.
+
+    ``epoch_keyed=True`` folds the epoch into every augmentation seed as well (a different stream from the default):
+    for the tf.data service, whose workers each take whole epochs but count batches from 0 each, so (epoch, index)
+    is what keeps their seeds distinct (``bt_keras.data_service``).
     """
+    device_augment.check_augment_on(augment_on)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if start_batch < 0:
@@ -385,30 +397,48 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
             # shuffle_seed alone anyway, so the traced graph gets no graph-level seed.
             tf.compat.v1.get_default_graph().seed = None
             ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-        return ds.batch(batch_size, drop_remainder=True)
+        ds = ds.batch(batch_size, drop_remainder=True)
+        if epoch_keyed:  # each batch carries its epoch, folded into its seeds below
+            ds = ds.map(lambda *element: (tf.fill([batch_size], e), element[0] if len(element) == 1 else element))
+        return ds
 
     last_epoch = np.iinfo(np.int64).max if repeat else first_epoch + 1
     ds = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(epoch).skip(skip)
     crop_key, batch_key = _fold(key, 0), _fold(key, 1)
     if encoded:  # per-image decode + random resized crop, keyed by the global image index
-        def crop_pair(i, data):
+        def crop_pair(i, data):  # decodes a JPEG once, only the crop windows: same pixels as a full decode + crop
+            e, data = data if epoch_keyed else (None, data)
             data, label = data if labels else (data, None)
-            image = _decode(data)
-            crops = tuple(augment.random_resized_crop(image, v.crop_size, v.crop_scale, v.crop_ratio, s, v.flip_prob)
-                          for v, s in zip(views, _split_pair(_fold(crop_key, i))))
-            return crops if label is None else crops + (label,)
+            image_key = _fold(_fold(crop_key, e), i) if epoch_keyed else _fold(crop_key, i)
+            crops = host_crop.decode_random_resized_crop_pair(data, views, _split_pair(image_key),
+                                                              dct_scaling=dct_scaling)
+            crops = crops if label is None else crops + (label,)
+            return (e, crops) if epoch_keyed else crops
 
         ds = (ds.unbatch().enumerate(start=start_batch * batch_size).map(crop_pair, num_parallel_calls=AUTOTUNE)
               .ignore_errors(log_warning=True).batch(batch_size, drop_remainder=True))
 
-    def augment_pair(i, batch):
-        s1, s2 = _split_pair(_fold(batch_key, i))
-        batch_labels = ()
-        if labels:
-            batch, batch_labels = (batch[:2], batch[2:]) if encoded else (batch[0], batch[1:])
-        batch1, batch2 = batch if encoded else (batch, batch)
-        return (augment.augment_batch(batch1, view1, s1, geometric=not encoded),
-                augment.augment_batch(batch2, view2, s2, geometric=not encoded)) + tuple(batch_labels)
+    def augment_pair(i, batch):  # stage 1 (uint8 crops) here; stage 2 here or in the model (device_augment)
+        if epoch_keyed:
+            epochs, batch = batch
+            s1, s2 = _split_pair(_fold(_fold(batch_key, epochs[0]), i))
+        else:
+            s1, s2 = _split_pair(_fold(batch_key, i))
+        batch_labels = None
+        if labels:  # encoded: (crops1, crops2, labels); decoded: (images, labels)
+            batch, batch_labels = (batch[:2], batch[2]) if encoded else (batch[0], batch[1])
+        extra = () if batch_labels is None else (batch_labels,)
+        if encoded:
+            crops1, crops2 = (augment.rotate_batch(c, v, s) for c, v, s in zip(batch, views, (s1, s2)))
+        elif batch.dtype != tf.uint8:  # float images in [0, 1]: no uint8 stage, host mode only
+            if augment_on == "accelerator":
+                raise ValueError(f"augment_on='accelerator' needs uint8 images, got {batch.dtype.name}")
+            return (augment.augment_batch(batch, view1, s1), augment.augment_batch(batch, view2, s2)) + extra
+        else:
+            crops1, crops2 = augment.geometric_batch(batch, view1, s1), augment.geometric_batch(batch, view2, s2)
+        if augment_on == "accelerator":
+            return device_augment.host_batch(crops1, crops2, views, s1, s2, labels=batch_labels)
+        return (augment.photometric_batch(crops1, view1, s1), augment.photometric_batch(crops2, view2, s2)) + extra
 
     ds = ds.enumerate(start=start_batch).map(augment_pair, num_parallel_calls=AUTOTUNE)
     options = tf.data.Options()
@@ -419,7 +449,8 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
 def pretrain_dataset(name: str, *, global_batch_size: int, views=None, data_dir=None, download: bool = False,
                      split: str = "train", shuffle_buffer: int = 10_000, seed: int | None = None,
                      input_context: tf.distribute.InputContext | None = None, cache="auto",
-                     repeat: bool = True, start_batch: int = 0, labels: bool = False) -> tf.data.Dataset:
+                     repeat: bool = True, start_batch: int = 0, labels: bool = False, augment_on: str = "host",
+                     dct_scaling: bool = False, epoch_keyed: bool = False) -> tf.data.Dataset:
     """(view1, view2) float32 batches for Barlow Twins pretraining (labels dropped), or with ``labels=True``
     (view1, view2, labels int32) for the online probe (-1 where the dataset has no label), the same views.
 
@@ -427,7 +458,8 @@ def pretrain_dataset(name: str, *, global_batch_size: int, views=None, data_dir=
     reads its own 1/num_input_pipelines shard and yields per-replica batches. ``views`` defaults to
     ``default_views(name)``. ``cache``: True, False or "auto" (in memory when the decoded - or, for
     variable-size images, encoded - data is under 2 GiB). ``start_batch``: skip to this batch of the
-    (seeded) stream cheaply, to resume training exactly; see ``pair_batches``.
+    (seeded) stream cheaply, to resume training exactly; see ``pair_batches``. ``augment_on`` / ``dct_scaling``:
+    ``epoch_keyed``: see ``pair_batches`` (accelerator mode yields uint8 crops + seeds for ``bt_keras.device_augment``).
     """
     views = default_views(name, data_dir) if views is None else views
     shard, batch_size = (1, 0), global_batch_size
@@ -438,7 +470,8 @@ def pretrain_dataset(name: str, *, global_batch_size: int, views=None, data_dir=
     images = source.dataset if labels else source.dataset.map(lambda image, label: image)
     return pair_batches(images, batch_size=batch_size, views=views, encoded=source.image_shape is None,
                         seed=None if seed is None else (seed, shard[1]), shuffle_buffer=shuffle_buffer,
-                        cache=_want_cache(cache, source), repeat=repeat, start_batch=start_batch, labels=labels)
+                        cache=_want_cache(cache, source), repeat=repeat, start_batch=start_batch, labels=labels,
+                        augment_on=augment_on, dct_scaling=dct_scaling, epoch_keyed=epoch_keyed)
 
 
 def labelled_dataset(name: str, *, split: str, batch_size: int, image_size: int, train: bool = False,

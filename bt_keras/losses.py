@@ -10,9 +10,11 @@ cross-correlation matrix ``C = z1n^T z2n / N`` (D x D) and asks it to be the ide
 (`bt_keras.fast_paths`).
 
 Everything here is over the GLOBAL batch. Called inside a `tf.distribute` replica context with more than one
-replica, the batch statistics and C are summed across replicas with `all_reduce`, which is differentiable, so every
-replica computes the same, exact global loss. (The official PyTorch code all-reduces C without a gradient instead;
-see `BarlowTwins.train_step` for how we turn per-replica gradients into the true gradient of the global loss.)
+replica, the batch statistics are summed across replicas with `all_reduce`, which is differentiable, and so are
+either C (D x D) or, when the global batch is below D, the gathered embeddings' Gram sums (`bt_keras.loss_forms`
+chooses by bytes sent and FLOPs), so every replica computes the same, exact global loss. (The official PyTorch code
+all-reduces C without a gradient instead; see `BarlowTwins.train_step` for how we turn per-replica gradients into the
+true gradient of the global loss.)
 
 The batch normalisation is BatchNorm without scale and offset in training mode, as in the official code: biased
 variance, epsilon 1e-5 (torch's default). All arithmetic is float32 under a mixed-precision policy (float16/bfloat16 embeddings are cast up); float64
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from bt_keras import fast_paths
+from bt_keras import fast_paths, loss_forms
 
 EPSILON = 1e-5  # torch.nn.BatchNorm1d's default, used by the official code's affine-free BN.
 DEFAULT_LAMBDA = 0.0051  # official code's default (the paper's text says 5e-3).
@@ -128,8 +130,24 @@ def cross_correlation(z1, z2) -> tf.Tensor:
     return _correlation_of_normalized(z1n / count, z2n)
 
 
-def _correlation_terms(z1n, z2n, count, lambd: float) -> tuple[tf.Tensor, ...]:
-    """(loss, on_diagonal, off_diagonal, C) from batch-normalised embeddings, with a hand-written gradient.
+def _all_gather(*tensors: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """Every replica's `tensors` stacked along the batch (replica order); identity on one replica.
+
+    Used only inside `_correlation_terms`' forward pass, whose hand-written gradient needs no collective, so the
+    all-gather's own gradient (an all-reduce of the whole B x D gradient, then a slice) never runs.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return tensors
+    gathered = context.all_gather(list(tensors), axis=0)
+    for local, result in zip(tensors, gathered):  # equal shares (check_global_batch): the result's shape is static
+        if local.shape[0] is not None:
+            result.set_shape([local.shape[0] * context.num_replicas_in_sync] + local.shape[1:].as_list())
+    return tuple(gathered)
+
+
+def _correlation_terms(z1n, z2n, count, lambd: float) -> tuple:
+    """(loss, on_diagonal, off_diagonal, C as a function) from batch-normalised embeddings, with a hand-written gradient.
 
     With D x D matrices of 8192^2 floats (256 MiB), the loss is memory-bound unless every pass over C counts. Autodiff
     of the plain formula writes C, C^2, the broadcast upstream, 2 C, a diagonal matrix and their sum (six D x D
@@ -138,28 +156,42 @@ def _correlation_terms(z1n, z2n, count, lambd: float) -> tuple[tf.Tensor, ...]:
 
         dL/dz1n = (2 lambd z2n C^T + z2n * g) / N,   dL/dz2n = (2 lambd z1n C + z1n * g) / N,   g_i the diagonal part.
 
-    On one replica with B <= D, C is never formed: everything goes through the B x B Gram matrices Ga = (z1n/N)(z1n/N)^T
-    and Gb = z2n z2n^T (same maths, B^2 D instead of B D^2 multiply-adds, and no 256 MiB tensor in the step's peak):
+    The Gram form (`bt_keras.loss_forms` chooses it by cost: B <= D on one replica, B < D on several) never forms C:
+    everything goes through the B x B Gram matrices Ga = (z1n/N)(z1n/N)^T and Gb = z2n z2n^T (same maths, B^2 D
+    instead of B D^2 multiply-adds, and no 256 MiB tensor in the step's peak):
 
         sum_ij C_ij^2 = sum(Ga * Gb),   C_ii = sum_b z1n[b, i] z2n[b, i] / N,   z2n C^T = Gb z1n / N,   z1n C / N = Ga z2n.
 
-    Under several replicas C is summed across them (differentiably in the maths: the backward pass of that sum gives
-    each replica R times its share, exactly what autodiff through `all_reduce` gives; see `BarlowTwins`).
-    The returned C carries no gradient (it is for pictures and diagnostics; `cross_correlation` is differentiable); in
-    the Gram form it is computed only if something uses it (in a graph, an unused C is pruned).
+    Under R replicas the Gram form all-gathers z1n/N and z2n (B x D each), each replica forms its own rows of Ga and
+    Gb (B/R x B), and the diagonal and sum(Ga * Gb) are summed across replicas as one vector of D + 1 numbers. Its
+    backward pass needs its rows only: replica r's rows of the two products above, Gb[r] (z1n/N) and Ga[r] z2n.
+
+    The replica convention (see `BarlowTwins`): every replica computes the same L and differentiates L / R. A sum
+    across replicas, differentiated, gives each replica the sum of the R upstream gradients, i.e. R times its own:
+    so both forms' gradients are multiplied by R here, where the collectives are not differentiated. That makes
+    each replica's gradient the true dL/d(its embeddings), and the optimizer's sum over replicas exact.
+
+    C carries no gradient (it is for pictures and diagnostics; `cross_correlation` is differentiable). In the Gram
+    form it is only computed when the returned function is called (under several replicas that is a D x D all-reduce).
     """
     replicas = _replicas_in_sync()
-    batch, dim = z1n.shape[0], z1n.shape[1]
-    use_gram = replicas == 1 and batch is not None and dim is not None and batch <= dim
+    local_batch, dim = z1n.shape[0], z1n.shape[1]
+    batch = None if local_batch is None else local_batch * replicas
+    use_gram = loss_forms.choose(batch, dim, replicas, itemsize=z1n.dtype.size) == "gram"
+    if use_gram and local_batch is None:
+        raise ValueError("Barlow Twins loss: the Gram form (forced with loss_forms.set_form) needs a static batch "
+                         "size; use loss_forms.set_form(None) or a dataset with drop_remainder=True.")
 
     @tf.custom_gradient
     def terms(a, b):
         a_over_n = a / count
         if use_gram:
-            gram_a = tf.matmul(a_over_n, a_over_n, transpose_b=True)
-            gram_b = tf.matmul(b, b, transpose_b=True)
-            diagonal = tf.reduce_sum(a_over_n * b, axis=0)
-            sum_of_squares = tf.reduce_sum(gram_a * gram_b)
+            a_all, b_all = _all_gather(a_over_n, b)  # B x D each; this replica's own rows are a_over_n, b
+            gram_a = tf.matmul(a_over_n, a_all, transpose_b=True)  # this replica's rows of Ga
+            gram_b = tf.matmul(b, b_all, transpose_b=True)
+            local_sums = tf.concat([tf.reduce_sum(a_over_n * b, axis=0), [tf.reduce_sum(gram_a * gram_b)]], axis=0)
+            sums = _global_sum(local_sums)  # one all-reduce of D + 1 numbers
+            diagonal, sum_of_squares = sums[:-1], sums[-1]
         else:
             c = _correlation_of_normalized(a_over_n, b)
             diagonal = tf.linalg.diag_part(c)
@@ -175,20 +207,45 @@ def _correlation_terms(z1n, z2n, count, lambd: float) -> tuple[tf.Tensor, ...]:
             d_off = zero if d_off is None else tf.cast(d_off, diagonal.dtype)
             coefficient = 2.0 * (lambd * d_loss + d_off)  # dL/dC = coefficient * C + diag(g)
             g = -2.0 * (1.0 - diagonal) * (d_loss + d_on) - coefficient * diagonal
+            if replicas > 1:  # the un-differentiated collectives' backward pass: see the docstring
+                coefficient = coefficient * replicas
+                g = g * replicas
             if use_gram:
-                d_a = (coefficient * tf.matmul(gram_b, a_over_n) + b * g) / count
-                d_b = coefficient * tf.matmul(gram_a, b) + a_over_n * g
+                d_a = (coefficient * tf.matmul(gram_b, a_all) + b * g) / count
+                d_b = coefficient * tf.matmul(gram_a, b_all) + a_over_n * g
                 return d_a, d_b
-            scale = tf.cast(replicas, c.dtype)
-            d_a = (coefficient * tf.matmul(b, c, transpose_b=True) + b * g) * (scale / count)
-            d_b = (coefficient * tf.matmul(a_over_n, c) + a_over_n * g) * scale
+            d_a = (coefficient * tf.matmul(b, c, transpose_b=True) + b * g) / count
+            d_b = coefficient * tf.matmul(a_over_n, c) + a_over_n * g
             return d_a, d_b
 
         return (loss, on_diagonal, off_diagonal) + (() if use_gram else (c,)), grad
 
     outputs = terms(z1n, z2n)
-    c = _correlation_of_normalized(z1n / count, z2n) if use_gram else outputs[3]
-    return outputs[0], outputs[1], outputs[2], tf.stop_gradient(c)
+    if use_gram:
+        correlation = lambda: tf.stop_gradient(_correlation_of_normalized(z1n / count, z2n))  # noqa: E731
+    else:
+        c = tf.stop_gradient(outputs[3])
+        correlation = lambda: c  # noqa: E731
+    return outputs[0], outputs[1], outputs[2], correlation
+
+
+class LossTerms(dict):
+    """The loss's terms (a dict); `terms["cross_correlation"]` computes C on first use when it was not needed.
+
+    In the Gram form C is never part of the loss, and under several replicas computing it means a D x D all-reduce
+    (256 MiB at D = 8192) that a graph would not prune (collectives are stateful): so it is built only if read, in
+    the same context as the loss (the same replica function or traced step).
+    """
+
+    def __init__(self, values=(), correlation=None):
+        super().__init__(values)  # tf.nest rebuilds dict subclasses from their items alone: correlation is optional
+        self._correlation = correlation
+
+    def __missing__(self, key):
+        if key != "cross_correlation" or self._correlation is None:
+            raise KeyError(key)
+        self[key] = value = self._correlation()
+        return value
 
 
 def barlow_twins_loss(z1, z2, lambd: float = DEFAULT_LAMBDA) -> dict[str, tf.Tensor]:
@@ -202,20 +259,15 @@ def barlow_twins_loss(z1, z2, lambd: float = DEFAULT_LAMBDA) -> dict[str, tf.Ten
       A dict of float32 scalars: `loss` = `on_diagonal` + lambd * `off_diagonal`, where `on_diagonal` =
       sum_i (1 - C_ii)^2 (invariance) and `off_diagonal` = sum_{i != j} C_ij^2 (redundancy, unweighted);
       and `cross_correlation`, the matrix C itself, for pictures and diagnostics (without gradient; use
-      `cross_correlation` to differentiate C). `loss` carries the exact gradient of the formula, computed with
-      few passes over the D x D matrix (see `_correlation_terms`); the gradient of `on_diagonal`/`off_diagonal`
-      is exact too.
+      `cross_correlation` to differentiate C; computed when first read, see `LossTerms`). `loss` carries the exact
+      gradient of the formula, computed with few passes over the D x D matrix or without it (see
+      `_correlation_terms`); the gradient of `on_diagonal`/`off_diagonal` is exact too.
     """
     if not fast_paths.enabled():
         return reference_loss(z1, z2, float(lambd))
     z1n, z2n, count = _normalized_views(z1, z2)
-    loss, on_diagonal, off_diagonal, c = _correlation_terms(z1n, z2n, count, float(lambd))
-    return {
-        "loss": loss,
-        "on_diagonal": on_diagonal,
-        "off_diagonal": off_diagonal,
-        "cross_correlation": c,
-    }
+    loss, on_diagonal, off_diagonal, correlation = _correlation_terms(z1n, z2n, count, float(lambd))
+    return LossTerms({"loss": loss, "on_diagonal": on_diagonal, "off_diagonal": off_diagonal}, correlation)
 
 
 def embedding_std(z) -> tf.Tensor:

@@ -13,7 +13,8 @@ The story of one step (paper, Algorithm 1):
      encoder.
 
 Exactness under `tf.distribute`. Each replica computes the same global loss L, thanks to differentiable
-all-reduces of the statistics and of C. Differentiating L on one replica gives R times that replica's share of the
+all-reduces of the statistics and of C (or, when the global batch is below D, of the gathered embeddings' Gram
+sums: `bt_keras.loss_forms`). Differentiating L on one replica gives R times that replica's share of the
 gradient (the backward pass of an all-reduce sums the R identical upstream gradients), and Keras optimizers SUM the
 replicas' gradients. So each replica differentiates L / R, and the summed gradient is exactly dL/dtheta: N replicas
 with global batch B take the same step as one device with the same B examples (tests/test_distributed.py). The
@@ -183,7 +184,13 @@ class BarlowTwins(keras.Model):
                 objective = self.optimizer.scale_loss(objective)
         return tape.gradient(objective, self.pretrain_variables), terms
 
+    # augment_on="accelerator" (bt_keras.device_augment): a DeviceAugment that turns the pipeline's uint8 crops + seeds
+    # into the two views on the device; None (default) or an already augmented batch: nothing to do.
+    device_augment = None
+
     def train_step(self, data):
+        if self.device_augment is not None:
+            data = self.device_augment(data)
         view1, view2, labels = _batch(data)
         gradients, terms = self.compute_gradients(view1, view2)
         self.optimizer.apply_gradients(zip(gradients, self.pretrain_variables))
@@ -192,6 +199,8 @@ class BarlowTwins(keras.Model):
         return self._update_metrics(terms)
 
     def test_step(self, data):
+        if self.device_augment is not None:
+            data = self.device_augment(data)
         view1, view2, labels = _batch(data)
         terms = self.compute_loss_terms(view1, view2, training=False)
         if self.online_probe is not None and labels is not None:

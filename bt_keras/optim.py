@@ -173,6 +173,31 @@ class LARS(keras.optimizers.Optimizer):
                 grads = [None if g is None else tf.identity(g) for g in grads]
         return super().apply(grads, trainable_variables)
 
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        """Sums the replicas' gradients with one all-reduce per gradient (Keras's hook, TensorFlow backend).
+
+        Keras all-reduces the list with tf.distribute's default `bytes_per_pack=0`, which concatenates EVERY gradient
+        into one flat buffer, all-reduces it and splits it again: a copy of all the gradients per replica per step
+        (700 MiB for ResNet-50 + the paper's projector: ~0.1 s of copying on CPU and 0.7 GiB more peak memory per
+        replica), and no all-reduce can start before the last gradient exists. `bytes_per_pack=1` makes each gradient
+        its own pack (a pack closes once it holds more than one byte), so nothing is copied and the all-reduce
+        writes the sum into the gradient's own buffer. Same sums. With `BT_KERAS_FAST=0`, Keras's own path.
+        """
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1 or not fast_paths.enabled():
+            return super()._all_reduce_sum_gradients(grads_and_vars)
+        pairs = list(grads_and_vars)
+        present = [i for i, (g, _) in enumerate(pairs) if g is not None]
+        if not present:
+            return pairs
+        options = tf.distribute.experimental.CommunicationOptions(bytes_per_pack=1)
+        reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [pairs[i][0] for i in present], options=options)
+        for i, g in zip(present, reduced):
+            pairs[i] = (g, pairs[i][1])
+        return pairs
+
     def _native_update(self, var):
         """The native kernel's op for this variable, or None to use TensorFlow ops (see `native`)."""
         if self.native is False or (self.native is None and not fast_paths.enabled()):

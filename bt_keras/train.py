@@ -10,6 +10,8 @@ Flags:
   --mixed_precision mixed_float16 on GPU, mixed_bfloat16 on TPU (the loss stays float32); slower on CPU
   --xla             compile the train step with XLA (jit_compile); helps on GPU/TPU, slower on CPU
   --seed            overrides config.seed
+  --data_service    grpc://HOST:PORT of a tf.data service dispatcher: the input pipeline runs on its workers
+                    (overrides config.data_service; see bt_keras/data_service.py for what resuming guarantees then)
   --callbacks       extra Keras callbacks, as MODULE:NAME of a callable returning a callback or a list of them
                     (e.g. keras.callbacks:TerminateOnNaN, or my_callbacks:early_stopping); repeatable
   --allow_config_change  resume although the config changes the model, the optimisation or the data stream
@@ -44,6 +46,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (override
 _MIXED = flags.DEFINE_bool("mixed_precision", False, "Mixed precision (float16 on GPU, bfloat16 on TPU).")
 _XLA = flags.DEFINE_bool("xla", False, "Compile the train step with XLA.")
 _SEED = flags.DEFINE_integer("seed", None, "Random seed (overrides config.seed).")
+_DATA_SERVICE = flags.DEFINE_string("data_service", None, "grpc://HOST:PORT of a tf.data service dispatcher "
+                                    "(python -m bt_keras.data_service --dispatcher); overrides config.data_service.")
 _CALLBACKS = flags.DEFINE_multi_string("callbacks", [], "Extra Keras callbacks: MODULE:NAME of a callable that returns "
                                        "a callback or a list of them (called with no arguments).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changes fields "
@@ -97,6 +101,8 @@ def main(argv):
             config.data_dir = _DATA_DIR.value
         if _SEED.value is not None:
             config.seed = _SEED.value
+        if _DATA_SERVICE.value is not None:
+            config.data_service = _DATA_SERVICE.value
         config.jit_compile = _XLA.value or config.get("jit_compile", False)
     strategy = distribute.make_strategy(_STRATEGY.value, tpu=_TPU.value)
     if _MIXED.value:
@@ -164,7 +170,7 @@ def run():
     """Entry point that turns configuration mistakes into one clear line instead of a traceback."""
     try:
         app.run(main, flags_parser=_parse_flags)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as error:
         print(f"ERROR: {error}", file=sys.stderr)
         sys.exit(2)
     except Exception as error:

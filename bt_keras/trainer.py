@@ -78,6 +78,10 @@ class Trainer:
         self.chief = is_chief(strategy)
         preflight.check_config(config)  # before anything is built or written
         check_global_batch(config.batch_size, strategy.num_replicas_in_sync)  # before anything is built
+        if config.get("data_service"):  # an unreachable dispatcher: a clear error now, not a hang at the first step
+            from bt_keras import data_service
+
+            data_service.check_reachable(config.data_service)
         created = not self.workdir.exists()
         _check_workdir(self.workdir)
         # Only the chief locks the workdir: the workers of a multi-worker run share it.
@@ -117,6 +121,7 @@ class Trainer:
         keras.utils.set_random_seed(config.seed)
         with strategy.scope():
             self.model = builders.build_model(config)
+            self.model.device_augment = builders.build_device_augment(config, self.views)  # augment_on (issue 17)
             self.model.compile(optimizer=builders.build_optimizer(config, self.steps_per_epoch),
                                jit_compile=bool(config.jit_compile))
             self.model.optimizer.build(self.model.pretrain_variables)  # not the online probe's (it has its own)
@@ -141,12 +146,20 @@ class Trainer:
     def _dataset_fn(self, input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         c = self.config
         replicas_per_pipeline = input_context.num_replicas_in_sync // input_context.num_input_pipelines
-        return data.pretrain_dataset(
+        dataset = data.pretrain_dataset(
             c.dataset, global_batch_size=c.batch_size, views=self.views, data_dir=c.data_dir, download=c.download,
             split=c.split, shuffle_buffer=c.shuffle_buffer, seed=c.seed, input_context=input_context,
             start_batch=self.start_step * replicas_per_pipeline,
             labels=self.model.online_probe is not None,  # (view1, view2, labels) for the online probe
+            augment_on=c.get("augment_on", "host"), dct_scaling=c.get("dct_scaling", False),
+            epoch_keyed=bool(c.get("data_service")),  # workers count batches from 0 each: seeds fold in the epoch
         )
+        if c.get("data_service"):  # run the pipeline on a tf.data service's workers (bt_keras.data_service)
+            from bt_keras import data_service
+
+            dataset = data_service.distribute(dataset, c.data_service)
+            self.served_key = dataset.served_key  # data_service.served(key): batches per worker
+        return dataset
 
     def _make_step_fn(self):
         """One training step under the strategy: returns replica 0's metrics and the learning rate, as tensors."""

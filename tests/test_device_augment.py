@@ -84,8 +84,9 @@ def test_rotated_views_with_labels_are_identical_in_both_modes(encoded):
         np.testing.assert_allclose(a2.numpy(), h2.numpy(), rtol=0, atol=1e-5)
         np.testing.assert_array_equal(a_labels.numpy(), h_labels.numpy())
     unrotated = tuple(dataclasses.replace(v, rotation_prob=0.0) for v in views)
-    plain = [v for v, _, _ in data.pair_batches(images, **{**kwargs, "views": unrotated}).take(1)]
-    assert not np.allclose(plain[0].numpy(), host[0][0].numpy())  # the rotation changed the views: the test can fail
+    plain = [v for v, _, _ in data.pair_batches(images, **{**kwargs, "views": unrotated}).take(2)]
+    changed = [not np.allclose(p.numpy()[i], h[0].numpy()[i]) for p, h in zip(plain, host) for i in range(4)]
+    assert 0 < sum(changed) < len(changed), changed  # some images rotated, some not (p=0.5): the test can fail
 
 
 def test_stages_compose_to_augment_batch():

@@ -197,10 +197,27 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise TorchFileError(f"{self.path}: its storages add up to more than {MAX_TOTAL_BYTES >> 30} GiB "
                                  f"(bt_keras.interop.torch_file.MAX_TOTAL_BYTES), far more than a ResNet's weights: "
                                  "save only the model's state_dict() with torch.save")
-        raw = self.archive.read(member)
-        values = np.frombuffer(raw, dtype.newbyteorder("<" if self.byteorder == "little" else ">"))
-        values = values.astype(dtype.newbyteorder("="))  # native byte order, and a private writable copy
+        values = _read_member(self.archive, info).view(dtype.newbyteorder("<" if self.byteorder == "little" else ">"))
+        if not values.dtype.isnative:
+            values = values.astype(dtype.newbyteorder("="))
         return _bfloat16_to_float32(values) if bfloat16 else values
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """A member's bytes as a uint8 array, inflated in chunks into one buffer of its declared size: peak memory is
+    that size (ZipFile.read grows a bytes object, up to twice it). The CRC is checked at the end, as ZipFile.read."""
+    out = np.empty(info.file_size, np.uint8)
+    with archive.open(info) as member:
+        done = 0
+        while done < info.file_size:
+            chunk = member.read(min(16 << 20, info.file_size - done))
+            if not chunk:
+                raise EOFError(f"{info.filename} ends after {done} of its {info.file_size} bytes")
+            out[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)
+            done += len(chunk)
+        if member.read(1):  # also where zipfile checks the CRC-32
+            raise zipfile.BadZipFile(f"{info.filename} holds more than its declared {info.file_size} bytes")
+    return out
 
 
 def _archive_prefix(archive: zipfile.ZipFile, path) -> str:

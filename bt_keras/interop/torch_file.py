@@ -16,6 +16,11 @@ made of dicts, lists, tuples, numbers, strings and `numpy.ndarray`s only.
 
     >>> state = load_state_dict("resnet50.pth")          # {"conv1.weight": ndarray [64, 3, 7, 7], ...}
 
+Hostile or damaged files are refused before large allocations: sizes come from the zip directory and are checked
+before anything is inflated (data.pkl <= MAX_PICKLE_BYTES, each storage = its declared element count, all storages
+<= MAX_TOTAL_BYTES), a tensor may not read a storage element twice (stride 0, overlapping views), and zip, zlib and
+memory errors become one-line TorchFileErrors naming the file.
+
 Not read: the legacy pre-1.6 format (a bare pickle stream), TorchScript archives (`torch.jit.save`), and files
 whose pickle needs other globals (e.g. a training checkpoint holding an argparse Namespace); each is refused with
 an error saying how to re-save the file so that it can be read.

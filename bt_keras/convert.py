@@ -53,6 +53,9 @@ def convert_torchvision_checkpoint(torch_checkpoint: str | os.PathLike, output: 
     torchvision_resnet.ConversionError (both ValueErrors), each with a one-line message.
     """
     source, output = Path(torch_checkpoint), Path(output)
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"--output {output} is a file: --output must be a folder (it receives "
+                              f"{artifacts.ENCODER_FILE} and its JSON); pass a new or existing folder's path.")
     if (output / artifacts.ENCODER_FILE).exists() and not overwrite:
         raise FileExistsError(f"{output / artifacts.ENCODER_FILE} exists already; pass --overwrite to replace "
                               "it, or choose another --output.")
@@ -60,7 +63,7 @@ def convert_torchvision_checkpoint(torch_checkpoint: str | os.PathLike, output: 
     encoder, report = torchvision_resnet.build_encoder(state, backbone, stem, cifar_stem_padding=cifar_stem_padding,
                                                        prefix=prefix, ignore=tuple(ignore))
     prep = DEFAULTS[report["stem"]]
-    image_size = int(image_size or prep["image_size"])
+    image_size = int(prep["image_size"] if image_size is None else image_size)  # 0 is refused below, not defaulted
     mean = [float(v) for v in (mean or prep["mean"])]
     std = [float(v) for v in (std or prep["std"])]
     if image_size < 1 or len(mean) != 3 or len(std) != 3 or min(std) <= 0:

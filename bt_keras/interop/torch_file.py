@@ -16,6 +16,11 @@ made of dicts, lists, tuples, numbers, strings and `numpy.ndarray`s only.
 
     >>> state = load_state_dict("resnet50.pth")          # {"conv1.weight": ndarray [64, 3, 7, 7], ...}
 
+Hostile or damaged files are refused before large allocations: sizes come from the zip directory and are checked
+before anything is inflated (data.pkl <= MAX_PICKLE_BYTES, each storage = its declared element count, all storages
+<= MAX_TOTAL_BYTES), a tensor may not read a storage element twice (stride 0, overlapping views), and zip, zlib and
+memory errors become one-line TorchFileErrors naming the file.
+
 Not read: the legacy pre-1.6 format (a bare pickle stream), TorchScript archives (`torch.jit.save`), and files
 whose pickle needs other globals (e.g. a training checkpoint holding an argparse Namespace); each is refused with
 an error saying how to re-save the file so that it can be read.
@@ -25,9 +30,12 @@ from __future__ import annotations
 
 import collections
 import io
+import lzma
+import math
 import os
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +56,11 @@ STORAGE_DTYPES = {
 }
 TENSOR_REBUILDERS = ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter")
 ALLOWED_GLOBALS = ("collections.OrderedDict", *TENSOR_REBUILDERS, *(f"torch.{name}" for name in STORAGE_DTYPES))
+
+# Caps on inflated sizes, checked against the zip directory before reading: a state dict's pickle is a few hundred
+# bytes per tensor (a ResNet-50's is about 30 KB), its storages a few hundred MB.
+MAX_PICKLE_BYTES = 64 << 20
+MAX_TOTAL_BYTES = 16 << 30
 
 RESAVE_HINT = ("re-save just the tensors with PyTorch: torch.save(torch.load(OLD, map_location='cpu', "
                "weights_only=False)['state_dict'], NEW)  (or the model's .state_dict())")
@@ -102,6 +115,17 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     if last >= values.size:
         raise TorchFileError(f"a tensor of size {size} (offset {offset}, stride {stride}) reads past the end of "
                              f"storage {storage.key}, which holds {values.size} elements: the file is corrupt")
+    # Checked before anything is copied: a view that reads an element twice (stride 0, overlapping strides) could
+    # make a 1-element storage into an array of any size. A state dict's tensors never overlap.
+    span = 1  # with the dimensions ordered by stride, each must step past everything the smaller ones cover
+    for s, n in sorted((s, n) for n, s in zip(size, stride) if n > 1):
+        if s < span:
+            raise TorchFileError(
+                f"a tensor of size {size} (stride {stride}) on storage {storage.key} would read storage elements "
+                f"more than once ({math.prod(size)} elements from a storage of {values.size}): an expanded (stride 0), "
+                "overlapping or interleaved view, which a state dict never holds; in PyTorch, save contiguous "
+                "tensors (model.state_dict(), or tensor.clone()) with torch.save")
+        span = s * (n - 1) + span
     view = np.lib.stride_tricks.as_strided(values[offset:], shape=size,
                                            strides=[s * values.itemsize for s in stride], writeable=False)
     return np.array(view, copy=True)
@@ -134,6 +158,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self.archive, self.prefix, self.path, self.byteorder = archive, prefix, path, byteorder
         self.storages: dict[str, _Storage] = {}
+        self.total_bytes = 0
 
     def find_class(self, module, name):
         qualified = f"{module}.{name}"
@@ -156,19 +181,48 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def _read_storage(self, key: str, storage_type: _StorageType, numel: int) -> np.ndarray:
         member = f"{self.prefix}/data/{key}"
+        if numel < 0:
+            raise TorchFileError(f"{self.path}: the pickle gives storage {key} a negative element count ({numel}): "
+                                 "the file is corrupt")
         try:
-            raw = self.archive.read(member)
+            info = self.archive.getinfo(member)
         except KeyError:
             raise TorchFileError(f"{self.path}: the pickle refers to storage {key}, but there is no {member} in "
                                  "the archive: the file is truncated or corrupt") from None
         bfloat16 = storage_type.dtype == "bfloat16"
         dtype = np.dtype(np.uint16) if bfloat16 else storage_type.dtype
-        if len(raw) != numel * dtype.itemsize:
+        # Sizes are checked against the zip directory before anything is inflated (a deflated member can expand
+        # a thousandfold); the zip reader then stops at the declared size.
+        if info.file_size != numel * dtype.itemsize:
             raise TorchFileError(f"{self.path}: storage {key} ({storage_type.name}) should hold {numel} elements = "
-                                 f"{numel * dtype.itemsize} bytes, but {member} has {len(raw)} bytes")
-        values = np.frombuffer(raw, dtype.newbyteorder("<" if self.byteorder == "little" else ">"))
-        values = values.astype(dtype.newbyteorder("="))  # native byte order, and a private writable copy
+                                 f"{numel * dtype.itemsize} bytes, but {member} has {info.file_size} bytes: the "
+                                 "file is corrupt")
+        self.total_bytes += info.file_size
+        if self.total_bytes > MAX_TOTAL_BYTES:
+            raise TorchFileError(f"{self.path}: its storages add up to more than {MAX_TOTAL_BYTES >> 30} GiB "
+                                 f"(bt_keras.interop.torch_file.MAX_TOTAL_BYTES), far more than a ResNet's weights: "
+                                 "save only the model's state_dict() with torch.save")
+        values = _read_member(self.archive, info).view(dtype.newbyteorder("<" if self.byteorder == "little" else ">"))
+        if not values.dtype.isnative:
+            values = values.astype(dtype.newbyteorder("="))
         return _bfloat16_to_float32(values) if bfloat16 else values
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """A member's bytes as a uint8 array, inflated in chunks into one buffer of its declared size: peak memory is
+    that size (ZipFile.read grows a bytes object, up to twice it). The CRC is checked at the end, as ZipFile.read."""
+    out = np.empty(info.file_size, np.uint8)
+    with archive.open(info) as member:
+        done = 0
+        while done < info.file_size:
+            chunk = member.read(min(16 << 20, info.file_size - done))
+            if not chunk:
+                raise EOFError(f"{info.filename} ends after {done} of its {info.file_size} bytes")
+            out[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)
+            done += len(chunk)
+        if member.read(1):  # also where zipfile checks the CRC-32
+            raise zipfile.BadZipFile(f"{info.filename} holds more than its declared {info.file_size} bytes")
+    return out
 
 
 def _archive_prefix(archive: zipfile.ZipFile, path) -> str:
@@ -205,20 +259,48 @@ def read_torch_file(path: str | os.PathLike):
                 "in the zip format with PyTorch >= 1.6: torch.save(torch.load(OLD, map_location='cpu'), NEW).")
         raise TorchFileError(f"{path} is not a torch.save file (a zip archive holding data.pkl); got bytes "
                              f"{head!r} at its start.")
+    try:
+        return _read_archive(path)
+    except TorchFileError as error:  # errors raised while rebuilding a tensor do not know the file: name it
+        if str(error).startswith(str(path)):
+            raise
+        raise TorchFileError(f"{path}: {error}") from None
+    except MemoryError:
+        raise TorchFileError(f"{path}: not enough memory to read it (its tensors are larger than this machine's "
+                             "free memory); convert it on a machine with more memory") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, RuntimeError, EOFError,
+            OSError) as error:  # bad CRC or directory, a broken stream, encryption, an unknown compression method
+        raise TorchFileError(
+            f"{path}: the zip archive is damaged or uses a feature torch.save never writes ({type(error).__name__}: "
+            f"{error}); fetch or copy the file again, or re-save it in PyTorch with "
+            "torch.save(torch.load(OLD, map_location='cpu'), NEW)") from None
+
+
+def _read_archive(path: Path):
+    """`read_torch_file` once `path` is known to be a zip archive (zip and memory errors pass through)."""
     with zipfile.ZipFile(path) as archive:
         prefix = _archive_prefix(archive, path)
         names = set(archive.namelist())
         byteorder = "little"
         if f"{prefix}/byteorder" in names:
+            if archive.getinfo(f"{prefix}/byteorder").file_size > 64:
+                raise TorchFileError(f"{path}: {prefix}/byteorder is too long to be a byte order (want 'little' "
+                                     "or 'big'): the file is corrupt")
             byteorder = archive.read(f"{prefix}/byteorder").decode("ascii", "replace").strip()
             if byteorder not in ("little", "big"):
                 raise TorchFileError(f"{path}: unknown byte order {byteorder!r} in {prefix}/byteorder")
+        pickle_size = archive.getinfo(f"{prefix}/data.pkl").file_size
+        if pickle_size > MAX_PICKLE_BYTES:
+            raise TorchFileError(f"{path}: its {prefix}/data.pkl would inflate to {pickle_size} bytes, more than the "
+                                 f"{MAX_PICKLE_BYTES >> 20} MiB any state dict's pickle needs: the file is corrupt or "
+                                 "not a state dict; save only the model's state_dict() with torch.save")
         unpickler = _RestrictedUnpickler(archive.read(f"{prefix}/data.pkl"), archive, prefix, path, byteorder)
         try:
             return unpickler.load()
         except TorchFileError:
             raise
-        except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError) as error:
+        except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
+                RecursionError) as error:
             raise TorchFileError(f"{path}: its data.pkl could not be read as a tensor state dict: "
                                  f"{type(error).__name__}: {error}") from None
 

@@ -175,6 +175,8 @@ def _check(inspection: Inspection, plan, backbone: str, stem: str) -> None:
             bad_values.append(f"{key} is {value.dtype}, not floating point")
         elif not np.all(np.isfinite(value)):
             bad_values.append(f"{key} holds NaN or infinity")
+        elif key.endswith(".running_var") and np.any(value < 0):  # sqrt(var + eps) would be NaN
+            bad_values.append(f"{key} holds negative values (a variance is >= 0)")
     problems = []
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected keys ({_listing(unexpected)})")

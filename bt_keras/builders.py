@@ -41,6 +41,7 @@ def build_model(config) -> BarlowTwins:
         blocks=tuple(config.blocks) if config.blocks else None,
         zero_init_residual=bool(config.get("zero_init_residual", True)),
         synchronized_bn=config.synchronized_bn,
+        **dict(config.get("backbone_options") or {}),
     )
     projector = heads.projector(config.projector, synchronized_bn=config.synchronized_bn,
                                 use_bias=bool(config.get("projector_bias", False)))

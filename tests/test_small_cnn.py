@@ -18,8 +18,22 @@ def test_small_cnn_is_registered_with_flattened_features():
     assert np.all(np.isfinite(features)) and float(np.min(features)) >= 0.0  # max-pooled ReLUs
 
 
+def test_small_cnn_builds_from_a_config_as_the_trainer_does():
+    """builders.build_model passes the ResNet options (stem, zero_init_residual) and config.backbone_options."""
+    import ml_collections
+
+    from bt_keras import builders, config as config_lib
+
+    config = config_lib.base_config()
+    config.dataset, config.image_size, config.backbone, config.projector = "digits", 32, "small_cnn", "64-64"
+    assert builders.build_model(config).encoder.output_shape == (None, 4 * 4 * 128)
+    config.backbone_options = ml_collections.ConfigDict({"pooling": "avg"})
+    assert builders.build_model(config).encoder.output_shape == (None, 128)
+
+
 @pytest.mark.parametrize("kwargs, message", [(dict(blocks=(1, 1)), "blocks"), (dict(input_shape=(None, None, 3)),
-                                              "fixed image size"), (dict(width_multiplier=0.0), "width_multiplier")])
+                                              "fixed image size"), (dict(width_multiplier=0.0), "width_multiplier"),
+                                             (dict(pooling="max"), "pooling")])
 def test_small_cnn_rejects_what_it_cannot_build(kwargs, message):
     with pytest.raises(ValueError, match=message):
         backbones.small_cnn(**kwargs)

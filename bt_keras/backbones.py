@@ -275,11 +275,12 @@ def small_cnn(*, input_shape=(32, 32, 3), width_multiplier: float = 1.0, synchro
               stem: str | None = None, blocks=None, zero_init_residual: bool = False, pooling: str = "flatten",
               name: str = "small_cnn") -> keras.Model:
     """Three 3x3 conv -> BatchNorm -> ReLU -> 2x2 max-pool layers (32, 64, 128 channels x `width_multiplier`), then
-    flattened: 4 x 4 x 128 = 2048-d features at 32 px (a fixed input size is needed). Sized for 32 px images of simple
-    data (the digits quickstart), where a ResNet is slower; flattening keeps where strokes are, which
-    global average pooling throws away (measured on digits: kNN 0.978 flattened vs about 0.95 pooled after the same
-    training). `pooling="avg"` ends with global average pooling instead (128-d). `stem` and `zero_init_residual` are
-    ResNet options and are ignored (no stem, no residual branch); `blocks` must be unset.
+    `pooling`: "flatten" (4 x 4 x 128 = 2048-d at 32 px; a fixed input size is needed) or "avg" (global average
+    pooling, 128-d). Sized for 32 px images of simple data (the digits quickstart, which uses "avg"), where a ResNet is
+    slower. Flattening keeps where the strokes are, so on the digits even the random network's flattened features
+    are strong (kNN 0.967 at random init, 0.978 trained); pooled ones start at 0.925 and reach 0.975 after the
+    quickstart's training. `stem` and `zero_init_residual` are ResNet options and are ignored (no stem, no residual
+    branch); `blocks` must be unset.
     """
     if pooling not in ("flatten", "avg"):
         raise ValueError(f"small_cnn: pooling must be 'flatten' or 'avg', got {pooling!r}.")

@@ -40,13 +40,14 @@ def test_quickstart_learns_and_resumes(tmp_path):
     knn = [line["knn_top1"] for line in lines if "knn_top1" in line]
     print(f"quickstart: {elapsed:.0f} s; kNN top-1 from {knn[0]:.3f} (random init) to {knn[-1]:.3f}")
     assert len(knn) >= 3
-    # Non-flaky bounds: measured 0.978 (random init 0.967, raw pixels 0.972; README's benchmark line, goal >= 0.95).
-    assert knn[-1] >= 0.95 and knn[-1] >= knn[0] - 0.005, knn
+    # Non-flaky bounds: measured 0.975 from 0.925 at random init (raw pixels 0.972; README's benchmark line, goal
+    # >= 0.95): at least 0.95 and 2.5 points (9 of the 360 test digits) above random init.
+    assert knn[-1] >= 0.95 and knn[-1] >= knn[0] + 0.025, knn
     table = json.loads((tmp_path / "baselines.json").read_text())["rows"]
     assert [r["name"] for r in table] == ["random initialisation", "raw pixels (8x8)", "Barlow Twins"]
     assert table[2]["knn_top1"] == pytest.approx(knn[-1])
     assert re.search(r"^Barlow Twins +0\.9\d\d +0\.9\d\d$", result.stdout, re.M), result.stdout
-    assert "Finished at step 275" in result.stdout
+    assert "Finished at step 440" in result.stdout
     for name in ("encoder.keras", "encoder.json", "checkpoints/checkpoint", "cross_correlation.png",
                  "cross_correlation.npy", "report.png"):
         assert (tmp_path / name).exists(), name
@@ -55,9 +56,9 @@ def test_quickstart_learns_and_resumes(tmp_path):
     # Run again as it is: nothing left to train, and it says where it finished.
     rerun = run(command, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert re.search(r'Finished at step 275: \{.*"loss": [\d.]+, .*"knn_top1": 0\.9', rerun.stdout), rerun.stdout
+    assert re.search(r'Finished at step 440: \{.*"loss": [\d.]+, .*"knn_top1": 0\.9', rerun.stdout), rerun.stdout
 
-    # Running again with one more epoch resumes at step 275 rather than starting over.
-    again = run(command + ["--config.epochs=26"], tmp_path)
+    # Running again with one more epoch resumes at step 440 rather than starting over.
+    again = run(command + ["--config.epochs=41"], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Finished at step 286" in again.stdout
+    assert "Finished at step 451" in again.stdout

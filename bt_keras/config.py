@@ -60,7 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.width_multiplier = 1.0
     c.blocks = ml_collections.FieldReference(None, field_type=tuple)  # override blocks per stage (small demos)
     c.zero_init_residual = True  # last BN gamma of each residual branch starts at 0 (official; torchvision: False)
-    c.backbone_options = ml_collections.ConfigDict()  # extra keyword arguments of the backbone function, e.g. pooling
+    # Extra keyword arguments of the backbone function, set in a recipe (e.g. {"pooling": "flatten"} for small_cnn).
+    c.backbone_options = ml_collections.ConfigDict()
     c.synchronized_bn = True  # global-batch BN: N replicas == 1 device
     c.projector = "2048-2048-2048"
     c.projector_bias = False  # Dense layers of the projector without bias (official); solo-learn's have one

@@ -31,11 +31,10 @@ def get_config():
     c.dataset = "digits"
     c.image_size = 32
     c.view1, c.view2 = digits_view(), digits_view()
+    # Globally pooled 128-d features (small_cnn's default): a random network's flattened 2048-d map already scores
+    # kNN 0.967 on these easy digits (it keeps every stroke's position), which leaves pre-training nothing to show;
+    # pooled, random init is 0.925 and Barlow Twins must learn what the digits have in common (0.975 here).
     c.backbone = "small_cnn"
-    # Globally pooled 128-d features: a random network's flattened 2048-d map already scores kNN 0.967 on these easy
-    # digits (it keeps every stroke's position), which leaves pre-training nothing to show; pooled, random init is
-    # 0.925 and Barlow Twins must learn what the digits have in common (0.972 after 40 epochs here).
-    c.backbone_options = ml_collections.ConfigDict({"pooling": "avg"})
     c.width_multiplier = 1.0
     c.projector = "1024-1024"
     c.batch_size = 128

@@ -114,6 +114,8 @@ def main(argv):
                  strategy.num_replicas_in_sync, config.batch_size)
     extra_callbacks = load_callbacks(_CALLBACKS.value)
     trainer = Trainer(config, _WORKDIR.value, strategy, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    if trainer.resume_from is not None:  # said on the quiet console too: a resume is news to the user
+        print(f"Resuming from {trainer.resume_from} at step {trainer.start_step}.", flush=True)
     try:
         logs = trainer.run(extra_callbacks)
     except NonFiniteLossError as error:

@@ -330,6 +330,7 @@ def run_child(config: dict) -> dict:
     result["fraction_of_matmul_all"] = paired
 
     result["variables_gib_per_replica"] = variable_bytes(model) / 2**30
+    result["trainable_parameters"] = int(sum(int(np.prod(v.shape)) for v in model.trainable_variables))
     if replicas > 1:  # after the timed steps: tracing adds nothing to the step's peak memory
         result["collectives"] = measure_collectives(tf, strategy, model, views, config)
 

@@ -110,8 +110,11 @@ def main(argv):
 
         keras.mixed_precision.set_global_policy(
             "mixed_bfloat16" if isinstance(strategy, tf.distribute.TPUStrategy) else "mixed_float16")
-    logging.info("Strategy %s with %d replica(s); global batch %d.", _STRATEGY.value,
-                 strategy.num_replicas_in_sync, config.batch_size)
+    replicas_line = (f"Strategy {_STRATEGY.value} with {strategy.num_replicas_in_sync} replica(s); global batch "
+                     f"{config.batch_size}.")
+    if strategy.num_replicas_in_sync > 1:  # news on the quiet console too; one device is the default, said above
+        print(replicas_line, flush=True)
+    logging.info("%s", replicas_line)
     extra_callbacks = load_callbacks(_CALLBACKS.value)
     trainer = Trainer(config, _WORKDIR.value, strategy, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     if trainer.resume_from is not None:  # said on the quiet console too: a resume is news to the user

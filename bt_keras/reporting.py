@@ -159,33 +159,24 @@ def _series(records, kind, key):
 def _curves(axes, records):
     """Loss, terms, learning rate, embedding std from the per-step records (the per-epoch ones when none)."""
     kind = "train" if any(r.get("kind") == "train" for r in records) else "epoch"
-    ax = axes["loss"]
-    steps, values = _series(records, kind, "loss")
-    if steps is not None:
-        ax.plot(steps, values, color="black", lw=1.2)
-    ax.set_title("loss  (on + lambda x off)", fontsize=10)
-
-    ax = axes["loss terms"]
-    for key, color, label in (("on_diagonal", "tab:red", "on-diagonal  sum (1 - C_ii)^2"),
-                              ("off_diagonal", "tab:blue", "off-diagonal  sum C_ij^2")):
-        steps, values = _series(records, kind, key)
-        if steps is not None:
-            ax.plot(steps, values, color=color, lw=1.2, label=label)
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title("loss terms (log scale)", fontsize=10)
-
-    ax = axes["learning rate"]
-    steps, values = _series(records, kind, "lr")
-    if steps is not None:
-        ax.plot(steps, values, color="tab:green", lw=1.2)
-    ax.set_title("learning rate (weights)", fontsize=10)
-
-    ax = axes["embedding std"]
-    steps, values = _series(records, kind, "embedding_std")
-    if steps is not None:
-        ax.plot(steps, values, color="tab:purple", lw=1.2, label="std of the unit-norm embedding")
-    ax.set_title("embedding std (0 = collapse)", fontsize=10)
+    # Each panel: its title and its series as (metric, colour, legend label or None).
+    panels = {
+        "loss": ("loss  (on + lambda x off)", [("loss", "black", None)]),
+        "loss terms": ("loss terms (log scale)", [("on_diagonal", "tab:red", "on-diagonal  sum (1 - C_ii)^2"),
+                                                   ("off_diagonal", "tab:blue", "off-diagonal  sum C_ij^2")]),
+        "learning rate": ("learning rate (weights)", [("lr", "tab:green", None)]),
+        "embedding std": ("embedding std (0 = collapse)",
+                          [("embedding_std", "tab:purple", "std of the unit-norm embedding")]),
+    }
+    for name, (title, series) in panels.items():
+        ax = axes[name]
+        for key, color, label in series:
+            steps, values = _series(records, kind, key)
+            if steps is not None:
+                ax.plot(steps, values, color=color, lw=1.2, label=label)
+        ax.set_title(title, fontsize=10)
+    axes["loss terms"].set_yscale("log")
+    axes["loss terms"].legend(fontsize=8)
     return kind
 
 

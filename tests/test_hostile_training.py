@@ -27,7 +27,7 @@ import bt_keras  # noqa: F401  (registers the classes saved models need)
 from bt_keras import artifacts, checkpoints, io, preflight, resume, workdir_lock
 from bt_keras.trainer import DiskFullError, Trainer
 from bt_keras.workdir_lock import WorkdirLock, WorkdirLockedError
-from tests.test_train import REPO, _free_ports, run_cli, tiny_config, train_command
+from tests.test_train import REPO, run_cli, start_local_workers, tiny_config, train_command
 
 PROBES = REPO / "tests" / "probes"
 STRATEGY = tf.distribute.get_strategy()
@@ -381,13 +381,7 @@ def test_without_flock_a_dead_holder_is_stale_and_a_live_one_is_not(tmp_path, mo
 @pytest.mark.slow
 def test_multi_worker_run_shares_its_workdir_and_still_keeps_others_out(tmp_path):
     """Two workers of one run share the workdir (only the chief locks it); a third trainer is kept out."""
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    processes = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": tf_config}
-        processes.append(subprocess.Popen(train_command(tmp_path, "--strategy=multi_worker", epochs=2, steps=6),
-                                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    processes = start_local_workers(tmp_path, epochs=2, steps=6)
     try:
         deadline = time.time() + 120
         while not (tmp_path / artifacts.LOCK_FILE).exists() and time.time() < deadline:

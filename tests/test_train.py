@@ -138,15 +138,21 @@ def _free_ports(n):
     return ports
 
 
-@pytest.mark.slow
-def test_multi_worker_with_two_local_workers(tmp_path):
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+def start_local_workers(workdir, count=2, **train_args) -> list[subprocess.Popen]:
+    """`count` trainers of one multi-worker run on 127.0.0.1 (TF_CONFIG per task), all writing to `workdir`."""
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(count)]
     processes = []
-    for index in range(2):
+    for index in range(count):
         tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": tf_config}
-        processes.append(subprocess.Popen(train_command(tmp_path, "--strategy=multi_worker"), cwd=REPO, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        processes.append(subprocess.Popen(train_command(workdir, "--strategy=multi_worker", **train_args), cwd=REPO,
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return processes
+
+
+@pytest.mark.slow
+def test_multi_worker_with_two_local_workers(tmp_path):
+    processes = start_local_workers(tmp_path)
     try:
         outputs = [p.communicate(timeout=300) for p in processes]
     finally:

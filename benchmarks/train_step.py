@@ -39,13 +39,18 @@ CPU devices: the same cores, split). Each mirrored configuration also reports
   vs 1 device        its images/s over the same configuration's on one device, in the same run (same global batch),
                      and "paired": the ratio of the two "% matmul" (each step's rate over the matmul rate measured
                      right before it), which cancels most of the drift when other jobs share the cores
-  sent/replica       bytes each replica sends per step, measured from the traced step's collective ops
-                     (bt_keras.collectives: every all-reduce / all-gather's input, ring algorithm), by kind
+  sent/replica       bytes each replica sends per step, measured from the traced step: its collective ops
+                     (bt_keras.collectives: every all-reduce / all-gather's input, ring algorithm), by kind, plus
+                     the tensors that cross devices (ReductionToOneDevice: to the reduce device and back; passed by
+                     reference between CPU devices of one process), the most any replica sends
   loss: gram / C     the same for the loss alone in its two forms (bt_keras.loss_forms), traced at the step's
-                     batch and embedding width, beside the cost model's count
+                     batch and embedding width under collective ops (what GPUs and multi-worker training run),
+                     beside the cost model's count
   variables/replica  bytes of one replica's copy of the model's and the optimizer's variables (what R replicas
                      hold R times)
 --loss-form gram|correlation forces a form of the loss (default auto: the cost rule of bt_keras.loss_forms).
+--cross-device auto|one_device|collective: how mirrored replicas sum (bt_keras.distribute.mirrored; auto is
+one_device on CPUs), several allowed to compare them in one run.
 
 Examples:
   python benchmarks/train_step.py                                   # cifar + imagenet_small, default vs system (~10 min)
@@ -57,6 +62,8 @@ Examples:
   python benchmarks/train_step.py --backbone resnet50 --image-size 64 --batch-size 16 --projector 4096-4096
   python benchmarks/train_step.py --preset cifar --strategy mirrored:2 --jit --dtype-policy mixed_bfloat16
   python benchmarks/train_step.py --preset cifar imagenet_small --allocator default --strategy default mirrored:2 mirrored:4
+  python benchmarks/train_step.py --preset imagenet_small --allocator tuned --strategy default mirrored:2 \
+      --cross-device one_device collective
 """
 
 from __future__ import annotations
@@ -206,10 +213,18 @@ def measure_collectives(tf, strategy, model, views, config) -> dict:
     from bt_keras.losses import barlow_twins_loss
 
     replicas = strategy.num_replicas_in_sync
+    from bt_keras import distribute
+
     v1, v2 = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(views))))
     step = tf.function(lambda a, b: strategy.run(model.train_step, args=((a, b),)))
-    step_ops = collectives.collective_ops(step.get_concrete_function(v1, v2).graph)
-    report = {"step": collectives.summary(step_ops), "loss": {}}
+    graph = step.get_concrete_function(v1, v2).graph
+    step_summary = collectives.summary(collectives.collective_ops(graph))
+    transfers = collectives.device_transfers(graph)
+    step_summary["by_reference"] = {"bytes_by_replica": transfers, "bytes_sent": max(transfers.values(), default=0)}
+    step_summary["bytes_sent"] += step_summary["by_reference"]["bytes_sent"]
+    report = {"step": step_summary, "loss": {}}
+    # The loss alone under collective ops (what the cost model counts, and what GPUs run).
+    strategy = distribute.mirrored(strategy.extended.worker_devices, cross_device_ops="collective")
 
     batch, dim = config["batch_size"], int(model.projector.layers[-1].units)
     z = tf.zeros([batch, dim])
@@ -265,8 +280,10 @@ def run_child(config: dict) -> dict:
     keras.config.set_dtype_policy(config["dtype_policy"])
     if config.get("loss_form", "auto") != "auto":
         loss_forms.set_form(config["loss_form"])
-    strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)]) if replicas > 1
-                else tf.distribute.get_strategy())
+    from bt_keras import distribute
+
+    strategy = (distribute.mirrored([f"/cpu:{i}" for i in range(replicas)], config.get("cross_device", "auto"))
+                if replicas > 1 else tf.distribute.get_strategy())
     size, batch = config["image_size"], config["batch_size"]
     with strategy.scope():
         keras.utils.set_random_seed(0)
@@ -402,8 +419,9 @@ def run_config(config: dict, log) -> dict:
 
 
 def one_device_name(config: dict) -> str:
-    """The name of the same configuration on one device (the strategy tag removed)."""
-    return "/".join(tag for tag in config["name"].split("/") if not tag.startswith("mirrored:"))
+    """The name of the same configuration on one device (the strategy and cross-device tags removed)."""
+    return "/".join(tag for tag in config["name"].split("/")
+                    if not tag.startswith("mirrored:") and tag not in ("one_device", "collective"))
 
 
 def format_table(results: list[dict]) -> str:
@@ -475,9 +493,12 @@ def build_configs(args) -> list[dict]:
         if args.sweep_projector:
             variants = [dict(v, projector=p) for v in variants for p in args.sweep_projector]
         for variant in variants:
-            for allocator, lars, strategy, loss_form in [(a, k, st, lf) for a in args.allocator for k in args.lars
-                                                          for st in args.strategy for lf in args.loss_form]:
+            combinations = [(a, k, st, lf, cd) for a in args.allocator for k in args.lars for st in args.strategy
+                            for lf in args.loss_form
+                            for cd in (args.cross_device if st != "default" else ["auto"])]
+            for allocator, lars, strategy, loss_form, cross_device in combinations:
                 config = dict(base, **variant, allocator=allocator, lars=lars, strategy=strategy, jit=args.jit,
+                              cross_device=cross_device,
                               dtype_policy=args.dtype_policy, threads=args.threads, inter_op=args.inter_op,
                               warmup=args.warmup if args.warmup is not None else warmup,
                               steps=args.steps if args.steps is not None else steps, profile=args.profile,
@@ -489,6 +510,7 @@ def build_configs(args) -> list[dict]:
                 tags += [lars] if lars != "native" else []
                 tags += [f"loss-{loss_form}"] if loss_form != "auto" else []
                 tags += [strategy] if strategy != "default" else []
+                tags += [cross_device] if cross_device != "auto" else []
                 tags += ["xla"] if args.jit else []
                 tags += [args.dtype_policy] if args.dtype_policy != "float32" else []
                 if args.threads == "tf-default":
@@ -514,6 +536,8 @@ def main() -> None:
                         help='"default" and/or "mirrored:N" (N logical CPU devices), e.g. default mirrored:2 mirrored:4')
     parser.add_argument("--loss-form", nargs="+", default=["auto"], choices=["auto", "gram", "correlation"],
                         help="the loss's form (bt_keras.loss_forms): auto (its cost rule) or forced")
+    parser.add_argument("--cross-device", nargs="+", default=["auto"], choices=["auto", "one_device", "collective"],
+                        help="how mirrored replicas sum (bt_keras.distribute.mirrored): auto is one_device on CPUs")
     parser.add_argument("--allocator", nargs="+", default=None, choices=ALLOCATORS,
                         help="default: default system (see above)")
     parser.add_argument("--lars", nargs="+", default=["native"], choices=["native", "tf-ops"],

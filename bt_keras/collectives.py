@@ -84,19 +84,56 @@ def _called_graphs(op):
                 yield graph
 
 
-def collective_ops(graph) -> list[CollectiveOp]:
-    """Every collective op in `graph` and the functions it calls (each function once), in graph order.
-
-    Raises ValueError if a collective's input shape is not static (its bytes could not be counted).
-    """
-    found, seen, pending = [], set(), [graph]
+def _graphs(graph):
+    """`graph` and every function graph it calls, directly or not, each once."""
+    seen, pending = set(), [graph]
     while pending:
         current = pending.pop(0)
         if id(current) in seen:
             continue
         seen.add(id(current))
+        yield current
         for op in current.get_operations():
             pending.extend(_called_graphs(op))
+
+
+def device_transfers(graph) -> dict[int, int]:
+    """Bytes that cross from one device to another in `graph` (and the functions it calls), by source device index.
+
+    This is what `tf.distribute.ReductionToOneDevice` moves instead of collectives: each replica's tensor is an input
+    of an `add_n` (or a concat, for a gather) on the reduce device, and the result an input of an identity on every
+    replica's device. Such an edge becomes a send/receive pair when the graph is partitioned; between host devices of
+    one process it passes the buffer by reference. Counted once per edge (static shapes only; others are skipped).
+    """
+    sent: dict[int, int] = {}
+    for current in _graphs(graph):
+        for op in current.get_operations():
+            target = _device_key(op.device)
+            for tensor in op.inputs:
+                source = _device_key(tensor.op.device)
+                if target is None or source is None or source == target or not tensor.shape.is_fully_defined():
+                    continue
+                if tensor.dtype == tf.resource or tensor.dtype == tf.variant:
+                    continue
+                size = tensor.shape.num_elements() * tensor.dtype.size
+                sent[source[1]] = sent.get(source[1], 0) + size
+    return dict(sorted(sent.items()))
+
+
+def _device_key(device: str):
+    """("CPU", 1) for "/job:localhost/replica:0/task:0/device:CPU:1" and "/device:CPU:1"; None when unplaced."""
+    match = re.search(r"device:([A-Z]+):(\d+)", device or "")
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def collective_ops(graph) -> list[CollectiveOp]:
+    """Every collective op in `graph` and the functions it calls (each function once), in graph order.
+
+    Raises ValueError if a collective's input shape is not static (its bytes could not be counted).
+    """
+    found = []
+    for current in _graphs(graph):
+        for op in current.get_operations():
             if op.type not in KINDS:
                 continue
             shape = _input_shape(op)

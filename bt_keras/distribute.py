@@ -6,8 +6,10 @@ import json
 import os
 
 import tensorflow as tf
+from absl import logging
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+CROSS_DEVICE_OPS = ("auto", "one_device", "collective")
 
 
 def check_global_batch(global_batch_size: int, num_replicas: int) -> int:
@@ -45,11 +47,39 @@ def split_cpu(num_devices: int) -> None:
                            f"({error}). Call split_cpu before anything else.") from error
 
 
+def _is_cpu(device: str) -> bool:
+    return tf.DeviceSpec.from_string(device).device_type in ("CPU", None)
+
+
+def mirrored(devices, cross_device_ops: str = "auto") -> tf.distribute.MirroredStrategy:
+    """MirroredStrategy over `devices`, with the cross-device reduction chosen for them.
+
+    `cross_device_ops`:
+    * `collective`: TensorFlow's default, collective ops (NCCL on GPUs; a ring on CPUs).
+    * `one_device`: `ReductionToOneDevice`: every replica's tensor goes to the first device, is summed there with one
+      `add_n`, and the sum goes back. Between devices of one process on the host, a tensor passes by reference (no
+      copy), so on CPU devices only the `add_n` costs; the collectives' CPU ring instead copies each tensor in
+      chunks between the replicas' buffers. Summing 1.3 GB over 2 logical CPU devices cost 1.41 s with collectives
+      and 0.40 s this way (same run, loaded machine); the `imagenet_small` step, 10.5 -> 8.8 s (README, "Replicas").
+    * `auto` (default): `one_device` when every device is a CPU, else `collective`.
+    Both are exact (the same sums, in another order).
+    """
+    devices = list(devices)
+    if cross_device_ops not in CROSS_DEVICE_OPS:
+        raise ValueError(f"Unknown cross_device_ops {cross_device_ops!r}; choose one of {', '.join(CROSS_DEVICE_OPS)}.")
+    if cross_device_ops == "auto":
+        cross_device_ops = "one_device" if all(_is_cpu(d) for d in devices) else "collective"
+    ops = tf.distribute.ReductionToOneDevice(reduce_to_device=devices[0]) if cross_device_ops == "one_device" else None
+    logging.info("MirroredStrategy over %d devices, cross-device sums: %s", len(devices), cross_device_ops)
+    return tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
+
+
 def make_strategy(name: str, tpu: str | None = None) -> tf.distribute.Strategy:
     """Returns the strategy called `name`.
 
     * `default`: one device (the first GPU if any, else the CPU).
-    * `mirrored`: all local GPUs; without GPUs, all logical CPU devices (see `split_cpu`), else the CPU alone.
+    * `mirrored`: all local GPUs; without GPUs, all logical CPU devices (see `split_cpu`), else the CPU alone; the
+      cross-device sums as `mirrored` chooses them (collectives on GPUs, `ReductionToOneDevice` on CPUs).
     * `multi_worker`: MultiWorkerMirroredStrategy from the `TF_CONFIG` environment variable.
     * `tpu`: TPUStrategy on the TPU named by `tpu` (a name or grpc:// address; "" or None: the local TPU VM).
     """
@@ -60,7 +90,7 @@ def make_strategy(name: str, tpu: str | None = None) -> tf.distribute.Strategy:
     if name == "mirrored":
         gpus = tf.config.list_logical_devices("GPU")
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices)
+        return mirrored(devices)
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable describing the cluster, "

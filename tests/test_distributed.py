@@ -1,7 +1,8 @@
 """N replicas with global batch B must train exactly as one device on the same B examples.
 
 Runs MirroredStrategy over 2 and 4 logical CPU devices (see conftest.py) against the default single-device strategy,
-from identical initial weights and data: the loss, every gradient, and the weights after one `model.fit` step with
+with both kinds of cross-device sums (collective ops, what GPUs and multi-worker training use, and
+ReductionToOneDevice, what `bt_keras.distribute.mirrored` picks on CPUs), from identical initial weights and data: the loss, every gradient, and the weights after one `model.fit` step with
 LARS (BatchNorm moving statistics included) must agree to 1e-11 in float64 and to round-off in float32.
 """
 
@@ -13,6 +14,7 @@ import tensorflow as tf
 
 import keras
 
+from bt_keras import distribute
 from bt_keras.optim import LARS
 from tests.helpers import tiny_model, view_pair
 
@@ -20,9 +22,13 @@ GLOBAL_BATCH = 8
 _GROUP_KEYS = itertools.count(1000, 1000)
 
 
-def _strategy(replicas):
+def _strategy(replicas, cross_device_ops="collective"):
     if replicas == 1:
         return tf.distribute.get_strategy()  # the default strategy: one device, no replicas
+    if cross_device_ops == "one_device":
+        strategy = distribute.mirrored([f"/cpu:{i}" for i in range(replicas)], cross_device_ops="auto")
+        assert isinstance(strategy.extended._cross_device_ops, tf.distribute.ReductionToOneDevice)  # auto's choice
+        return strategy
     # Collective all-reduces (MirroredStrategy's default for in-replica all_reduce) number their groups from 1 in
     # every strategy; a second strategy after a 2-device one in the same process then fails with "joining a group
     # with size 4, but that group has size 2". Give each strategy its own group keys (private TF API, tests only).
@@ -38,9 +44,9 @@ def _strategy(replicas):
     return tf.distribute.MirroredStrategy(devices, cross_device_ops=all_reduce)
 
 
-def _one_step(replicas, initial_weights, views, dtype="float32"):
+def _one_step(replicas, initial_weights, views, dtype="float32", cross_device_ops="collective"):
     """Returns (loss, gradients, weights after one fit step) computed under `replicas` replicas."""
-    strategy = _strategy(replicas)
+    strategy = _strategy(replicas, cross_device_ops)
     keras.config.set_dtype_policy(dtype)
     try:
         with strategy.scope():
@@ -79,15 +85,18 @@ def _single_device(dtype):
 
 # float64 separates the maths from round-off: any error in the replica scaling or a per-replica statistic would
 # show as an O(1) difference. float32 (what users train in) agrees to round-off relative to the gradients' size.
-@pytest.mark.parametrize("replicas, dtype", [(2, "float64"), pytest.param(4, "float64", marks=pytest.mark.slow),
-                                             pytest.param(2, "float32", marks=pytest.mark.slow)])
-def test_mirrored_equals_single_device(replicas, dtype):
+@pytest.mark.parametrize("replicas, dtype, cross_device_ops", [
+    (2, "float64", "collective"), (2, "float64", "one_device"),
+    pytest.param(4, "float64", "collective", marks=pytest.mark.slow),
+    pytest.param(2, "float32", "collective", marks=pytest.mark.slow)])
+def test_mirrored_equals_single_device(replicas, dtype, cross_device_ops):
     initial, views, (loss_1, grads_1, weights_1) = _single_device(dtype)
-    loss_n, grads_n, weights_n = _one_step(replicas, [w.astype(dtype) for w in initial], views, dtype)
+    loss_n, grads_n, weights_n = _one_step(replicas, [w.astype(dtype) for w in initial], views, dtype,
+                                           cross_device_ops)
     grad_diff = max(float(np.abs(a - b).max()) for a, b in zip(grads_1, grads_n))
     weight_diff = max(float(np.abs(a - b).max()) for a, b in zip(weights_1, weights_n))
     grad_scale = max(float(np.abs(g).max()) for g in grads_1)
-    print(f"replicas={replicas} {dtype}: |dloss|={abs(loss_n - loss_1):.2e} max|dgrad|={grad_diff:.2e} "
+    print(f"replicas={replicas} {dtype} {cross_device_ops}: |dloss|={abs(loss_n - loss_1):.2e} max|dgrad|={grad_diff:.2e} "
           f"(max|grad|={grad_scale:.1f}) max|dweight|={weight_diff:.2e}")
     # float64: measured 1e-15 (loss), 2e-13 (gradients), 1e-15 (weights); the bounds leave room for summation order
     # only, so a scaling bug of even 1e-10 relative fails. float32: round-off relative to the gradients' size.

@@ -35,25 +35,36 @@ def test_loss_bytes_measures_extrapolates_and_matches_the_cost_model(tmp_path):
     assert "| gram |" in proc.stdout and "| correlation |" in proc.stdout
 
 
-@pytest.mark.slow  # two child processes building a ResNet-18: ~1 min on 2 cores
+@pytest.mark.slow  # three child processes building a ResNet-18: ~1.5 min on 2 cores
 def test_train_step_reports_replicas_against_one_device(tmp_path):
     output = tmp_path / "train_step.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--backbone", "resnet18", "--stem", "cifar",
            "--image-size", "8", "--batch-size", "8", "--projector", "64-32", "--allocator", "default",
-           "--strategy", "default", "mirrored:2", "--warmup", "1", "--steps", "1", "--output", str(output)]
+           "--strategy", "default", "mirrored:2", "--cross-device", "auto", "collective", "--warmup", "1",
+           "--steps", "1", "--output", str(output)]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["config"]["name"]: r for r in json.loads(output.read_text())["results"]}
-    one, two = results["custom/b8/p32/default"], results["custom/b8/p32/default/mirrored:2"]
+    one = results["custom/b8/p32/default"]
+    auto, collective = results["custom/b8/p32/default/mirrored:2"], results["custom/b8/p32/default/mirrored:2/collective"]
     assert "collectives" not in one
-    loss = two["collectives"]["loss"]
-    for form in ("gram", "correlation"):
-        assert loss[form]["measured_bytes"] == pytest.approx(loss[form]["model_bytes"])
-    assert two["collectives"]["loss_form_used"] == "gram"  # B 8 < D 32
-    # The whole step sends at least every gradient once (ring all-reduce over 2: the gradient's own size).
-    gradient_bytes = 4 * two["trainable_parameters"]
-    assert two["collectives"]["step"]["bytes_sent"] >= gradient_bytes
-    assert two["variables_gib_per_replica"] * 2**30 >= 2 * gradient_bytes  # weights and momentum
+    gradient_bytes = 4 * auto["trainable_parameters"]
+    for two in (auto, collective):
+        loss = two["collectives"]["loss"]
+        for form in ("gram", "correlation"):
+            assert loss[form]["measured_bytes"] == pytest.approx(loss[form]["model_bytes"])
+        assert two["collectives"]["loss_form_used"] == "gram"  # B 8 < D 32
+        # The whole step sends at least every gradient once (over 2 replicas, either way: the gradient's own size).
+        assert two["collectives"]["step"]["bytes_sent"] >= gradient_bytes
+        assert two["variables_gib_per_replica"] * 2**30 >= 2 * gradient_bytes  # weights and momentum
+    # On CPU devices auto sums by ReductionToOneDevice: no collective all-reduce, the tensors cross by reference;
+    # forced collective ops are ring all-reduces and nothing crosses devices outside them.
+    assert "all_reduce" not in auto["collectives"]["step"]["by_kind"]
+    assert auto["collectives"]["step"]["by_reference"]["bytes_sent"] >= gradient_bytes
+    assert collective["collectives"]["step"]["by_kind"]["all_reduce"]["bytes_sent"] >= gradient_bytes
+    assert collective["collectives"]["step"]["by_reference"]["bytes_sent"] < gradient_bytes / 100
     assert "Replicas against one device" in proc.stdout
-    ratio = f"{two['images_per_s'] / one['images_per_s']:.2f}, {two['fraction_of_matmul'] / one['fraction_of_matmul']:.2f}"
-    assert ratio in proc.stdout
+    for two in (auto, collective):
+        ratio = (f"{two['images_per_s'] / one['images_per_s']:.2f}, "
+                 f"{two['fraction_of_matmul'] / one['fraction_of_matmul']:.2f}")
+        assert ratio in proc.stdout

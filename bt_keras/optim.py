@@ -157,21 +157,28 @@ class LARS(keras.optimizers.Optimizer):
     def _is_excluded(self, variable) -> bool:
         return self.exclude_1d and len(variable.shape) <= 1
 
-    def apply(self, grads, trainable_variables=None):
-        """`Optimizer.apply`, with the updates starting only once every gradient is computed (in a graph).
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        """Keras's (TensorFlow backend): sums the replicas' gradients, then updates; in a graph the updates start only
+        once every summed gradient exists.
 
         Both update paths write variables in place. Started as soon as its own gradient exists, the update of a
         weight W can run while the backward pass still reads W (dX = dY W^T beside dW = X^T dY), and then it must
         copy W first (TensorFlow's in-place ops and the native kernel alike): 256 MiB per projector kernel, in time
-        and in peak memory. After the last gradient nothing reads the weights any more.
+        and in peak memory. After the last gradient nothing reads the weights any more. The sums themselves are not
+        held back: each gradient's all-reduce starts when it exists, overlapping the rest of the backward pass, and
+        frees the replica's own gradient early (0.65 GiB less peak memory per replica at `imagenet_small`).
         """
         import tensorflow as tf
 
-        if not tf.executing_eagerly():
-            computed = [g for g in grads if g is not None]
-            with tf.control_dependencies(computed):
-                grads = [None if g is None else tf.identity(g) for g in grads]
-        return super().apply(grads, trainable_variables)
+        if tf.executing_eagerly():
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+        grads_and_vars = self._all_reduce_sum_gradients(list(zip(grads, variables)))
+        computed = [g for g, _ in grads_and_vars if g is not None]
+        with tf.control_dependencies(computed):
+            grads_and_vars = [(None if g is None else tf.identity(g), v) for g, v in grads_and_vars]
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_tf_update_step, self._distribution_strategy, grads_and_vars, learning_rate)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         """Sums the replicas' gradients with one all-reduce per gradient (Keras's hook, TensorFlow backend).

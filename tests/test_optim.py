@@ -166,3 +166,44 @@ def test_warmup_cosine_values():
 def test_warmup_cosine_rejects_bad_lengths():
     with pytest.raises(ValueError, match="warmup_steps"):
         WarmupCosine(1.0, warmup_steps=20, total_steps=10)
+
+
+def _ancestors(op):
+    """Every op `op` depends on, through data inputs and control inputs (in its graph)."""
+    seen, pending = set(), [op]
+    while pending:
+        current = pending.pop()
+        for parent in [t.op for t in current.inputs] + list(current.control_inputs):
+            if parent not in seen:
+                seen.add(parent)
+                pending.append(parent)
+    return seen
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_updates_wait_for_every_summed_gradient_but_the_sums_do_not(replicas):
+    """The in-place updates must not start before the last gradient (the backward pass still reads the weights);
+    under replicas each gradient's sum must start as soon as that gradient exists (no barrier before it)."""
+    from bt_keras import distribute
+
+    strategy = distribute.mirrored(["/cpu:0", "/cpu:1"]) if replicas == 2 else tf.distribute.get_strategy()
+    with strategy.scope():
+        variables = [keras.Variable(np.ones(shape, np.float32)) for shape in ((3, 4), (4,), (4, 2))]
+        optimizer = LARS(0.1)
+        optimizer.build(variables)
+
+    def step(*grads):
+        optimizer.apply([tf.identity(g) for g in grads], variables)  # on the replica's device
+
+    specs = [tf.TensorSpec(v.shape, tf.float32) for v in variables]
+    graph = tf.function(lambda *g: strategy.run(step, args=g)).get_concrete_function(*specs).graph
+    gradients = [op for op in graph.get_operations() if op.type == "Placeholder" and op.outputs[0].dtype == tf.float32]
+    assert len(gradients) == len(variables)
+    updates = [op for op in graph.get_operations() if op.type in ("ResourceApplyMomentum", "BtKerasLarsUpdate")]
+    assert len(updates) == len(variables) * replicas
+    for update in updates:
+        assert set(gradients) <= _ancestors(update)
+    sums = [op for op in graph.get_operations() if op.type == "AddN"]
+    assert len(sums) == (len(variables) if replicas == 2 else 0)
+    for add in sums:
+        assert len(set(gradients) & _ancestors(add)) == 1  # its own gradient only

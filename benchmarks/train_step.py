@@ -210,11 +210,10 @@ def measure_collectives(tf, strategy, model, views, config) -> dict:
     """Bytes each replica sends per step, read from the traced graphs' collective ops (bt_keras.collectives): the
     whole `train_step`, and the loss alone in both forms at the step's shapes beside bt_keras.loss_forms' count."""
     from bt_keras import collectives, loss_forms
+    from bt_keras import distribute
     from bt_keras.losses import barlow_twins_loss
 
     replicas = strategy.num_replicas_in_sync
-    from bt_keras import distribute
-
     v1, v2 = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(views))))
     step = tf.function(lambda a, b: strategy.run(model.train_step, args=((a, b),)))
     graph = step.get_concrete_function(v1, v2).graph

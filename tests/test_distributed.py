@@ -2,8 +2,9 @@
 
 Runs MirroredStrategy over 2 and 4 logical CPU devices (see conftest.py) against the default single-device strategy,
 with both kinds of cross-device sums (collective ops, what GPUs and multi-worker training use, and
-ReductionToOneDevice, what `bt_keras.distribute.mirrored` picks on CPUs), from identical initial weights and data: the loss, every gradient, and the weights after one `model.fit` step with
-LARS (BatchNorm moving statistics included) must agree to 1e-11 in float64 and to round-off in float32.
+ReductionToOneDevice, what `bt_keras.distribute.mirrored` picks on CPUs), from identical initial weights and data:
+the loss, every gradient, and the weights after one `model.fit` step with LARS (BatchNorm moving statistics included)
+must agree to 1e-11 in float64 and to round-off in float32.
 """
 
 import itertools

@@ -1,6 +1,8 @@
 """Small networks and data shared by the tests: tiny enough to keep the suite fast, real enough to test the maths."""
 
 import numpy as np
+import pytest
+import tensorflow as tf
 
 from bt_keras import backbones, heads
 from bt_keras.model import BarlowTwins
@@ -23,3 +25,15 @@ def view_pair(batch, image_size=8, seed=0):
     images = rng.normal(size=(batch, image_size, image_size, 3)).astype("float32")
     noise = rng.normal(size=images.shape).astype("float32")
     return images, (images + 0.3 * noise).astype("float32")
+
+
+def _accelerators() -> list:
+    return tf.config.list_logical_devices("GPU") + tf.config.list_logical_devices("TPU")
+
+
+# The native CPU kernels (bt_keras.kernels) run only on variables and tensors on the CPU. Where an accelerator is
+# visible, the default strategy puts them there and bt_keras runs the TensorFlow-ops path instead (tested on every
+# host by tests/test_accelerator_path.py), so a test that requires the kernels skips, saying why.
+needs_native_kernels = pytest.mark.skipif(
+    bool(_accelerators()), reason="needs the native CPU kernels, and variables live on an accelerator here "
+                                  "(the TensorFlow-ops path these hosts run is tests/test_accelerator_path.py)")

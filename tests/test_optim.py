@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from bt_keras.optim import LARS, WarmupCosine
+from tests.helpers import needs_native_kernels
 
 
 def numpy_lars(weights, grads_per_step, lr, momentum, eta, wd, bias_lr_scale):
@@ -34,7 +35,8 @@ def numpy_lars(weights, grads_per_step, lr, momentum, eta, wd, bias_lr_scale):
     return weights
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native-kernel", "tensorflow-ops"])
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native_kernels), False],
+                         ids=["native-kernel", "tensorflow-ops"])
 def test_lars_matches_numpy_reference_with_exclusions_and_zero_norms(native):
     rng = np.random.default_rng(0)
     initial = [
@@ -59,7 +61,8 @@ def test_lars_matches_numpy_reference_with_exclusions_and_zero_norms(native):
     assert np.all(variables[2].numpy() == 0)
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native-kernel", "tensorflow-ops"])
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native_kernels), False],
+                         ids=["native-kernel", "tensorflow-ops"])
 def test_lars_without_exclusions_treats_biases_as_weights(native):
     w, g = np.array([1.0, -2.0]), np.array([0.5, 0.5])
     var = keras.Variable(w.astype("float32"))
@@ -78,6 +81,7 @@ def _lars_steps(native, initial, grads, **hyper):
     return [v.numpy() for v in variables] + [m.numpy() for m in opt.momentums]
 
 
+@needs_native_kernels
 def test_native_kernel_equals_tensorflow_ops_in_float64_on_large_odd_sized_variables():
     """Both paths agree to float64 round-off on sizes that cross the kernel's 65536-element blocks unevenly."""
     rng = np.random.default_rng(1)
@@ -90,6 +94,7 @@ def test_native_kernel_equals_tensorflow_ops_in_float64_on_large_odd_sized_varia
     assert not np.allclose(native[0], initial[0])  # it did move
 
 
+@needs_native_kernels
 def test_native_kernel_does_not_change_a_value_read_before_the_update():
     """TensorFlow reads alias the variable's buffer; the in-place kernel must copy first, as TF's own ops do."""
     var = keras.Variable(np.ones((64, 64), np.float32))
@@ -99,6 +104,7 @@ def test_native_kernel_does_not_change_a_value_read_before_the_update():
     assert np.all(var.numpy() < 1.0)
 
 
+@needs_native_kernels
 def test_xla_steps_use_tensorflow_ops_and_native_true_says_why_not():
     var = keras.Variable(np.ones((8, 8), np.float32))
     automatic = LARS(0.5)

@@ -15,8 +15,10 @@ import tensorflow as tf
 
 from bt_keras import collectives, fast_paths, loss_forms
 from bt_keras.optim import LARS
-from tests.helpers import tiny_model, view_pair
+from tests.helpers import needs_native_kernels, tiny_model, view_pair
 from tests.test_distributed import _strategy
+
+pytestmark = needs_native_kernels  # the step under test is made of the native kernels
 
 GLOBAL_BATCH = 8
 DIM = 32  # tiny_model's projector "32-32": B = 8 < D = 32, so the Gram form is chosen

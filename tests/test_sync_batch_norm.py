@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from bt_keras import backbones, collectives, sync_batch_norm
+from tests.helpers import needs_native_kernels
 from tests.test_distributed import _strategy
 
 
@@ -62,7 +63,8 @@ def _run_normalize(strategy, x, upstream, gamma, beta, shift, native, eps=1e-5):
             local[5][0])
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native-kernels", "tensorflow-ops"])
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native_kernels), False],
+                         ids=["native-kernels", "tensorflow-ops"])
 @pytest.mark.parametrize("replicas", [1, 2, 4])
 @pytest.mark.parametrize("shape", [(8, 3, 3, 5), (8, 6)], ids=["rank4", "rank2"])
 def test_normalize_equals_numpy_in_float64(native, replicas, shape):
@@ -75,6 +77,7 @@ def test_normalize_equals_numpy_in_float64(native, replicas, shape):
         np.testing.assert_allclose(g.reshape(w.shape), w, rtol=0, atol=1e-10, err_msg=name)
 
 
+@needs_native_kernels
 def test_normalize_in_float32_keeps_its_digits_when_the_mean_is_far_from_the_shift():
     x, upstream, gamma, beta = _data((16, 4, 4, 8), seed=3, offset=20.0)  # |mean| ~ 20 std, shift 0
     want = numpy_batch_norm(x, gamma, beta, upstream, 1e-5)
@@ -122,6 +125,7 @@ def _layer_step(strategy, layer_class, x, upstream, momentum=0.9):
             layer.moving_mean.numpy(), layer.moving_variance.numpy(), step.get_concrete_function(xs, us).graph)
 
 
+@needs_native_kernels
 @pytest.mark.parametrize("replicas", [2, 4])
 @pytest.mark.parametrize("shape", [(8, 3, 3, 5), (8, 6)], ids=["rank4", "rank2"])
 def test_layer_equals_keras_synchronized_layer_and_one_device_in_float64(replicas, shape):

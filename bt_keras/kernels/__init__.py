@@ -85,13 +85,29 @@ def _build(tf, source: Path = _SOURCE) -> Path:
     return path
 
 
+_override: bool | None = None  # set_enabled's choice; None: the environment's
+_OFF_REASON = "turned off by BT_KERAS_NATIVE=0 (or kernels.set_enabled(False))"
+
+
+def set_enabled(value: bool | None) -> None:
+    """Turns the native kernels off (False) or back to the environment's choice (None, or True) for this process,
+    as `BT_KERAS_NATIVE=0` does from the start: the TensorFlow-ops path that GPUs and TPUs run. Read when a step is
+    traced, so set it before training starts (tests use it to run the accelerator path on CPU)."""
+    global _override
+    if value not in (None, True, False):
+        raise ValueError(f"kernels.set_enabled takes True, False or None, got {value!r}.")
+    _override = value
+
+
 def _turned_off() -> bool:
+    if _override is False:
+        return True
     return os.environ.get("BT_KERAS_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def _load() -> tuple[object, str | None]:
     if _turned_off():
-        return None, "turned off by BT_KERAS_NATIVE=0"
+        return None, _OFF_REASON
     import tensorflow as tf
 
     try:
@@ -109,6 +125,8 @@ def lars_update():
     Built and loaded on the first call only; a failure is logged once as a warning with its reason, and LARS then
     uses TensorFlow ops.
     """
+    if _override is False:
+        return None
     with _lock:
         if not _state:
             _state["op"], _state["reason"] = _load()
@@ -117,7 +135,7 @@ def lars_update():
 
 def unavailable_reason() -> str | None:
     """Why `lars_update()` returned None (after it was called), else None."""
-    return _state.get("reason")
+    return _OFF_REASON if _override is False else _state.get("reason")
 
 
 def batch_norm_ops():
@@ -125,10 +143,12 @@ def batch_norm_ops():
     `bt_keras_channel_grad_sums`, `bt_keras_channel_affine`, `bt_keras_channel_affine2`), or None when native kernels
     are off or cannot be built (then logged once as a warning with the reason; `batch_norm_unavailable_reason()`).
     """
+    if _override is False:
+        return None
     with _lock:
         if not _batch_norm_state:
             if _turned_off():
-                _batch_norm_state.update(ops=None, reason="turned off by BT_KERAS_NATIVE=0")
+                _batch_norm_state.update(ops=None, reason=_OFF_REASON)
             else:
                 import tensorflow as tf
 
@@ -145,7 +165,7 @@ def batch_norm_ops():
 
 def batch_norm_unavailable_reason() -> str | None:
     """Why `batch_norm_ops()` returned None (after it was called), else None."""
-    return _batch_norm_state.get("reason")
+    return _OFF_REASON if _override is False else _batch_norm_state.get("reason")
 
 
 def unusable_reason(device: str) -> str | None:

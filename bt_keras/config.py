@@ -101,7 +101,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.online_probe.eval_every_epochs = 0  # >0: its top-1 on eval_split (online_val_top1), as solo-learn reports
     c.online_probe.eval_split = "test"
     c.online_probe.eval_examples = 0  # 0: the whole split
+    # Accelerators (bt_keras.step, bt_keras.precision): XLA-compile each replica's step (--xla), and the dtype policy:
+    # "float32", "mixed_float16" (GPUs; dynamic loss scaling) or "mixed_bfloat16" (TPUs, recent GPUs); --mixed_precision
+    # picks float16, or bfloat16 on TPUs. Variables, the loss, C, BatchNorm statistics and LARS stay float32.
     c.jit_compile = False
+    c.precision = "float32"
     c.fast_paths = True  # False: the plain formulation everywhere (bt_keras.fast_paths), to bisect a numerics question
     c.seed = 0
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from bt_keras import heads, losses
+from bt_keras import heads, losses, precision
 from bt_keras.distribute import check_global_batch
 from bt_keras.probe import OnlineProbe
 
@@ -139,6 +139,15 @@ class BarlowTwins(keras.Model):
         if self.online_probe is not None and not self.online_probe.built:
             self.online_probe.build(features)
         self.built = True
+
+    def compile(self, optimizer="rmsprop", **kwargs):
+        """`keras.Model.compile`; under a mixed_float16 policy the optimizer is wrapped in bt_keras's
+        `precision.LossScaleOptimizer` (instead of Keras's), whose skipped steps still count and whose overflow
+        check is the same on every replica."""
+        optimizer = keras.optimizers.get(optimizer)
+        if optimizer is not None and self.dtype_policy.name == "mixed_float16":
+            optimizer = precision.wrap_optimizer(optimizer, "mixed_float16")
+        super().compile(optimizer=optimizer, **kwargs)
 
     def compile_from_config(self, config):
         """As Keras's (compile a loaded model), with the optimizer built on `pretrain_variables`, the variables it

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numbers
 import os
 
-from bt_keras import backbones, data, heads
+from bt_keras import backbones, data, heads, precision
 
 MIN_IMAGE_SIZE = 2
 
@@ -94,6 +94,7 @@ def config_problems(config) -> list[str]:
         heads.parse_spec(config.get("projector"))
     except (ValueError, TypeError):
         need(False, "projector", "is not a '-'-separated list of positive widths, e.g. '2048-2048-2048'")
+    need(config.get("precision", "float32") in precision.POLICIES, "precision", f"must be one of {precision.POLICIES}")
     return problems
 
 

@@ -228,6 +228,8 @@ def figure_data(workdir) -> dict:
     result["loss terms"] = {key: _series(records, kind, key) for key in ("on_diagonal", "off_diagonal")}
     result["kNN accuracy"] = {"points": [(r["step"], r["knn_top1"]) for r in records if "knn_top1" in r],
                               "baselines": (read_baselines(workdir) or {}).get("rows", [])}
+    # Mixed float16 runs: the loss scale and the steps it skipped (absent otherwise).
+    result["loss scaling"] = {key: _series(records, kind, key) for key in ("loss_scale", "skipped_steps")}
     block = None if correlation is None else correlation["block"]
     result["cross-correlation C"] = correlation
     result["diagonal of C"] = None if block is None else np.diagonal(block).copy()
@@ -269,6 +271,9 @@ def figure(workdir):
             f"{config.get('batch_size', '?')}; step {last.get('step', 0)}"
     if "knn_top1" in last:
         title += f", kNN top-1 {last['knn_top1']:.3f}"
+    if "skipped_steps" in last:  # dynamic loss scaling (mixed_float16): how many updates it dropped
+        title += f"; {config.get('precision', 'mixed')}: {int(last['skipped_steps'])} step(s) skipped by loss " \
+                 f"scaling (scale now {last.get('loss_scale', float('nan')):g})"
     fig.suptitle(title + ("" if kind == "train" else "  (per-epoch values)"), fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     return fig

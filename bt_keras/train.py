@@ -7,8 +7,11 @@ Flags:
   --cpu_devices     split the CPU into N logical devices (to try `mirrored` without GPUs)
   --tpu             TPU name or grpc:// address for --strategy=tpu ("" on a TPU VM)
   --data_dir        TFDS data directory (overrides config.data_dir)
-  --mixed_precision mixed_float16 on GPU, mixed_bfloat16 on TPU (the loss stays float32); slower on CPU
-  --xla             compile the train step with XLA (jit_compile); helps on GPU/TPU, slower on CPU
+  --mixed_precision config.precision=mixed_float16 (mixed_bfloat16 on TPU): float16 compute, float32 variables,
+                    loss, BatchNorm statistics and LARS; dynamic loss scaling (skipped steps are logged as
+                    skipped_steps and still count as steps); slower on CPU
+  --xla             config.jit_compile: each replica's whole step compiled with XLA (bt_keras/step.py says what
+                    cannot be, e.g. several replicas on CPU devices); helps on GPU/TPU, slower on CPU
   --seed            overrides config.seed
   --data_service    grpc://HOST:PORT of a tf.data service dispatcher: the input pipeline runs on its workers
                     (overrides config.data_service; see bt_keras/data_service.py for what resuming guarantees then)
@@ -105,11 +108,11 @@ def main(argv):
             config.data_service = _DATA_SERVICE.value
         config.jit_compile = _XLA.value or config.get("jit_compile", False)
     strategy = distribute.make_strategy(_STRATEGY.value, tpu=_TPU.value)
-    if _MIXED.value:
-        import keras
+    if _MIXED.value and config.get("precision", "float32") == "float32":  # a recipe's mixed policy is kept
+        from bt_keras import precision
 
-        keras.mixed_precision.set_global_policy(
-            "mixed_bfloat16" if isinstance(strategy, tf.distribute.TPUStrategy) else "mixed_float16")
+        with config.unlocked():
+            config.precision = precision.mixed_policy_for(strategy)
     replicas_line = (f"Strategy {_STRATEGY.value} with {strategy.num_replicas_in_sync} replica(s); global batch "
                      f"{config.batch_size}.")
     if strategy.num_replicas_in_sync > 1:  # news on the quiet console too; one device is the default, said above

@@ -31,7 +31,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from bt_keras import artifacts, builders, callbacks, checkpoints, data, fast_paths, io, preflight, resume
+from bt_keras import artifacts, builders, callbacks, checkpoints, data, fast_paths, io, precision, preflight, resume
+from bt_keras import step as step_lib
 from bt_keras.distribute import check_global_batch, is_chief
 from bt_keras.workdir_lock import WorkdirLock
 
@@ -119,11 +120,14 @@ class Trainer:
         if not config.get("fast_paths", True):
             fast_paths.set_enabled(False)
         keras.utils.set_random_seed(config.seed)
-        with strategy.scope():
+        self.precision = precision.check_policy(config.get("precision", "float32"))
+        # The run's layers are built under its dtype policy; the process's global policy is left as it was.
+        with strategy.scope(), precision.policy_scope(self.precision):
             self.model = builders.build_model(config)
             self.model.device_augment = builders.build_device_augment(config, self.views)  # augment_on (issue 17)
-            self.model.compile(optimizer=builders.build_optimizer(config, self.steps_per_epoch),
-                               jit_compile=bool(config.jit_compile))
+            optimizer = precision.wrap_optimizer(builders.build_optimizer(config, self.steps_per_epoch),
+                                                 self.precision)
+            self.model.compile(optimizer=optimizer, jit_compile=bool(config.jit_compile))
             self.model.optimizer.build(self.model.pretrain_variables)  # not the online probe's (it has its own)
 
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
@@ -162,19 +166,29 @@ class Trainer:
         return dataset
 
     def _make_step_fn(self):
-        """One training step under the strategy: returns replica 0's metrics and the learning rate, as tensors."""
+        """One training step under the strategy: returns replica 0's metrics, the learning rate and (with loss
+        scaling) `loss_scale` and `skipped_steps`, as tensors. With `config.jit_compile` (`--xla`) each replica's
+        step is one XLA computation (`bt_keras.step`); the iterator and the NaN bookkeeping stay outside it."""
         model, strategy, first_bad = self.model, self.strategy, self._first_bad_step
+        replica_step = step_lib.compiled(model.train_step, strategy, bool(self.config.jit_compile))
+        if step_lib.is_compiled(replica_step) and strategy.num_replicas_in_sync == 1:
+            reason = step_lib.check_compiles(replica_step, self.dataset.element_spec)
+            if reason is not None:
+                logging.warning("XLA: the training step runs uncompiled: XLA cannot compile it (%s).", reason)
+                replica_step = model.train_step
+        self.xla_compiled = step_lib.is_compiled(replica_step)
 
         def step(iterator):
-            outputs = strategy.run(model.train_step, args=(next(iterator),))
+            outputs = strategy.run(replica_step, args=(next(iterator),))
             logs = {name: strategy.experimental_local_results(value)[0] for name, value in outputs.items()}
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(value)) for value in logs.values()])
             iterations = tf.cast(model.optimizer.iterations, tf.int64)
             first_bad.assign(tf.where(tf.logical_or(finite, first_bad >= 0), first_bad, iterations))
             logs["lr"] = tf.cast(model.optimizer.learning_rate, tf.float32)
+            logs.update(precision.optimizer_logs(model.optimizer))
             return logs
 
-        return tf.function(step, jit_compile=False)
+        return tf.function(step)
 
     @property
     def step(self) -> int:
@@ -304,7 +318,8 @@ class Trainer:
         of a multi-worker run write theirs to their scratch folder, where tests compare them with the chief's)."""
         c = self.config
         view = self.views[0]
-        artifacts.save_encoder(self.model.encoder, self.output_dir, {
+        # A mixed-precision run saves a float32 encoder: it loads and runs in float32 anywhere (same weights).
+        artifacts.save_encoder(precision.float32_copy(self.model.encoder), self.output_dir, {
             "backbone": c.backbone, "image_size": c.image_size, "mean": list(view.mean), "std": list(view.std),
             "dataset": c.dataset, "step": self.step, "epochs": c.epochs, "projector": c.projector,
             "recipe": c.get("name", ""),

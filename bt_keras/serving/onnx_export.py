@@ -25,6 +25,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from bt_keras import precision
 from bt_keras.io import atomic_write
 
 INPUT_NAME = "normalized"
@@ -39,20 +40,6 @@ def _require_onnx():
         import tf2onnx  # noqa: F401
     except ImportError as error:
         raise ImportError(f"{INSTALL_HINT} ({error})") from None
-
-
-def _float32_encoder(encoder: keras.Model) -> keras.Model:
-    """`encoder` itself when every layer computes in float32, else a float32 copy with the same weights (Keras's
-    ONNX export needs the float32 policy; an encoder trained with mixed precision has mixed_float16 layers)."""
-    if all(layer.dtype_policy.name == "float32" for layer in encoder._flatten_layers(include_self=False)):
-        return encoder
-
-    def as_float32(layer):
-        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
-
-    copy = keras.models.clone_model(encoder, clone_function=as_float32, recursive=True)
-    copy.set_weights(encoder.get_weights())
-    return copy
 
 
 def _image_size(metadata: dict, encoder: keras.Model) -> int:
@@ -95,7 +82,7 @@ def export_onnx(encoder: keras.Model, metadata: dict, path: str | os.PathLike, *
     import onnx
 
     size = _image_size(metadata, encoder)
-    model = _float32_encoder(encoder)
+    model = precision.float32_copy(encoder)  # Keras's ONNX export needs the float32 policy
     if l2_normalize:
         images = keras.Input(shape=(size, size, 3), name=INPUT_NAME)
         features = model(images, training=False)

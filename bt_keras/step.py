@@ -1,0 +1,76 @@
+"""The training step as the trainer (and `benchmarks/accelerator.py`) runs it: `BarlowTwins.train_step` on every
+replica, compiled with XLA when asked and possible.
+
+What `--xla` compiles: the replica's whole step (device-side augmentation if any, both forward passes, the loss,
+the gradients and the optimizer update) as one XLA computation, the way `model.fit` does after
+`compile(jit_compile=True)`: `strategy.run` of a `tf.function(jit_compile=True)`. The batch is read from the
+iterator outside it (iterators cannot be compiled). The replicas' all-reduces are compiled with the step where
+TensorFlow lets XLA take them: on GPUs (MirroredStrategy turns off `merge_call` under XLA there, and XLA lowers the
+sums to NCCL) and on TPUs (TPUStrategy compiles every step with XLA anyway).
+
+What is not compiled, said once in the log:
+* the native CPU kernels (`bt_keras.kernels`: LARS, synchronised BatchNorm) step aside inside a compiled step, and
+  TensorFlow ops that XLA fuses run instead (same results);
+* several replicas on CPU devices: TensorFlow cannot run an XLA-compiled replica function there (measured with
+  TensorFlow 2.21: the replicas' sums need `merge_call`, which a nested compiled function cannot make, and a step
+  compiled across the replicas is placed on CPU:0 and cannot read the other devices' variables), so the step runs
+  uncompiled;
+* a step XLA cannot compile on one device (an op without an XLA kernel): the compiler's reason is logged and the
+  step runs uncompiled.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from absl import logging
+
+
+def _devices(strategy) -> list[str]:
+    extended = strategy.extended
+    return list(getattr(extended, "worker_devices", None) or [])
+
+
+def xla_obstacle(strategy) -> str | None:
+    """Why XLA cannot compile the replica step under `strategy`, or None when it can."""
+    if strategy.num_replicas_in_sync == 1 or isinstance(strategy, tf.distribute.TPUStrategy):
+        return None
+    devices = _devices(strategy)
+    if devices and all("GPU" in d.upper() for d in devices):
+        return None
+    return (f"{strategy.num_replicas_in_sync} replicas on CPU devices: TensorFlow compiles a replica step with its "
+            "all-reduces for GPUs and TPUs only")
+
+
+def compiled(function, strategy, jit_compile: bool):
+    """`function` (a replica's step) as `strategy.run` should call it: a `tf.function(jit_compile=True)` when XLA is
+    asked for and possible, else `function` itself, with the reason logged once."""
+    if not jit_compile:
+        return function
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return function  # strategy.run compiles the whole step with XLA on TPUs
+    obstacle = xla_obstacle(strategy)
+    if obstacle is not None:
+        logging.warning("XLA: the training step runs uncompiled (%s).", obstacle)
+        return function
+    logging.info("XLA: the training step is compiled (forward, loss, gradients and update); bt_keras's native CPU "
+                 "kernels step aside inside it (XLA fuses TensorFlow ops itself).")
+    return tf.function(function, jit_compile=True, reduce_retracing=True)
+
+
+def check_compiles(step, element_spec) -> str | None:
+    """Compiles `step` (a `tf.function(jit_compile=True)`) for batches of `element_spec` without running it;
+    returns XLA's reason when it cannot, else None."""
+    if any(dim is None for spec in tf.nest.flatten(element_spec) for dim in spec.shape):
+        return None  # an unknown batch size: XLA compiles at the first step (and says there what it cannot)
+    batch = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), element_spec)
+    try:
+        step.experimental_get_compiler_ir(batch)(stage="hlo")
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, ValueError, TypeError) as error:
+        return " ".join(str(error).split())[:300]
+    return None
+
+
+def is_compiled(step) -> bool:
+    """Whether `step` (as returned by `compiled`) is an XLA-compiled function."""
+    return isinstance(step, tf.types.experimental.PolymorphicFunction) and bool(
+        getattr(step, "_jit_compile", False))

@@ -16,8 +16,9 @@ splits them with their images. The two modes give the same
 views (tests/test_device_augment.py checks it to float tolerance). The host then sends 1 byte per pixel instead of 4 and
 spends no time on the colour steps (benchmarks/input_pipeline.py: `--augment_on host accelerator`).
 
-Compiling the train step with XLA (`jit_compile`) is not supported in accelerator mode on CPU: the blur of a random
-subset of the batch has a data-dependent shape.
+XLA cannot compile this augmentation (the blur of a random subset of the batch has a data-dependent shape), so under
+`--xla` it runs on the device before the compiled step (`bt_keras.step.replica_step`); `model.fit` after
+`compile(jit_compile=True)` compiles the whole `train_step` and cannot be used in accelerator mode.
 """
 
 from __future__ import annotations

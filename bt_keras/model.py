@@ -198,8 +198,14 @@ class BarlowTwins(keras.Model):
     device_augment = None
 
     def train_step(self, data):
-        if self.device_augment is not None:
-            data = self.device_augment(data)
+        return self.train_step_on_views(self.augment_on_device(data))
+
+    def augment_on_device(self, data):
+        """The batch with `device_augment` applied (augment_on="accelerator"), else the batch itself."""
+        return data if self.device_augment is None else self.device_augment(data)
+
+    def train_step_on_views(self, data):
+        """`train_step` of a batch of views already augmented: what `--xla` compiles (bt_keras.step)."""
         view1, view2, labels = _batch(data)
         gradients, terms = self.compute_gradients(view1, view2)
         self.optimizer.apply_gradients(zip(gradients, self.pretrain_variables))

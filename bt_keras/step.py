@@ -15,6 +15,8 @@ What is not compiled, said once in the log:
   TensorFlow 2.21: the replicas' sums need `merge_call`, which a nested compiled function cannot make, and a step
   compiled across the replicas is placed on CPU:0 and cannot read the other devices' variables), so the step runs
   uncompiled;
+* the device-side augmentation (augment_on="accelerator"): it runs before the compiled step (its blur of a random
+  subset of the batch has a data-dependent shape);
 * a step XLA cannot compile on one device (an op without an XLA kernel): the compiler's reason is logged and the
   step runs uncompiled.
 """
@@ -57,6 +59,33 @@ def compiled(function, strategy, jit_compile: bool):
     return tf.function(function, jit_compile=True, reduce_retracing=True)
 
 
+def replica_step(model, strategy, jit_compile: bool, element_spec=None):
+    """`model.train_step` as the trainer's `strategy.run` calls it, compiled by XLA when asked and possible (see
+    `compiled`). On one device, given the batches' `element_spec`, XLA compiles it first (without running it) and,
+    if it cannot, the reason is logged and the step runs uncompiled. The device-side augmentation
+    (augment_on="accelerator") runs before the compiled step, uncompiled: its blur of a random subset of the batch
+    has a data-dependent shape, which XLA cannot compile."""
+    if getattr(model, "device_augment", None) is None:
+        step = compiled(model.train_step, strategy, jit_compile)
+        if is_compiled(step) and element_spec is not None and strategy.num_replicas_in_sync == 1:
+            reason = check_compiles(step, element_spec)
+            if reason is not None:
+                logging.warning("XLA: the training step runs uncompiled: XLA cannot compile it (%s).", reason)
+                return model.train_step
+        return step
+    train = compiled(model.train_step_on_views, strategy, jit_compile)
+    if not is_compiled(train):
+        return model.train_step
+    logging.info("XLA: the device-side augmentation runs before the compiled step, uncompiled (its blur of a random "
+                 "subset of the batch has a data-dependent shape).")
+
+    def augmented_then_compiled(batch):
+        return train(model.augment_on_device(batch))
+
+    augmented_then_compiled.compiled = train
+    return augmented_then_compiled
+
+
 def check_compiles(step, element_spec) -> str | None:
     """Compiles `step` (a `tf.function(jit_compile=True)`) for batches of `element_spec` without running it;
     returns XLA's reason when it cannot, else None."""
@@ -72,5 +101,6 @@ def check_compiles(step, element_spec) -> str | None:
 
 def is_compiled(step) -> bool:
     """Whether `step` (as returned by `compiled`) is an XLA-compiled function."""
+    step = getattr(step, "compiled", step)  # replica_step's augmentation wrapper: its compiled part
     return isinstance(step, tf.types.experimental.PolymorphicFunction) and bool(
         getattr(step, "_jit_compile", False))

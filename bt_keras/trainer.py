@@ -170,12 +170,7 @@ class Trainer:
         scaling) `loss_scale` and `skipped_steps`, as tensors. With `config.jit_compile` (`--xla`) each replica's
         step is one XLA computation (`bt_keras.step`); the iterator and the NaN bookkeeping stay outside it."""
         model, strategy, first_bad = self.model, self.strategy, self._first_bad_step
-        replica_step = step_lib.compiled(model.train_step, strategy, bool(self.config.jit_compile))
-        if step_lib.is_compiled(replica_step) and strategy.num_replicas_in_sync == 1:
-            reason = step_lib.check_compiles(replica_step, self.dataset.element_spec)
-            if reason is not None:
-                logging.warning("XLA: the training step runs uncompiled: XLA cannot compile it (%s).", reason)
-                replica_step = model.train_step
+        replica_step = step_lib.replica_step(model, strategy, bool(self.config.jit_compile), self.dataset.element_spec)
         self.xla_compiled = step_lib.is_compiled(replica_step)
 
         def step(iterator):

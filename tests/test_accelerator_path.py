@@ -36,7 +36,11 @@ def native_kernels_off():
 
 def _train(replicas: int, initial, batches, jit_compile: bool):
     """(losses before and after two steps, first-step gradients, final weights, the step's traced op types)."""
-    strategy = _strategy(replicas)
+    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+    if jit_compile and 1 < replicas <= len(gpus):  # XLA compiles the replicas' step with its all-reduces on GPUs
+        strategy = tf.distribute.MirroredStrategy(gpus[:replicas])
+    else:
+        strategy = _strategy(replicas)
     if jit_compile and step_lib.xla_obstacle(strategy):
         pytest.skip(f"XLA cannot compile a replica step here: {step_lib.xla_obstacle(strategy)}")
     with strategy.scope(), precision.policy_scope("float32"):
@@ -160,3 +164,19 @@ def test_the_xla_command_compiles_the_step_and_trains_as_the_uncompiled_loop(tmp
     compiled, uncompiled = _train_lines(tmp_path / "xla"), _train_lines(tmp_path / "plain")
     assert [line["step"] for line in compiled] == [line["step"] for line in uncompiled] == [1, 2, 3, 3]
     np.testing.assert_allclose([line["loss"] for line in compiled], [line["loss"] for line in uncompiled], rtol=1e-4)
+
+
+def test_xla_with_the_augmentation_on_the_device(tmp_path):
+    """augment_on="accelerator": the device-side augmentation runs before the compiled step (its blur of a random
+    subset of the batch cannot be compiled), the rest is compiled, and training gives the uncompiled run's losses."""
+    from bt_keras.trainer import Trainer
+    from tests.test_train import tiny_config
+
+    losses = {}
+    for xla in (False, True):
+        config = tiny_config(augment_on="accelerator", epochs=1, steps_per_epoch=2, jit_compile=xla,
+                             picture_every_epochs=100)
+        trainer = Trainer(config, tmp_path / f"xla_{xla}", tf.distribute.get_strategy())
+        losses[xla] = trainer.run()["loss"]
+        assert trainer.xla_compiled == xla and trainer.step == 2
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)

@@ -37,3 +37,18 @@ def _accelerators() -> list:
 needs_native_kernels = pytest.mark.skipif(
     bool(_accelerators()), reason="needs the native CPU kernels, and variables live on an accelerator here "
                                   "(the TensorFlow-ops path these hosts run is tests/test_accelerator_path.py)")
+
+
+def assert_same_training(label, initial, reference, result, atol=1e-10):
+    """Two trainings agree: `reference` and `result` are (losses, gradients, weights); each to `atol`, printed first.
+    The reference run must have moved the weights from `initial`, or equality would prove nothing."""
+    (loss_1, grads_1, weights_1), (loss_n, grads_n, weights_n) = reference, result
+    print(f"{label}: |dloss| {max(abs(a - b) for a, b in zip(loss_1, loss_n)):.1e}, "
+          f"|dgrad| {max(np.abs(a - b).max() for a, b in zip(grads_1, grads_n)):.1e}, "
+          f"|dweight| {max(np.abs(a - b).max() for a, b in zip(weights_1, weights_n)):.1e}")
+    np.testing.assert_allclose(loss_n, loss_1, rtol=0, atol=atol)
+    for a, b in zip(grads_n, grads_1):
+        np.testing.assert_allclose(a, b, rtol=0, atol=atol)
+    for a, b in zip(weights_n, weights_1):
+        np.testing.assert_allclose(a, b, rtol=0, atol=atol)
+    assert max(np.abs(a - b).max() for a, b in zip(initial, weights_1)) > 1e-3  # the steps moved the weights

@@ -19,7 +19,7 @@ import tensorflow as tf
 from bt_keras import kernels, precision
 from bt_keras import step as step_lib
 from bt_keras.optim import LARS
-from tests.helpers import tiny_model, view_pair
+from tests.helpers import assert_same_training, tiny_model, view_pair
 from tests.test_distributed import _strategy
 
 pytestmark = pytest.mark.accelerator
@@ -93,18 +93,11 @@ def test_the_reference_runs_tensorflow_ops_only(reference):
 def test_whole_steps_equal_one_device_in_float64(reference, replicas, jit_compile):
     initial, batches, (loss_1, grads_1, weights_1, _) = reference
     loss_n, grads_n, weights_n, types = _train(replicas, initial, batches, jit_compile)
-    print(f"{replicas} replica(s), xla={jit_compile}: |dloss| {max(abs(a - b) for a, b in zip(loss_1, loss_n)):.1e}, "
-          f"|dgrad| {max(np.abs(a - b).max() for a, b in zip(grads_1, grads_n)):.1e}, "
-          f"|dweight| {max(np.abs(a - b).max() for a, b in zip(weights_1, weights_n)):.1e}")
     assert not any(t.startswith("BtKeras") for t in types)
     if jit_compile:
         assert "XlaLaunch" in types or "StatefulPartitionedCall" in types
-    np.testing.assert_allclose(loss_n, loss_1, rtol=0, atol=1e-10)
-    for a, b in zip(grads_n, grads_1):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
-    for a, b in zip(weights_n, weights_1):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
-    assert max(np.abs(a - b).max() for a, b in zip(initial, weights_1)) > 1e-3  # the steps moved the weights
+    assert_same_training(f"{replicas} replica(s), xla={jit_compile}", initial, (loss_1, grads_1, weights_1),
+                         (loss_n, grads_n, weights_n))
 
 
 def test_the_compiled_step_is_one_xla_computation_with_the_convolutions():

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from bt_keras import collectives, fast_paths, loss_forms
 from bt_keras.optim import LARS
-from tests.helpers import needs_native_kernels, tiny_model, view_pair
+from tests.helpers import assert_same_training, needs_native_kernels, tiny_model, view_pair
 from tests.test_distributed import _strategy
 
 pytestmark = needs_native_kernels  # the step under test is made of the native kernels
@@ -71,15 +71,7 @@ def test_two_steps_under_replicas_equal_one_device_to_1e_10(one_device, replicas
     initial, batches, (loss_1, grads_1, weights_1, _, _) = one_device
     loss_n, grads_n, weights_n, graph, sizes = _train(replicas, initial, batches)
     num_variables = len(sizes)
-    print(f"{replicas} replicas: |dloss| {max(abs(a - b) for a, b in zip(loss_1, loss_n)):.1e}, "
-          f"|dgrad| {max(np.abs(a - b).max() for a, b in zip(grads_1, grads_n)):.1e}, "
-          f"|dweight| {max(np.abs(a - b).max() for a, b in zip(weights_1, weights_n)):.1e}")
-    np.testing.assert_allclose(loss_n, loss_1, rtol=0, atol=1e-10)
-    for a, b in zip(grads_n, grads_1):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
-    for a, b in zip(weights_n, weights_1):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
-    assert max(np.abs(a - b).max() for a, b in zip(initial, weights_1)) > 1e-3  # the steps moved the weights
+    assert_same_training(f"{replicas} replicas", initial, (loss_1, grads_1, weights_1), (loss_n, grads_n, weights_n))
 
     # The step is made of the fast paths: Gram form, one-pass BatchNorm kernels, native LARS on every replica.
     types = [op.type for op in graph.get_operations()]

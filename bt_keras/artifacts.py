@@ -1,23 +1,7 @@
 """Every file a run or an export writes, by name, and the one place that reads and writes encoders.
 
-A training workdir (written by `bt_keras.train`):
-
-    workdir/
-      config.json              the recipe the run used (the ml_collections config, as JSON)
-      checkpoints/             tf.train.Checkpoint of model, optimizer and step; the N latest kept
-      encoder.keras            the final encoder alone, for evaluation and export
-      encoder.json             its metadata: backbone, image_size, mean, std, dataset, step, feature_dim
-      barlow_twins.keras       encoder + projector (for exports that serve the projection)
-      metrics.jsonl, tensorboard/, cross_correlation.png
-      config_changes.jsonl     what changed in the config between starts of the run (bt_keras.resume)
-      train.lock               while a trainer runs: its host and pid (bt_keras.workdir_lock)
-      checkpoints/unusable/    corrupt or orphan checkpoint files moved aside on resume (never deleted)
-      cross_correlation.npy/.json  the C drawn in that picture (its top-left block for wide projectors), step, size
-      baselines.json           kNN / linear probe of random init, raw pixels, the trained encoder (knn.baselines)
-      report.png               the training report (bt_keras.reporting; `python -m bt_keras.report WORKDIR`)
-
-A SavedModel export (written by `bt_keras.serving.savedmodel`): `<export_dir>/<version>/saved_model.pb`, `variables/`
-and `assets.extra/` (`bt_keras.json`: what was exported and how inputs are preprocessed; the warm-up requests).
+The file names of a training workdir and of a SavedModel export, and what each holds, are in `bt_keras.paths`
+(re-exported here).
 
 Encoders come in two kinds, both seen as `model(images, training=False) -> features [batch, D]` on normalised images:
 
@@ -42,37 +26,12 @@ import tensorflow as tf
 
 from bt_keras import builders, checkpoints, io
 from bt_keras.model import BarlowTwins
-
-# A training workdir.
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-ENCODER_FILE = "encoder.keras"
-ENCODER_METADATA = "encoder.json"
-MODEL_FILE = "barlow_twins.keras"  # encoder + projector
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-CORRELATION_PICTURE = "cross_correlation.png"
-CONFIG_CHANGES_FILE = "config_changes.jsonl"
-LOCK_FILE = "train.lock"
-UNUSABLE_CHECKPOINTS = "unusable"  # inside checkpoints/
-CORRELATION_DATA = "cross_correlation.npy"  # the C drawn in CORRELATION_PICTURE
-CORRELATION_INFO = "cross_correlation.json"  # its step and full size
-BASELINES_FILE = "baselines.json"
-REPORT_PICTURE = "report.png"
-
-# A SavedModel export version folder.
-ASSETS_EXTRA = "assets.extra"
-EXPORT_METADATA = "bt_keras.json"  # inside assets.extra/
-WARMUP_FILE = "tf_serving_warmup_requests"  # inside assets.extra/ (TF Serving's name)
-SIGNATURE_BYTES = "serving_default"
-SIGNATURE_PIXELS = "embed_pixels"
-SIGNATURE_NORMALIZED = "embed_normalized"
-INPUT_KEYS = {SIGNATURE_BYTES: "images", SIGNATURE_PIXELS: "pixels", SIGNATURE_NORMALIZED: "normalized"}
-EMBEDDING_OUTPUT = "embedding"
-
-ENCODER_FORMS = (f"a training workdir (holding {ENCODER_FILE}), an {ENCODER_FILE} or BarlowTwins .keras file, a "
-                 f"training checkpoint workdir/{CHECKPOINT_DIR}/ckpt-STEP, or a SavedModel export (export_dir or "
-                 "export_dir/VERSION)")
+from bt_keras.paths import (  # noqa: F401  re-exported: artifacts.CONFIG_FILE etc. keep working
+    CONFIG_FILE, CHECKPOINT_DIR, ENCODER_FILE, ENCODER_METADATA, MODEL_FILE, METRICS_FILE, TENSORBOARD_DIR,
+    CORRELATION_PICTURE, CONFIG_CHANGES_FILE, LOCK_FILE, UNUSABLE_CHECKPOINTS, CORRELATION_DATA, CORRELATION_INFO,
+    BASELINES_FILE, REPORT_PICTURE, ASSETS_EXTRA, EXPORT_METADATA, WARMUP_FILE, SIGNATURE_BYTES, SIGNATURE_PIXELS,
+    SIGNATURE_NORMALIZED, INPUT_KEYS, EMBEDDING_OUTPUT, ENCODER_FORMS, is_checkpoint, latest_checkpoints,
+)
 
 
 # ------------------------------------------------------------------------------------------------------ writing
@@ -189,18 +148,6 @@ def load_with_projector(path) -> tuple[keras.Model, keras.Model, dict]:
     if not isinstance(model, BarlowTwins):
         raise ValueError(f"{full} holds a {type(model).__name__}, not a BarlowTwins model: it has no projector.")
     return model.encoder, model.projector, _metadata_beside(full)
-
-
-def is_checkpoint(path) -> bool:
-    """True for a tf.train checkpoint prefix (`.../ckpt-STEP`, whose `.index` file exists)."""
-    return Path(f"{path}.index").is_file()
-
-
-def latest_checkpoints(workdir) -> list[Path]:
-    """The checkpoint prefixes in `workdir/checkpoints`, oldest first (by step)."""
-    folder = Path(workdir) / CHECKPOINT_DIR
-    prefixes = [p.with_suffix("") for p in folder.glob("ckpt-*.index") if re.fullmatch(r"ckpt-\d+", p.stem)]
-    return sorted(prefixes, key=lambda p: int(p.name.rsplit("-", 1)[1]))
 
 
 def savedmodel_version_dir(path: Path) -> Path | None:

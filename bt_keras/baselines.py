@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from bt_keras import artifacts, data, io
+from bt_keras import data, io, paths
 from bt_keras.evaluation.classifiers import linear_probe_features
 from bt_keras.evaluation.features import inference_function
 from bt_keras.evaluation.knn import knn_accuracy
@@ -90,7 +90,7 @@ def format_table(rows: list[dict], k: int | None = None) -> str:
 
 def read(workdir) -> dict | None:
     """The saved comparison ({"step", "rows"}), or None when the run wrote none."""
-    path = Path(workdir) / artifacts.BASELINES_FILE
+    path = Path(workdir) / paths.BASELINES_FILE
     return io.read_json(path, "baselines file") if path.exists() else None
 
 
@@ -118,7 +118,7 @@ class BaselineTable(keras.callbacks.Callback):
         return self._row(name, encoder_features(encoder, self.train[0]), encoder_features(encoder, self.test[0]))
 
     def _write(self, rows: list[dict], step: int) -> None:
-        io.atomic_write_json(self.workdir / artifacts.BASELINES_FILE, {"step": int(step), "rows": rows})
+        io.atomic_write_json(self.workdir / paths.BASELINES_FILE, {"step": int(step), "rows": rows})
 
     def on_train_begin(self, logs=None):
         saved = read(self.workdir) or {}

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from bt_keras import artifacts, baselines, builders, data, progress, reporting
+from bt_keras import baselines, builders, data, paths, progress, reporting
 from bt_keras.evaluation.features import extract_features
 from bt_keras.evaluation.knn import knn_accuracy
 
@@ -57,9 +57,9 @@ class MetricsLogger(keras.callbacks.Callback):
         super().__init__()
         if every_steps < 1:
             raise ValueError(f"MetricsLogger: every_steps must be >= 1, got {every_steps}.")
-        self.path = Path(workdir) / artifacts.METRICS_FILE
+        self.path = Path(workdir) / paths.METRICS_FILE
         self.every_steps = int(every_steps)
-        self.writer = tf.summary.create_file_writer(str(Path(workdir) / artifacts.TENSORBOARD_DIR))
+        self.writer = tf.summary.create_file_writer(str(Path(workdir) / paths.TENSORBOARD_DIR))
 
     def _write(self, kind: str, step: int, logs: dict) -> None:
         values = numeric_logs(logs)
@@ -102,7 +102,7 @@ class CrossCorrelationPicture(keras.callbacks.Callback):
         self.views = views
         self.workdir = Path(workdir)
         self.every_epochs = every_epochs
-        self.writer = tf.summary.create_file_writer(str(self.workdir / artifacts.TENSORBOARD_DIR))
+        self.writer = tf.summary.create_file_writer(str(self.workdir / paths.TENSORBOARD_DIR))
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_epochs:
@@ -117,7 +117,7 @@ class CrossCorrelationPicture(keras.callbacks.Callback):
         with self.writer.as_default(step=step):
             tf.summary.image("cross_correlation", picture[None], max_outputs=1)
         self.writer.flush()
-        keras.utils.save_img(self.workdir / artifacts.CORRELATION_PICTURE, picture, scale=False)
+        keras.utils.save_img(self.workdir / paths.CORRELATION_PICTURE, picture, scale=False)
 
 
 class KnnMonitor(keras.callbacks.Callback):

@@ -289,14 +289,6 @@ def quiet_requested(orig_argv=None, environ=None) -> bool:
 
 
 _QUIET = False
-
-
-def is_quiet() -> bool:
-    """Whether this process started quiet (see `quiet_start`)."""
-    return _QUIET
-
-
-_QUIET = False
 _FILTER: StderrFilter | None = None
 
 

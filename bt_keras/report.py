@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-from bt_keras import console
 
 
 def main(argv=None) -> int:
@@ -17,8 +16,7 @@ def main(argv=None) -> int:
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m bt_keras.report WORKDIR   (the --workdir of a bt_keras.train run)", file=sys.stderr)
         return 2
-    with console.quiet_start():  # TensorFlow loads with bt_keras.artifacts: no start-up noise
-        from bt_keras import reporting
+    from bt_keras import reporting  # file names from bt_keras.paths: neither TensorFlow nor Keras loads
     try:
         path = reporting.write_report(argv[0])
     except (FileNotFoundError, ImportError) as error:

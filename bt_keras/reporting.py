@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bt_keras import artifacts, io
+from bt_keras import io, paths
 
 MAX_SHOWN = 512  # C is drawn (and saved) whole up to this many features, its top-left block beyond
 PANELS = ("loss", "loss terms", "learning rate", "embedding std", "kNN accuracy", "cross-correlation C",
@@ -47,7 +47,7 @@ def _read_json(path: Path):
 def read_metrics(workdir) -> list[dict]:
     """The records of `workdir/metrics.jsonl`, in order; a record logged again after a resume replaces the earlier
     one with the same (kind, step). Lines cut short by a kill are skipped."""
-    path = Path(workdir) / artifacts.METRICS_FILE
+    path = Path(workdir) / paths.METRICS_FILE
     if not path.exists():
         return []
     records = {}
@@ -84,8 +84,8 @@ def save_correlation(workdir, c, step: int, max_size: int = MAX_SHOWN) -> np.nda
         with open(tmp, "wb") as f:
             np.save(f, block)
 
-    io.atomic_write(workdir / artifacts.CORRELATION_DATA, write)
-    io.atomic_write_json(workdir / artifacts.CORRELATION_INFO,
+    io.atomic_write(workdir / paths.CORRELATION_DATA, write)
+    io.atomic_write_json(workdir / paths.CORRELATION_INFO,
                          {"step": int(step), "dim": int(c.shape[0]), "shown": int(block.shape[0])})
     return block
 
@@ -93,16 +93,16 @@ def save_correlation(workdir, c, step: int, max_size: int = MAX_SHOWN) -> np.nda
 def read_correlation(workdir) -> dict | None:
     """{"block", "step", "dim"} as `save_correlation` wrote them, or None when the run saved no C."""
     workdir = Path(workdir)
-    if not (workdir / artifacts.CORRELATION_DATA).exists():
+    if not (workdir / paths.CORRELATION_DATA).exists():
         return None
-    block = np.load(workdir / artifacts.CORRELATION_DATA)
-    info = _read_json(workdir / artifacts.CORRELATION_INFO) or {}
+    block = np.load(workdir / paths.CORRELATION_DATA)
+    info = _read_json(workdir / paths.CORRELATION_INFO) or {}
     return {"block": block, "step": info.get("step"), "dim": int(info.get("dim", block.shape[0]))}
 
 
 def read_baselines(workdir) -> dict | None:
     """`baselines.json` ({"step", "rows"}, bt_keras.baselines), or None when the run wrote none."""
-    return _read_json(Path(workdir) / artifacts.BASELINES_FILE)
+    return _read_json(Path(workdir) / paths.BASELINES_FILE)
 
 
 def off_diagonal(block: np.ndarray) -> np.ndarray:
@@ -264,7 +264,7 @@ def figure(workdir):
     for name in PANELS[:5]:
         axes[name].set_xlabel("optimizer step")
         axes[name].grid(alpha=0.3)
-    config = _read_json(workdir / artifacts.CONFIG_FILE) or {}
+    config = _read_json(workdir / paths.CONFIG_FILE) or {}
     last = final_metrics(workdir)
     title = f"Barlow Twins run {config.get('name') or workdir.name}: {config.get('dataset', '?')}, " \
             f"{config.get('backbone', '?')}, projector {config.get('projector', '?')}, batch " \
@@ -282,12 +282,12 @@ def figure(workdir):
 def write_report(workdir) -> Path:
     """Draws the report of `workdir` and writes it as `report.png` there; returns its path."""
     workdir = Path(workdir)
-    if not (workdir / artifacts.METRICS_FILE).exists():
-        raise FileNotFoundError(f"{workdir / artifacts.METRICS_FILE} does not exist: pass the --workdir of a "
+    if not (workdir / paths.METRICS_FILE).exists():
+        raise FileNotFoundError(f"{workdir / paths.METRICS_FILE} does not exist: pass the --workdir of a "
                                 "bt_keras.train run.")
     plt = _pyplot()
     fig = figure(workdir)
-    path = workdir / artifacts.REPORT_PICTURE
+    path = workdir / paths.REPORT_PICTURE
     io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
     plt.close(fig)
     return path

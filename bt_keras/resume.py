@@ -30,7 +30,7 @@ from pathlib import Path
 import tensorflow as tf
 from absl import logging
 
-from bt_keras import artifacts, checkpoints, io
+from bt_keras import checkpoints, io, paths
 
 INDEX_FILE = "checkpoint"  # tf.train.CheckpointManager's index of a checkpoint folder
 
@@ -100,7 +100,7 @@ def plan_resume(folder) -> ResumePlan:
     if not folder.is_dir():
         return ResumePlan(folder, None, [])
     temp_folders = sorted(p for p in folder.glob("ckpt-*_temp*") if p.is_dir())
-    complete = artifacts.latest_checkpoints(folder.parent)  # oldest first; .index present
+    complete = paths.latest_checkpoints(folder.parent)  # oldest first; .index present
     complete_names = {p.name for p in complete}
     orphans = sorted(p for p in folder.glob("ckpt-*") if p.is_file() and p.name.split(".", 1)[0] not in complete_names)
     index_problem, index_names = _read_index(folder, complete)
@@ -136,7 +136,7 @@ def describe(plan: ResumePlan) -> list[str]:
         lines.append(f"{plan.index_problem}; recovering from the newest complete checkpoint, {plan.checkpoint}.")
     elif plan.index_problem:
         lines.append(f"{plan.index_problem}, and there are no checkpoint files beside it: it is moved to "
-                     f"{plan.folder / artifacts.UNUSABLE_CHECKPOINTS}/ and the run starts from step 0.")
+                     f"{plan.folder / paths.UNUSABLE_CHECKPOINTS}/ and the run starts from step 0.")
     elif plan.checkpoint is not None and plan.index_names != plan.checkpoint.name:
         lines.append(f"{plan.folder / INDEX_FILE} names {plan.index_names}, but {plan.checkpoint.name} is the newest "
                      "complete checkpoint; resuming from it.")
@@ -146,7 +146,7 @@ def describe(plan: ResumePlan) -> list[str]:
     for reason, names in bad.items():
         lines.append(f"Unusable checkpoint file(s) {', '.join(names)}: {reason}. Falling back to "
                      f"{plan.checkpoint.name if plan.checkpoint else 'nothing'}; the file(s) are moved to "
-                     f"{plan.folder / artifacts.UNUSABLE_CHECKPOINTS}/ (not deleted).")
+                     f"{plan.folder / paths.UNUSABLE_CHECKPOINTS}/ (not deleted).")
     return lines
 
 
@@ -163,7 +163,7 @@ def apply_plan(plan: ResumePlan) -> None:
     if plan.index_problem and plan.index_names is None and index.exists():
         aside.append(index)  # unreadable: kept for inspection (a readable one is simply rewritten below)
     if aside:
-        target = plan.folder / artifacts.UNUSABLE_CHECKPOINTS / time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = plan.folder / paths.UNUSABLE_CHECKPOINTS / time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         target.mkdir(parents=True, exist_ok=True)
         for path in aside:
             os.replace(path, target / path.name)
@@ -216,13 +216,13 @@ def check_config(workdir, config, *, resuming_from: Path | None, allow_change: b
     Raises ConfigChangedError listing the fields that change the model, the optimisation or the data stream,
     unless `allow_change`. Without a checkpoint to resume from, nothing is compared (a fresh start).
     """
-    path = Path(workdir) / artifacts.CONFIG_FILE
+    path = Path(workdir) / paths.CONFIG_FILE
     if resuming_from is None:
         return []
     if not path.is_file():
         logging.warning("Resuming from %s, but the run's %s is missing: the new config cannot be compared with the "
                         "one that wrote the checkpoint (the restore still checks every variable).", resuming_from,
-                        artifacts.CONFIG_FILE)
+                        paths.CONFIG_FILE)
         return []
     changes = config_changes(io.read_json(path, "The run's config"), config)
     guarded = [change for change in changes if not is_harmless(change[0])]
@@ -232,7 +232,7 @@ def check_config(workdir, config, *, resuming_from: Path | None, allow_change: b
             f"These fields change the model, the optimisation or the data stream, so the checkpoint would not "
             f"continue the same run. Rerun with the values saved in {path}, use a new --workdir, or pass "
             f"--allow_config_change to resume with the new values anyway (recorded in "
-            f"{artifacts.CONFIG_CHANGES_FILE}).")
+            f"{paths.CONFIG_CHANGES_FILE}).")
     if guarded:
         logging.warning("--allow_config_change: resuming with changed fields %s.", _show(guarded))
     harmless = [change for change in changes if is_harmless(change[0])]
@@ -247,6 +247,6 @@ def record_config(workdir, config, changes, step: int) -> None:
     if changes:
         line = {"step": int(step), "time": round(time.time(), 3),
                 "changes": {field: {"old": old, "new": new} for field, old, new in changes}}
-        with open(workdir / artifacts.CONFIG_CHANGES_FILE, "a", encoding="utf-8") as f:
+        with open(workdir / paths.CONFIG_CHANGES_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(line, default=str) + "\n")
-    io.atomic_write_json(workdir / artifacts.CONFIG_FILE, config.to_dict())
+    io.atomic_write_json(workdir / paths.CONFIG_FILE, config.to_dict())

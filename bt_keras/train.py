@@ -86,9 +86,7 @@ def load_callbacks(specs) -> list:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    import tensorflow as tf  # after flag parsing: --cpu_devices must act before TF initialises devices
-
-    from bt_keras import artifacts, distribute, perf, reporting
+    from bt_keras import distribute, paths, perf, reporting
     from bt_keras.trainer import NonFiniteLossError, Trainer, summary
 
     if console.is_quiet() and not _VERBOSE.value:
@@ -131,7 +129,7 @@ def main(argv):
     if "loss" not in logs:  # nothing left to train (a finished run, rerun): its last logged metrics
         logs = {**reporting.final_metrics(_WORKDIR.value), **logs}
     print(f"Finished at step {trainer.step}: {summary(logs)}")
-    print(f"Encoder saved to {os.path.join(_WORKDIR.value, artifacts.ENCODER_FILE)}")
+    print(f"Encoder saved to {os.path.join(_WORKDIR.value, paths.ENCODER_FILE)}")
 
 
 def _config_fields(argv) -> list[str]:

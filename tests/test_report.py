@@ -79,10 +79,15 @@ def test_final_metrics_are_the_last_epoch_with_the_latest_knn(tmp_path):
 def test_report_command(tmp_path):
     tiny_workdir(tmp_path)
     (tmp_path / artifacts.REPORT_PICTURE).unlink(missing_ok=True)
-    result = subprocess.run([sys.executable, "-m", "bt_keras.report", str(tmp_path)], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    # -X importtime lists every module the command imports (on stderr): a report reads files and draws, so neither
+    # TensorFlow nor Keras may load (bt_keras.paths holds the file names).
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "bt_keras.report", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / artifacts.REPORT_PICTURE).exists() and "Report:" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "matplotlib" in imported and "bt_keras.reporting" in imported  # the listing is complete
+    assert not {m for m in imported if m.split(".")[0] in ("tensorflow", "keras")}, sorted(imported)[:20]
 
 
 def test_report_command_on_a_folder_that_is_no_run(tmp_path, capsys):

@@ -15,7 +15,8 @@ import tensorflow as tf
 from absl import logging
 
 from bt_keras import data
-from bt_keras.artifacts import ENCODER_METADATA, Encoder
+from bt_keras.artifacts import Encoder
+from bt_keras.paths import ENCODER_METADATA
 
 
 @dataclasses.dataclass(frozen=True)

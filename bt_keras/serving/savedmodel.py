@@ -25,8 +25,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from bt_keras import __version__, artifacts, io
-from bt_keras.artifacts import SIGNATURE_BYTES, SIGNATURE_NORMALIZED, SIGNATURE_PIXELS
+from bt_keras import __version__, io, paths
+from bt_keras.paths import SIGNATURE_BYTES, SIGNATURE_NORMALIZED, SIGNATURE_PIXELS
 from bt_keras.serving.signatures import (DEFAULT_MAX_IMAGE_PIXELS, Servable, check_max_image_pixels,
                                         preprocessing_from_metadata, signature_table)
 from bt_keras.serving.warmup import DEFAULT_MODEL_NAME, DEFAULT_WARMUP_BATCH_SIZES, write_warmup_requests
@@ -103,10 +103,10 @@ def export_encoder(
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{int(version)}-", dir=export_dir))
     try:
         archive.write_out(str(staging), verbose=False)
-        extra = staging / artifacts.ASSETS_EXTRA
-        records = write_warmup_requests(extra / artifacts.WARMUP_FILE, model_name, size, batch_sizes)
+        extra = staging / paths.ASSETS_EXTRA
+        records = write_warmup_requests(extra / paths.WARMUP_FILE, model_name, size, batch_sizes)
         feature_dim, projection_dim = servable.feature_dim, servable.projection_dim
-        io.atomic_write_json(extra / artifacts.EXPORT_METADATA, {
+        io.atomic_write_json(extra / paths.EXPORT_METADATA, {
             "format": "bt_keras SavedModel export, version 1",
             "model_name": model_name,
             "version": int(version),
@@ -118,7 +118,7 @@ def export_encoder(
             "projection_dim": projection_dim,
             "l2_normalize": bool(l2_normalize),
             "signatures": signature_table(preprocessing, feature_dim, projection_dim, l2_normalize),
-            "warmup": {"file": f"{artifacts.ASSETS_EXTRA}/{artifacts.WARMUP_FILE}", "records": records,
+            "warmup": {"file": f"{paths.ASSETS_EXTRA}/{paths.WARMUP_FILE}", "records": records,
                        "serving_default_batch_sizes": list(batch_sizes)},
             "encoder_metadata": metadata,
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "bt_keras": __version__},

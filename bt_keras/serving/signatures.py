@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from bt_keras.artifacts import ENCODER_METADATA, SIGNATURE_BYTES, SIGNATURE_NORMALIZED, SIGNATURE_PIXELS
+from bt_keras.paths import ENCODER_METADATA, SIGNATURE_BYTES, SIGNATURE_NORMALIZED, SIGNATURE_PIXELS
 from bt_keras.augment import eval_transform
 from bt_keras.serving.image_header import check_encoded_images, resized_too_large
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from bt_keras.artifacts import INPUT_KEYS, SIGNATURE_BYTES, SIGNATURE_NORMALIZED, SIGNATURE_PIXELS
+from bt_keras.paths import INPUT_KEYS, SIGNATURE_BYTES, SIGNATURE_NORMALIZED, SIGNATURE_PIXELS
 
 DEFAULT_MODEL_NAME = "bt_keras"
 DEFAULT_WARMUP_BATCH_SIZES = (1, 8)

@@ -8,6 +8,15 @@ import os
 import tensorflow as tf
 from absl import logging
 
+
+def global_sum(x: tf.Tensor) -> tf.Tensor:
+    """`x` summed over all replicas inside a multi-replica context (a differentiable all-reduce); `x` itself on one
+    replica or outside a replica context. What makes the loss, BatchNorm and the online probe global-batch exact."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return x
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 CROSS_DEVICE_OPS = ("auto", "one_device", "collective")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from bt_keras import fast_paths, loss_forms
+from bt_keras.distribute import global_sum
 
 EPSILON = 1e-5  # torch.nn.BatchNorm1d's default, used by the official code's affine-free BN.
 DEFAULT_LAMBDA = 0.0051  # official code's default (the paper's text says 5e-3).
@@ -38,14 +39,14 @@ def reference_loss(z1, z2, lambd: float = DEFAULT_LAMBDA) -> dict[str, tf.Tensor
     tests/test_losses.py holds it to this function, and `BT_KERAS_FAST=0` makes training use this one.
     """
     z1, z2 = _check_embeddings(z1, z2)
-    n = _global_sum(tf.cast(tf.shape(z1)[0], z1.dtype))  # the GLOBAL batch size
+    n = global_sum(tf.cast(tf.shape(z1)[0], z1.dtype))  # the GLOBAL batch size
 
     def batch_norm(z):  # BatchNorm without scale/offset, training mode, statistics over the global batch
-        mean = _global_sum(tf.reduce_sum(z, axis=0)) / n
-        variance = _global_sum(tf.reduce_sum(tf.square(z - mean), axis=0)) / n
+        mean = global_sum(tf.reduce_sum(z, axis=0)) / n
+        variance = global_sum(tf.reduce_sum(tf.square(z - mean), axis=0)) / n
         return (z - mean) / tf.sqrt(variance + EPSILON)
 
-    c = _global_sum(tf.matmul(batch_norm(z1), batch_norm(z2), transpose_a=True)) / n  # D x D cross-correlation
+    c = global_sum(tf.matmul(batch_norm(z1), batch_norm(z2), transpose_a=True)) / n  # D x D cross-correlation
     diagonal = tf.linalg.diag_part(c)
     on_diagonal = tf.reduce_sum(tf.square(1.0 - diagonal))  # invariance
     off_diagonal = tf.reduce_sum(tf.square(c)) - tf.reduce_sum(tf.square(diagonal))  # redundancy reduction
@@ -56,14 +57,6 @@ def reference_loss(z1, z2, lambd: float = DEFAULT_LAMBDA) -> dict[str, tf.Tensor
 def _replicas_in_sync() -> int:
     context = tf.distribute.get_replica_context()
     return context.num_replicas_in_sync if context is not None else 1
-
-
-def _global_sum(x: tf.Tensor) -> tf.Tensor:
-    """Sums `x` over all replicas when called in a multi-replica context; identity otherwise."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return x
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, x)
 
 
 def _check_embeddings(z1, z2) -> tuple[tf.Tensor, tf.Tensor]:
@@ -92,24 +85,29 @@ def _check_embeddings(z1, z2) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.cast(z1, dtype), tf.cast(z2, dtype)
 
 
+def _global_moments(z: tf.Tensor, count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`z` minus its mean along the GLOBAL batch of `count` rows, and its biased variance there (two all-reduces of D
+    numbers under replicas): the one global-batch normalisation of the fast paths and of `embedding_std`."""
+    centred = z - global_sum(tf.reduce_sum(z, axis=0)) / count
+    return centred, global_sum(tf.reduce_sum(tf.square(centred), axis=0)) / count
+
+
 def _batch_normalize(z: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
     """Normalises `z` along the (global) batch: zero mean, unit biased variance, as BatchNorm in training mode."""
-    mean = _global_sum(tf.reduce_sum(z, axis=0)) / count
-    centred = z - mean
-    variance = _global_sum(tf.reduce_sum(tf.square(centred), axis=0)) / count
+    centred, variance = _global_moments(z, count)
     return centred * tf.math.rsqrt(variance + EPSILON)
 
 
 def _normalized_views(z1, z2) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Checked embeddings, each normalised along the global batch, and the global batch size N."""
     z1, z2 = _check_embeddings(z1, z2)
-    count = _global_sum(tf.cast(tf.shape(z1)[0], z1.dtype))
+    count = global_sum(tf.cast(tf.shape(z1)[0], z1.dtype))
     return _batch_normalize(z1, count), _batch_normalize(z2, count), count
 
 
 def _correlation_of_normalized(z1n_over_n, z2n) -> tf.Tensor:
     """C = (z1n / N)^T z2n summed over replicas; 1/N is folded into the B x D factor, not the D x D product."""
-    return _global_sum(tf.matmul(z1n_over_n, z2n, transpose_a=True))
+    return global_sum(tf.matmul(z1n_over_n, z2n, transpose_a=True))
 
 
 def cross_correlation(z1, z2) -> tf.Tensor:
@@ -190,7 +188,7 @@ def _correlation_terms(z1n, z2n, count, lambd: float) -> tuple:
             gram_a = tf.matmul(a_over_n, a_all, transpose_b=True)  # this replica's rows of Ga
             gram_b = tf.matmul(b, b_all, transpose_b=True)
             local_sums = tf.concat([tf.reduce_sum(a_over_n * b, axis=0), [tf.reduce_sum(gram_a * gram_b)]], axis=0)
-            sums = _global_sum(local_sums)  # one all-reduce of D + 1 numbers
+            sums = global_sum(local_sums)  # one all-reduce of D + 1 numbers
             diagonal, sum_of_squares = sums[:-1], sums[-1]
         else:
             c = _correlation_of_normalized(a_over_n, b)
@@ -277,7 +275,5 @@ def embedding_std(z) -> tf.Tensor:
     1/sqrt(D) when the embeddings spread over the unit sphere. Logged by `BarlowTwins` as `embedding_std`.
     """
     z = tf.math.l2_normalize(tf.cast(z, tf.float32), axis=1)
-    count = _global_sum(tf.cast(tf.shape(z)[0], tf.float32))
-    mean = _global_sum(tf.reduce_sum(z, axis=0)) / count
-    variance = _global_sum(tf.reduce_sum(tf.square(z - mean), axis=0)) / count
+    _, variance = _global_moments(z, global_sum(tf.cast(tf.shape(z)[0], tf.float32)))
     return tf.reduce_mean(tf.sqrt(variance))

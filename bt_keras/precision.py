@@ -24,6 +24,8 @@ import contextlib
 
 import keras
 
+from bt_keras.distribute import global_sum
+
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
@@ -73,11 +75,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         """Whether the gradients of EVERY replica are finite (an all-reduce of one number under replicas)."""
         import tensorflow as tf
 
-        finite = super().check_finite(grads)
-        context = tf.distribute.get_replica_context()
-        if context is None or context.num_replicas_in_sync == 1:
-            return finite
-        non_finite = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.float32))
+        non_finite = global_sum(tf.cast(tf.logical_not(super().check_finite(grads)), tf.float32))
         return tf.equal(non_finite, 0.0)
 
     def _stateful_handle_non_finite_grads(self):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from bt_keras.losses import _global_sum
+from bt_keras.distribute import global_sum
 
 
 @keras.saving.register_keras_serializable(package="bt_keras")
@@ -73,7 +73,7 @@ class OnlineProbe(keras.layers.Layer):
         labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
         labelled = labels >= 0
         mask = tf.cast(labelled, dtype)
-        count = tf.maximum(_global_sum(tf.reduce_sum(mask)), tf.ones([], dtype))
+        count = tf.maximum(global_sum(tf.reduce_sum(mask)), tf.ones([], dtype))
         safe_labels = tf.where(labelled, labels, tf.zeros_like(labels))
         loss, top1 = 0.0, 0.0
         for features in features_per_view:
@@ -81,14 +81,14 @@ class OnlineProbe(keras.layers.Layer):
             cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=logits)
             loss += tf.reduce_sum(cross_entropy * mask) / count
             correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels), dtype)
-            top1 += _global_sum(tf.reduce_sum(correct * mask)) / count
+            top1 += global_sum(tf.reduce_sum(correct * mask)) / count
         views = float(len(features_per_view))
         return loss / views, tf.stop_gradient(top1) / views
 
     def test_terms(self, features_per_view, labels) -> dict:
         """`online_loss` and `online_top1` over the global batch, without an update (for `BarlowTwins.test_step`)."""
         loss, top1 = self.loss_and_accuracy(features_per_view, labels)
-        return {"online_loss": _global_sum(loss), "online_top1": top1}
+        return {"online_loss": global_sum(loss), "online_top1": top1}
 
     def train_step(self, features_per_view, labels) -> dict:
         """One update of the probe from the encoder's features of each view; returns `online_loss`, `online_top1`.
@@ -99,7 +99,7 @@ class OnlineProbe(keras.layers.Layer):
             loss, top1 = self.loss_and_accuracy(features_per_view, labels)
         variables = self.classifier.trainable_variables
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return {"online_loss": _global_sum(tf.stop_gradient(loss)), "online_top1": top1}
+        return {"online_loss": global_sum(tf.stop_gradient(loss)), "online_top1": top1}
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from bt_keras import kernels
+from bt_keras.distribute import global_sum
 
 
 def _axes(x):
@@ -101,13 +102,6 @@ def primitives(x, native: bool | None = None):
     return _TensorFlowOps()
 
 
-def _all_reduce(x):
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return x
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, x)
-
-
 def normalize(x, gamma, beta, shift, epsilon: float, native: bool | None = None):
     """Training-mode BatchNorm of `x` ([..., C], channels last) over the global batch, with its exact gradient.
 
@@ -132,7 +126,7 @@ def normalize(x, gamma, beta, shift, epsilon: float, native: bool | None = None)
         local = ops.moments(x, shift)  # [2, C], in the implementation's statistics dtype
         stats = local.dtype  # float64 from the native kernels (the combination below keeps its digits), else x's
         count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), stats)
-        sums = _all_reduce(tf.concat([tf.reshape(local, [-1]), [count]], axis=0))  # the forward all-reduce
+        sums = global_sum(tf.concat([tf.reshape(local, [-1]), [count]], axis=0))  # the forward all-reduce
         total = sums[-1]
         centred_mean = sums[:channels] / total  # mean - shift
         mean = tf.cast(shift, stats) + centred_mean
@@ -145,7 +139,7 @@ def normalize(x, gamma, beta, shift, epsilon: float, native: bool | None = None)
         def grad(dy, _d_mean, _d_variance):  # mean and variance leave without gradient (see below)
             dy = tf.cast(dy, x.dtype)
             local_sums = ops.grad_sums(dy, x, mean_x)  # [2, C]: sum dy, sum dy * (x - mean), this replica's
-            global_sums = tf.reshape(_all_reduce(tf.reshape(local_sums, [-1])), [2, channels])  # the backward one
+            global_sums = tf.reshape(global_sum(tf.reshape(local_sums, [-1])), [2, channels])  # the backward one
             d_beta = local_sums[0]
             d_gamma = local_sums[1] * tf.cast(inv_std, local_sums.dtype)
             scale = gamma_s * inv_std

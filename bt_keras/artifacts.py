@@ -24,7 +24,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from bt_keras import builders, checkpoints, io
+from bt_keras import builders, checkpoints, io, precision
 from bt_keras.model import BarlowTwins
 from bt_keras.paths import (  # noqa: F401  re-exported: artifacts.CONFIG_FILE etc. keep working
     CONFIG_FILE, CHECKPOINT_DIR, ENCODER_FILE, ENCODER_METADATA, MODEL_FILE, METRICS_FILE, TENSORBOARD_DIR,
@@ -147,7 +147,8 @@ def load_with_projector(path) -> tuple[keras.Model, keras.Model, dict]:
     model = _load_keras_file(full)
     if not isinstance(model, BarlowTwins):
         raise ValueError(f"{full} holds a {type(model).__name__}, not a BarlowTwins model: it has no projector.")
-    return model.encoder, model.projector, _metadata_beside(full)
+    # A mixed-precision run's full model keeps its mixed layers: serve float32 copies (same weights), as encoder.keras.
+    return precision.float32_copy(model.encoder), precision.float32_copy(model.projector), _metadata_beside(full)
 
 
 def savedmodel_version_dir(path: Path) -> Path | None:

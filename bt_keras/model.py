@@ -145,7 +145,7 @@ class BarlowTwins(keras.Model):
         `precision.LossScaleOptimizer` (instead of Keras's), whose skipped steps still count and whose overflow
         check is the same on every replica."""
         optimizer = keras.optimizers.get(optimizer)
-        if optimizer is not None and self.dtype_policy.name == "mixed_float16":
+        if optimizer is not None and self.dtype_policy.name == "mixed_float16" and kwargs.get("auto_scale_loss", True):
             optimizer = precision.wrap_optimizer(optimizer, "mixed_float16")
         super().compile(optimizer=optimizer, **kwargs)
 

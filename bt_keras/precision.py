@@ -27,6 +27,9 @@ import keras
 from bt_keras.distribute import global_sum
 
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+# Below this loss scale even unscaled gradients overflow float16: every step is skipped and nothing trains, so the
+# trainer stops the run (as it does for a non-finite loss) instead of "finishing" it.
+MIN_LOSS_SCALE = 1.0
 
 
 def check_policy(name: str) -> str:

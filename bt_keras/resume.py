@@ -225,6 +225,7 @@ def check_config(workdir, config, *, resuming_from: Path | None, allow_change: b
                         paths.CONFIG_FILE)
         return []
     changes = config_changes(io.read_json(path, "The run's config"), config)
+    _check_precision(changes, workdir)
     guarded = [change for change in changes if not is_harmless(change[0])]
     if guarded and not allow_change:
         raise ConfigChangedError(
@@ -239,6 +240,19 @@ def check_config(workdir, config, *, resuming_from: Path | None, allow_change: b
     if harmless:
         logging.info("Resuming with changed run settings: %s.", _show(harmless))
     return changes
+
+
+def _check_precision(changes, workdir) -> None:
+    """A change of `config.precision` into or out of mixed_float16 is refused even with --allow_config_change: the
+    checkpoint holds the optimizer inside (or outside) its loss-scaling wrapper, so it cannot restore the other way."""
+    for field, old, new in changes:
+        old, new = ("float32" if value == "<absent>" else value for value in (old, new))  # before the field existed
+        if field == "precision" and "mixed_float16" in (old, new):
+            raise ConfigChangedError(
+                f"Resuming {workdir} with config.precision={new!r}, but the run was trained with {old!r}: a checkpoint "
+                f"of a mixed_float16 run holds its loss-scaling optimizer, so it cannot be resumed in another precision "
+                f"(nor the reverse). Rerun {'with --mixed_precision' if old == 'mixed_float16' else 'without --mixed_precision'} "
+                f"(or --config.precision={old}), or start a new --workdir.")
 
 
 def record_config(workdir, config, changes, step: int) -> None:

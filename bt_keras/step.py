@@ -1,8 +1,8 @@
 """The training step as the trainer (and `benchmarks/accelerator.py`) runs it: `BarlowTwins.train_step` on every
 replica, compiled with XLA when asked and possible.
 
-What `--xla` compiles: the replica's whole step (device-side augmentation if any, both forward passes, the loss,
-the gradients and the optimizer update) as one XLA computation, the way `model.fit` does after
+What `--xla` compiles: the replica's whole step (both forward passes, the loss, the gradients and the optimizer
+update) as one XLA computation, the way `model.fit` does after
 `compile(jit_compile=True)`: `strategy.run` of a `tf.function(jit_compile=True)`. The batch is read from the
 iterator outside it (iterators cannot be compiled). The replicas' all-reduces are compiled with the step where
 TensorFlow lets XLA take them: on GPUs (MirroredStrategy turns off `merge_call` under XLA there, and XLA lowers the
@@ -104,3 +104,17 @@ def is_compiled(step) -> bool:
     step = getattr(step, "compiled", step)  # replica_step's augmentation wrapper: its compiled part
     return isinstance(step, tf.types.experimental.PolymorphicFunction) and bool(
         getattr(step, "_jit_compile", False))
+
+
+def xla_calls(graph, name: str = "train_step") -> int:
+    """How many calls in `graph` (a traced step) run a function named like `name` that XLA must compile
+    (`_XlaMustCompile`): what a step really runs compiled, whatever was asked for. (The host-side colour steps of
+    `bt_keras.augment` are small compiled functions of their own; `name` tells them apart.)"""
+    count = 0
+    for op in graph.get_operations():
+        try:
+            must_compile, function = op.get_attr("_XlaMustCompile"), op.get_attr("f").name
+        except ValueError:  # not a call of a compiled function
+            continue
+        count += bool(must_compile) and name in function
+    return count

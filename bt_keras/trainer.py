@@ -177,10 +177,12 @@ class Trainer:
             outputs = strategy.run(replica_step, args=(next(iterator),))
             logs = {name: strategy.experimental_local_results(value)[0] for name, value in outputs.items()}
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(value)) for value in logs.values()])
+            logs.update(precision.optimizer_logs(model.optimizer))
+            if "loss_scale" in logs:  # every step skipped until the scale fell below 1: nothing trains any more
+                finite = tf.logical_and(finite, logs["loss_scale"] >= precision.MIN_LOSS_SCALE)
             iterations = tf.cast(model.optimizer.iterations, tf.int64)
             first_bad.assign(tf.where(tf.logical_or(finite, first_bad >= 0), first_bad, iterations))
             logs["lr"] = tf.cast(model.optimizer.learning_rate, tf.float32)
-            logs.update(precision.optimizer_logs(model.optimizer))
             return logs
 
         return tf.function(step)
@@ -206,6 +208,13 @@ class Trainer:
     def _check_finite(self, logs: dict) -> None:
         """Raises NonFiniteLossError if any step so far gave a NaN or infinite metric (one host read)."""
         bad_step = int(self._first_bad_step.numpy())
+        if bad_step >= 0 and logs.get("loss_scale", precision.MIN_LOSS_SCALE) < precision.MIN_LOSS_SCALE:
+            raise NonFiniteLossError(
+                f"The gradients were not finite at every step until mixed_float16's loss scale fell to "
+                f"{logs['loss_scale']:g} (step {bad_step}; {int(logs.get('skipped_steps', 0))} steps skipped, none of "
+                f"them trained). Training stopped; the last good checkpoint "
+                f"({self.manager.latest_checkpoint or 'none yet'}) is kept. Try float32 or mixed_bfloat16 "
+                "(--config.precision) or a lower learning rate.")
         if bad_step >= 0:
             raise NonFiniteLossError(
                 f"The loss became {logs.get('loss', 'non-finite')} at step {bad_step}. Training stopped; the last good "

@@ -69,6 +69,41 @@ def test_a_few_steps_are_finite_and_close_to_float32(policy):
     assert apart <= WEIGHT_BOUND[policy] * moved
 
 
+def test_a_skipped_step_counts_as_a_step_and_is_counted():
+    variable = keras.Variable(np.ones(3, np.float32))
+    optimizer = precision.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    optimizer.build([variable])
+    optimizer.apply([tf.constant([np.inf, 1.0, 1.0])], [variable])  # overflowed: no update, the step still counts
+    assert int(optimizer.iterations.numpy()) == 1 and int(optimizer.skipped_steps.numpy()) == 1
+    assert float(optimizer.dynamic_scale.numpy()) == 2.0 ** 14 and np.all(variable.numpy() == 1.0)
+    optimizer.apply([tf.constant([1.0, 1.0, 1.0]) * optimizer.dynamic_scale], [variable])
+    assert int(optimizer.iterations.numpy()) == 2 and int(optimizer.skipped_steps.numpy()) == 1
+    np.testing.assert_allclose(variable.numpy(), 0.9)
+
+
+def test_fit_users_get_the_same_loss_scaling_unless_they_turn_it_off():
+    with precision.policy_scope("mixed_float16"):
+        model = tiny_model()
+    model.compile(optimizer=LARS(0.1))
+    assert isinstance(model.optimizer, precision.LossScaleOptimizer)
+    model.compile(optimizer=LARS(0.1), auto_scale_loss=False)  # Keras's switch: no loss scaling at all
+    assert isinstance(model.optimizer, LARS)
+
+
+@pytest.mark.slow
+def test_a_run_whose_gradients_never_fit_float16_stops_instead_of_finishing(tmp_path):
+    """Loss scaling skips every step once the scale is below 1 (even unscaled gradients overflow): nothing trains,
+    so the run stops as a non-finite loss does, keeping the last good checkpoint."""
+    from bt_keras.trainer import NonFiniteLossError
+
+    config = tiny_config(precision="mixed_float16", log_every_steps=1, picture_every_epochs=100)
+    trainer = Trainer(config, tmp_path, tf.distribute.get_strategy())
+    trainer.model.optimizer.dynamic_scale.assign(0.5)
+    with pytest.raises(NonFiniteLossError, match=r"loss scale fell to 0\.5 .* none of them trained") as error:
+        trainer.run()
+    assert "ckpt-0" in str(error.value) and [p.name for p in artifacts.latest_checkpoints(tmp_path)] == ["ckpt-0"]
+
+
 def _stop_after_first_epoch():
     class Stop(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -110,6 +145,14 @@ def test_a_mixed_run_ends_on_schedule_resumes_exactly_and_saves_a_float32_encode
     rerun.run()
     assert rerun.start_step == total and rerun.step == total
     assert _train_lines(tmp_path / "whole") == lines  # nothing trained, nothing logged
+    if policy == "mixed_float16":  # its checkpoint holds the loss-scaling optimizer: no other precision resumes it
+        other = tiny_config(precision="float32", log_every_steps=1, picture_every_epochs=100)
+        with pytest.raises(ValueError, match="with --mixed_precision"):
+            Trainer(other, tmp_path / "whole", strategy, allow_config_change=True)
+
+    encoder, projector, _ = artifacts.load_with_projector(tmp_path / "whole")  # what an export with the projector serves
+    for part in (encoder, projector):
+        assert {layer.dtype_policy.name for layer in part._flatten_layers(include_self=False)} == {"float32"}
 
     stopped = Trainer(config, tmp_path / "resumed", strategy)
     stopped.run([_stop_after_first_epoch()])

@@ -159,6 +159,7 @@ def test_the_xla_command_compiles_the_step_and_trains_as_the_uncompiled_loop(tmp
     np.testing.assert_allclose([line["loss"] for line in compiled], [line["loss"] for line in uncompiled], rtol=1e-4)
 
 
+@pytest.mark.slow  # two trainer runs
 def test_xla_with_the_augmentation_on_the_device(tmp_path):
     """augment_on="accelerator": the device-side augmentation runs before the compiled step (its blur of a random
     subset of the batch cannot be compiled), the rest is compiled, and training gives the uncompiled run's losses."""

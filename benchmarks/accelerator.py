@@ -17,10 +17,9 @@ Modes:
               and CPUs (float16 is emulated and very slow on CPUs; --mixed-policy overrides)
   mixed_xla   the same, each replica's step compiled with XLA (bt_keras.step, what --xla does)
 
-The Barlow Twins step of each mode: the model and LARS built as the trainer builds them
-(bt_keras.trainer.Trainer._setup: the recipe through bt_keras.builders, `precision.policy_scope`,
-`precision.wrap_optimizer`, `model.compile`, `optimizer.build(model.pretrain_variables)`) and the replica step as
-the trainer runs it
+The Barlow Twins step of each mode: the model and LARS built by the trainer's own builder
+(`bt_keras.builders.build_training_model`: the recipe under `config.precision`, compiled, optimizer built on
+`model.pretrain_variables`) and the replica step as the trainer runs it
 (`bt_keras.step.replica_step(model, strategy, jit_compile, element_spec)`, which XLA-compiles it first on one replica,
 called as `strategy.run(replica_step, args=(batch,))` inside a `tf.function`). Changed from the recipes: the online
 probe is off (it needs labelled batches and is not what Barlow Twins costs), there is no learning-rate warm-up (so the
@@ -249,21 +248,16 @@ def preset_config(preset: dict, policy: str, jit: bool, replicas: int = 1):
 STEPS_PER_EPOCH = 100  # the schedule's length only (the speed does not depend on it)
 
 
-def build_barlow_twins(config, strategy, policy: str):
-    """As `Trainer._setup`: model and LARS from the recipe under the run's precision, compiled, optimizer built."""
+def build_barlow_twins(config, strategy):
+    """As the trainer builds it (`builders.build_training_model`): model and LARS from the recipe under
+    `config.precision` (float64 for the agreement step's reference), compiled, optimizer built."""
     import keras
 
-    from bt_keras import builders, precision
+    from bt_keras import builders
 
     keras.utils.set_random_seed(config.seed)
-    with strategy.scope(), _policy(policy):
-        model = builders.build_model(config)
-        optimizer = builders.build_optimizer(config, STEPS_PER_EPOCH)
-        if policy != "float64":  # (the float64 reference: no precision policy of bt_keras's)
-            optimizer = precision.wrap_optimizer(optimizer, policy)
-        model.compile(optimizer=optimizer, jit_compile=bool(config.jit_compile))
-        model.optimizer.build(model.pretrain_variables)
-    return model
+    with strategy.scope():
+        return builders.build_training_model(config, STEPS_PER_EPOCH)
 
 
 def build_supervised(config, strategy, policy: str, classes: int):
@@ -274,7 +268,7 @@ def build_supervised(config, strategy, policy: str, classes: int):
     from bt_keras import backbones, precision
 
     keras.utils.set_random_seed(config.seed)
-    with strategy.scope(), _policy(policy):
+    with strategy.scope(), precision.policy_scope(policy):
         encoder = backbones.get_backbone(
             config.backbone, input_shape=(config.image_size, config.image_size, 3), stem=config.stem,
             width_multiplier=config.width_multiplier, blocks=tuple(config.blocks) if config.blocks else None,
@@ -287,29 +281,6 @@ def build_supervised(config, strategy, policy: str, classes: int):
                       jit_compile=bool(config.jit_compile))
         model.optimizer.build(model.trainable_variables)
     return model, encoder, head
-
-
-def _policy(policy: str):
-    """bt_keras.precision.policy_scope, which also takes the float64 reference policy of the agreement step."""
-    import contextlib
-
-    import keras
-
-    from bt_keras import precision
-
-    if policy != "float64":
-        return precision.policy_scope(policy)
-
-    @contextlib.contextmanager
-    def scope():
-        previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy("float64")
-        try:
-            yield
-        finally:
-            keras.config.set_dtype_policy(previous)
-
-    return scope()
 
 
 def make_step(model, strategy, jit: bool, batch):
@@ -476,7 +447,7 @@ def measure_model(kind: str, config, strategy, policy: str, jit: bool, global_ba
     in_use_before = memory.reset()
     started = time.perf_counter()
     if kind == "barlow_twins":
-        model = build_barlow_twins(config, strategy, policy)
+        model = build_barlow_twins(config, strategy)
         flops = count_flops(model, global_batch)
         per_item = flops["gflop_per_image"] * 1e9  # per view pair
     else:
@@ -573,7 +544,7 @@ class Agreement:
         self.batch_size = batch_size
         self.xla_any_batch = xla_any_batch  # also compare XLA steps timed at another batch (a second compile)
         strategy = tf.distribute.get_strategy()  # one device: the default one (the first GPU if any)
-        model = build_barlow_twins(preset_config(preset, "float64", False), strategy, "float64")
+        model = build_barlow_twins(preset_config(preset, "float64", False), strategy)
         # The initial weights: float64's draws rounded to float32, so every precision starts from the same values.
         self.initial = [w.astype(np.float32) for w in model.get_weights()]
         model.set_weights([w.astype(np.float64) for w in self.initial])

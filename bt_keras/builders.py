@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 from absl import logging
 
-from bt_keras import backbones, data, device_augment, heads, optim
+from bt_keras import backbones, data, device_augment, heads, optim, precision
 from bt_keras.model import BarlowTwins
 from bt_keras.probe import OnlineProbe
 from bt_keras.views import ViewConfig
@@ -161,6 +161,21 @@ def steps_per_epoch(config) -> int:
         raise ValueError(f"config.batch_size={config.batch_size} is larger than the {examples} examples of "
                          f"{config.dataset}:{config.split}; lower it.")
     return steps
+
+
+def build_training_model(config, steps_per_epoch: int, views=None) -> BarlowTwins:
+    """The model as pre-training runs it (call inside the strategy's scope): built under `config.precision`'s dtype
+    policy (the process's global policy is left as it was), the device-side augmentation when `views` are given and
+    `config.augment_on == "accelerator"`, compiled with LARS (under mixed_float16 `BarlowTwins.compile` adds bt_keras's
+    loss scaling), and the optimizer built on the pre-training variables (the online probe has its own).
+    The trainer and `benchmarks/accelerator.py` both build through here."""
+    with precision.policy_scope(config.get("precision", "float32")):
+        model = build_model(config)
+        if views is not None:
+            model.device_augment = build_device_augment(config, views)
+        model.compile(optimizer=build_optimizer(config, steps_per_epoch), jit_compile=bool(config.jit_compile))
+        model.optimizer.build(model.pretrain_variables)
+    return model
 
 
 def build_device_augment(config, views) -> device_augment.DeviceAugment | None:

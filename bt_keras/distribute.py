@@ -8,6 +8,9 @@ import os
 import tensorflow as tf
 from absl import logging
 
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+CROSS_DEVICE_OPS = ("auto", "one_device", "collective")
+
 
 def global_sum(x: tf.Tensor) -> tf.Tensor:
     """`x` summed over all replicas inside a multi-replica context (a differentiable all-reduce); `x` itself on one
@@ -16,9 +19,6 @@ def global_sum(x: tf.Tensor) -> tf.Tensor:
     if context is None or context.num_replicas_in_sync == 1:
         return x
     return context.all_reduce(tf.distribute.ReduceOp.SUM, x)
-
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-CROSS_DEVICE_OPS = ("auto", "one_device", "collective")
 
 
 def check_global_batch(global_batch_size: int, num_replicas: int) -> int:

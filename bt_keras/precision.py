@@ -26,18 +26,10 @@ import keras
 
 from bt_keras.distribute import global_sum
 
-POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")  # what config.precision may be (bt_keras.preflight)
 # Below this loss scale even unscaled gradients overflow float16: every step is skipped and nothing trains, so the
 # trainer stops the run (as it does for a non-finite loss) instead of "finishing" it.
 MIN_LOSS_SCALE = 1.0
-
-
-def check_policy(name: str) -> str:
-    """`name` if it is a precision bt_keras trains in, else a one-line ValueError naming the choices."""
-    if name not in POLICIES:
-        raise ValueError(f"config.precision={name!r} is not a precision bt_keras trains in; use one of {POLICIES} "
-                         "(--mixed_precision picks mixed_float16, or mixed_bfloat16 on TPUs).")
-    return name
 
 
 def mixed_policy_for(strategy) -> str:
@@ -49,10 +41,11 @@ def mixed_policy_for(strategy) -> str:
 
 @contextlib.contextmanager
 def policy_scope(name: str):
-    """Sets Keras's global dtype policy to `name` while building a run's model, then restores the previous one, so
-    the layers built inside keep the run's precision and nothing else in the process changes."""
+    """Sets Keras's global dtype policy to `name` (any Keras policy: a run's `config.precision`, checked by
+    `preflight`, or float64 for exactness references) while building a model, then restores the previous one, so
+    the layers built inside keep that precision and nothing else in the process changes."""
     previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(check_policy(name))
+    keras.config.set_dtype_policy(name)
     try:
         yield
     finally:
@@ -90,7 +83,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 def wrap_optimizer(optimizer, policy: str):
     """`optimizer` wrapped in bt_keras's `LossScaleOptimizer` under mixed_float16 (float16 gradients underflow
     without loss scaling), else unchanged; bfloat16 has float32's range and needs no scaling."""
-    if check_policy(policy) == "mixed_float16" and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+    if policy == "mixed_float16" and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         return LossScaleOptimizer(optimizer, name="loss_scale_optimizer")
     return optimizer
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 
 
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) != 1 or argv[0].startswith("-"):

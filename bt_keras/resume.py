@@ -245,14 +245,16 @@ def check_config(workdir, config, *, resuming_from: Path | None, allow_change: b
 def _check_precision(changes, workdir) -> None:
     """A change of `config.precision` into or out of mixed_float16 is refused even with --allow_config_change: the
     checkpoint holds the optimizer inside (or outside) its loss-scaling wrapper, so it cannot restore the other way."""
-    for field, old, new in changes:
-        old, new = ("float32" if value == "<absent>" else value for value in (old, new))  # before the field existed
-        if field == "precision" and "mixed_float16" in (old, new):
-            raise ConfigChangedError(
-                f"Resuming {workdir} with config.precision={new!r}, but the run was trained with {old!r}: a checkpoint "
-                f"of a mixed_float16 run holds its loss-scaling optimizer, so it cannot be resumed in another precision "
-                f"(nor the reverse). Rerun {'with --mixed_precision' if old == 'mixed_float16' else 'without --mixed_precision'} "
-                f"(or --config.precision={old}), or start a new --workdir.")
+    change = next((change for change in changes if change[0] == "precision"), None)
+    if change is None:
+        return
+    old, new = ("float32" if value == "<absent>" else value for value in change[1:])  # absent: before the field
+    if "mixed_float16" in (old, new):
+        flag = "with --mixed_precision" if old == "mixed_float16" else "without --mixed_precision"
+        raise ConfigChangedError(
+            f"Resuming {workdir} with config.precision={new!r}, but the run was trained with {old!r}: a checkpoint of "
+            f"a mixed_float16 run holds its loss-scaling optimizer, so it cannot be resumed in another precision (nor "
+            f"the reverse). Rerun {flag} (or --config.precision={old}), or start a new --workdir.")
 
 
 def record_config(workdir, config, changes, step: int) -> None:

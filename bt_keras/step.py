@@ -46,10 +46,8 @@ def xla_obstacle(strategy) -> str | None:
 def compiled(function, strategy, jit_compile: bool):
     """`function` (a replica's step) as `strategy.run` should call it: a `tf.function(jit_compile=True)` when XLA is
     asked for and possible, else `function` itself, with the reason logged once."""
-    if not jit_compile:
-        return function
-    if isinstance(strategy, tf.distribute.TPUStrategy):
-        return function  # strategy.run compiles the whole step with XLA on TPUs
+    if not jit_compile or isinstance(strategy, tf.distribute.TPUStrategy):
+        return function  # (on TPUs strategy.run compiles the whole step with XLA anyway)
     obstacle = xla_obstacle(strategy)
     if obstacle is not None:
         logging.warning("XLA: the training step runs uncompiled (%s).", obstacle)

@@ -120,15 +120,8 @@ class Trainer:
         if not config.get("fast_paths", True):
             fast_paths.set_enabled(False)
         keras.utils.set_random_seed(config.seed)
-        self.precision = precision.check_policy(config.get("precision", "float32"))
-        # The run's layers are built under its dtype policy; the process's global policy is left as it was.
-        with strategy.scope(), precision.policy_scope(self.precision):
-            self.model = builders.build_model(config)
-            self.model.device_augment = builders.build_device_augment(config, self.views)  # augment_on (issue 17)
-            optimizer = precision.wrap_optimizer(builders.build_optimizer(config, self.steps_per_epoch),
-                                                 self.precision)
-            self.model.compile(optimizer=optimizer, jit_compile=bool(config.jit_compile))
-            self.model.optimizer.build(self.model.pretrain_variables)  # not the online probe's (it has its own)
+        with strategy.scope():
+            self.model = builders.build_training_model(config, self.steps_per_epoch, self.views)
 
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(checkpoint_dir),
@@ -208,18 +201,19 @@ class Trainer:
     def _check_finite(self, logs: dict) -> None:
         """Raises NonFiniteLossError if any step so far gave a NaN or infinite metric (one host read)."""
         bad_step = int(self._first_bad_step.numpy())
-        if bad_step >= 0 and logs.get("loss_scale", precision.MIN_LOSS_SCALE) < precision.MIN_LOSS_SCALE:
-            raise NonFiniteLossError(
-                f"The gradients were not finite at every step until mixed_float16's loss scale fell to "
-                f"{logs['loss_scale']:g} (step {bad_step}; {int(logs.get('skipped_steps', 0))} steps skipped, none of "
-                f"them trained). Training stopped; the last good checkpoint "
-                f"({self.manager.latest_checkpoint or 'none yet'}) is kept. Try float32 or mixed_bfloat16 "
-                "(--config.precision) or a lower learning rate.")
-        if bad_step >= 0:
-            raise NonFiniteLossError(
-                f"The loss became {logs.get('loss', 'non-finite')} at step {bad_step}. Training stopped; the last good "
-                f"checkpoint ({self.manager.latest_checkpoint or 'none yet'}) is kept. Try a lower learning rate "
-                "(config.optimizer.lr_weights), a longer warm-up, or float32 instead of mixed precision.")
+        if bad_step < 0:
+            return
+        if logs.get("loss_scale", precision.MIN_LOSS_SCALE) < precision.MIN_LOSS_SCALE:
+            cause = (f"The gradients were not finite at every step until mixed_float16's loss scale fell to "
+                     f"{logs['loss_scale']:g} (step {bad_step}; {int(logs.get('skipped_steps', 0))} steps skipped, "
+                     "none of them trained)")
+            advice = "Try float32 or mixed_bfloat16 (--config.precision) or a lower learning rate."
+        else:
+            cause = f"The loss became {logs.get('loss', 'non-finite')} at step {bad_step}"
+            advice = ("Try a lower learning rate (config.optimizer.lr_weights), a longer warm-up, or float32 instead of "
+                      "mixed precision.")
+        raise NonFiniteLossError(f"{cause}. Training stopped; the last good checkpoint "
+                                 f"({self.manager.latest_checkpoint or 'none yet'}) is kept. {advice}")
 
     def save(self, logs: dict | None = None) -> None:
         """Writes a checkpoint at the current step, after checking that no step since the last one went non-finite.

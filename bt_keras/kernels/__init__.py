@@ -90,9 +90,9 @@ _OFF_REASON = "turned off by BT_KERAS_NATIVE=0 (or kernels.set_enabled(False))"
 
 
 def set_enabled(value: bool | None) -> None:
-    """Turns the native kernels off (False) or back to the environment's choice (None, or True) for this process,
-    as `BT_KERAS_NATIVE=0` does from the start: the TensorFlow-ops path that GPUs and TPUs run. Read when a step is
-    traced, so set it before training starts (tests use it to run the accelerator path on CPU)."""
+    """Turns the native kernels off (False: the TensorFlow-ops path that GPUs and TPUs run, as `BT_KERAS_NATIVE=0`)
+    or on (True) for this process; None returns to the environment's choice. Read when a step is traced, so set it
+    before training starts (tests use it to run the accelerator path on CPU)."""
     global _override
     if value not in (None, True, False):
         raise ValueError(f"kernels.set_enabled takes True, False or None, got {value!r}.")
@@ -100,14 +100,12 @@ def set_enabled(value: bool | None) -> None:
 
 
 def _turned_off() -> bool:
-    if _override is False:
-        return True
+    if _override is not None:
+        return not _override
     return os.environ.get("BT_KERAS_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def _load() -> tuple[object, str | None]:
-    if _turned_off():
-        return None, _OFF_REASON
     import tensorflow as tf
 
     try:
@@ -125,7 +123,7 @@ def lars_update():
     Built and loaded on the first call only; a failure is logged once as a warning with its reason, and LARS then
     uses TensorFlow ops.
     """
-    if _override is False:
+    if _turned_off():
         return None
     with _lock:
         if not _state:
@@ -135,7 +133,7 @@ def lars_update():
 
 def unavailable_reason() -> str | None:
     """Why `lars_update()` returned None (after it was called), else None."""
-    return _OFF_REASON if _override is False else _state.get("reason")
+    return _OFF_REASON if _turned_off() else _state.get("reason")
 
 
 def batch_norm_ops():
@@ -143,29 +141,26 @@ def batch_norm_ops():
     `bt_keras_channel_grad_sums`, `bt_keras_channel_affine`, `bt_keras_channel_affine2`), or None when native kernels
     are off or cannot be built (then logged once as a warning with the reason; `batch_norm_unavailable_reason()`).
     """
-    if _override is False:
+    if _turned_off():
         return None
     with _lock:
         if not _batch_norm_state:
-            if _turned_off():
-                _batch_norm_state.update(ops=None, reason=_OFF_REASON)
-            else:
-                import tensorflow as tf
+            import tensorflow as tf
 
-                try:
-                    _batch_norm_state.update(ops=tf.load_op_library(str(_build(tf, _BATCH_NORM_SOURCE))), reason=None)
-                except Exception as error:  # as for LARS: fall back to TensorFlow ops, say why once
-                    reason = f"{type(error).__name__}: {error}"
-                    logging.warning("bt_keras: the native BatchNorm kernels are unavailable (%s); synchronised "
-                                    "BatchNorm uses TensorFlow ops, same results, slower. Set BT_KERAS_NATIVE=0 to "
-                                    "silence this.", reason)
-                    _batch_norm_state.update(ops=None, reason=reason)
+            try:
+                _batch_norm_state.update(ops=tf.load_op_library(str(_build(tf, _BATCH_NORM_SOURCE))), reason=None)
+            except Exception as error:  # as for LARS: fall back to TensorFlow ops, say why once
+                reason = f"{type(error).__name__}: {error}"
+                logging.warning("bt_keras: the native BatchNorm kernels are unavailable (%s); synchronised "
+                                "BatchNorm uses TensorFlow ops, same results, slower. Set BT_KERAS_NATIVE=0 to "
+                                "silence this.", reason)
+                _batch_norm_state.update(ops=None, reason=reason)
     return _batch_norm_state["ops"]
 
 
 def batch_norm_unavailable_reason() -> str | None:
     """Why `batch_norm_ops()` returned None (after it was called), else None."""
-    return _OFF_REASON if _override is False else _batch_norm_state.get("reason")
+    return _OFF_REASON if _turned_off() else _batch_norm_state.get("reason")
 
 
 def unusable_reason(device: str) -> str | None:

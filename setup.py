@@ -35,7 +35,7 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",  # the embedded `digits` dataset and the L-BFGS linear probe
     "pillow>=10.0",
     "tensorboard>=2.20",  # tf.summary needs it installed (the tensorflow wheel no longer pulls it in)
-    "matplotlib>=3.7",  # the training report and the colour-barred picture of C (bt_keras.reporting)
+    "matplotlib>=3.7",  # the training report and the colour-barred picture of C (bt_keras.cli.train.figures)
 ]
 
 # ONNX export (bt_keras.serving.onnx_export): Keras's model.export(format="onnx") converts with tf2onnx; 1.17 is the
@@ -67,11 +67,11 @@ setup(
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         "console_scripts": [
-            "bt-keras-train = bt_keras.train:run",
-            "bt-keras-export = bt_keras.serving.export_cli:run",
-            "bt-keras-client = bt_keras.serving.client:run",
-            "bt-keras-export-onnx = bt_keras.serving.onnx_cli:run",
-            "bt-keras-convert = bt_keras.convert:run",
+            "bt-keras-train = bt_keras.cli.train:run",
+            "bt-keras-export = bt_keras.cli.export:run",
+            "bt-keras-client = bt_keras.cli.client:run",
+            "bt-keras-export-onnx = bt_keras.cli.onnx:run",
+            "bt-keras-convert = bt_keras.cli.convert:run",
         ],
     },
 )

@@ -1,8 +1,8 @@
 """Barlow Twins on one accelerator host: step speed, memory and numerics in float32, mixed precision and mixed + XLA,
 beside a plain supervised step of the same backbone, and whether the host's input pipeline keeps up.
 
-    python benchmarks/accelerator.py                 # GPU or TPU host: cifar + imagenet presets (aimed at <= 8 min)
-    python benchmarks/accelerator.py --smoke         # the same code on a CPU at tiny sizes (about a minute on 2 cores)
+    python -m benchmarks.accelerator                 # GPU or TPU host: cifar + imagenet presets (aimed at <= 8 min)
+    python -m benchmarks.accelerator --smoke         # the same code on a CPU at tiny sizes (about a minute on 2 cores)
 
 Presets (synthetic data already on the device; the input pipeline is measured separately):
   cifar      ResNet-18, CIFAR stem, 32 px, global batch 512, projector 2048-2048-2048 (experiments/cifar10_resnet18.py)
@@ -13,21 +13,21 @@ Presets (synthetic data already on the device; the input pipeline is measured se
 
 Modes:
   float32     the trainer's default
-  mixed       mixed_float16 on GPUs (with bt_keras's dynamic loss scaling, bt_keras.precision), mixed_bfloat16 on TPUs
+  mixed       mixed_float16 on GPUs (with bt_keras's dynamic loss scaling, bt_keras.method.precision), mixed_bfloat16 on TPUs
               and CPUs (float16 is emulated and very slow on CPUs; --mixed-policy overrides)
-  mixed_xla   the same, each replica's step compiled with XLA (bt_keras.step, what --xla does)
+  mixed_xla   the same, each replica's step compiled with XLA (bt_keras.train.step, what --xla does)
 
 The Barlow Twins step of each mode: the model and LARS built by the trainer's own builder
-(`bt_keras.builders.build_training_model`: the recipe under `config.precision`, compiled, optimizer built on
+(`bt_keras.assembly.builders.build_training_model`: the recipe under `config.precision`, compiled, optimizer built on
 `model.pretrain_variables`) and the replica step as the trainer runs it
-(`bt_keras.step.replica_step(model, strategy, jit_compile, element_spec)`, which XLA-compiles it first on one replica,
+(`bt_keras.train.step.replica_step(model, strategy, jit_compile, element_spec)`, which XLA-compiles it first on one replica,
 called as `strategy.run(replica_step, args=(batch,))` inside a `tf.function`). Changed from the recipes: the online
 probe is off (it needs labelled batches and is not what Barlow Twins costs), there is no learning-rate warm-up (so the
 agreement step below moves the weights; the speed does not depend on the rate), and LARS's rates are scaled for the
 preset's largest candidate batch whatever batch fits (one optimizer for every mode). Beside it, in the same child
 process and mode, a plain supervised step of the same backbone: plain (unsynchronised) BatchNorm, a linear head to
 1000 (imagenet) or 10 (cifar) classes, softmax cross-entropy, SGD with momentum 0.9, one view, the same batch size
-(Keras's own `train_step` through the same `bt_keras.step.replica_step` / `strategy.run` path and loss scaling).
+(Keras's own `train_step` through the same `bt_keras.train.step.replica_step` / `strategy.run` path and loss scaling).
 
 Timing: `--warmup` untimed steps (the first one traces and, for XLA, compiles: `first_step_s`; under loss scaling the
 warm-up goes on until a step is not skipped, `settle_steps`), then `--steps` steps back to back and ONE
@@ -36,7 +36,7 @@ training loop gets between logging steps, without a host round trip per step.
 
 Reported per preset and mode:
   pairs/s, view images/s     Barlow Twins view pairs (2 images each) per second; supervised images/s (one view)
-  FLOP rate                  FLOPs counted from the model as benchmarks/train_step.py counts them (its `count_flops`):
+  FLOP rate                  FLOPs counted from the model as benchmarks.train_step counts them (harness.count_flops):
                              per pair 2 views x 3 (forward + 2 backward) x 2 x MACs of every Conv2D and Dense layer
                              + 3 x 2 x D^2 for C; supervised per image 1 view x 3 x 2 x (MACs + the head's MACs)
   bt_over_supervised_flops   BT FLOP/s / supervised FLOP/s: how much of the plain step's efficiency survives what
@@ -61,7 +61,7 @@ by a few percent in float32 (the smoke run's cifar batch has one: 1.5e-2 of the 
 
 Input pipeline (per preset, on the host's CPUs): view pairs/s of `bt_keras.data.pair_batches` with synthetic
 in-memory images of the preset's size (no dataset exists on a bare accelerator host): cifar from uint8 arrays (CIFAR
-recipe), imagenet from synthetic 300-500 px JPEGs (ImageNet recipe, as benchmarks/input_pipeline.py), in both
+recipe), imagenet from synthetic 300-500 px JPEGs (ImageNet recipe, as benchmarks.input_pipeline), in both
 `augment_on` modes ("host": tf.data does everything; "accelerator": the host's share, uint8 crops + per-image
 draws, whose colour steps then run inside the step on the device and are NOT in the timed step above), beside the
 pairs/s the fastest mode's step consumes (pipeline / step >= 1: the host keeps the device fed).
@@ -87,12 +87,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))  # benchmarks/train_step.py (FLOP count, tables) and input_pipeline.py
-
-from train_step import count_flops, markdown_table  # noqa: E402  (no TensorFlow at import)
+from benchmarks import harness  # FLOP count, tables, process counters (no TensorFlow at import)
 
 MODES = ("float32", "mixed", "mixed_xla")
 PRESETS = {
@@ -212,7 +207,7 @@ def progress(message: str) -> None:
 def load_recipe(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "experiments" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", harness.REPO / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
@@ -253,11 +248,11 @@ def build_barlow_twins(config, strategy):
     `config.precision` (float64 for the agreement step's reference), compiled, optimizer built."""
     import keras
 
-    from bt_keras import builders
+    from bt_keras.assembly import builders
 
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        return builders.build_training_model(config, STEPS_PER_EPOCH)
+        return builders.build_training_model(config, builders.RunData(None, None, STEPS_PER_EPOCH))
 
 
 def build_supervised(config, strategy, policy: str, classes: int):
@@ -265,7 +260,8 @@ def build_supervised(config, strategy, policy: str, classes: int):
     Returns (model, encoder, head)."""
     import keras
 
-    from bt_keras import backbones, precision
+    from bt_keras.method import precision
+    from bt_keras.nets import backbones
 
     keras.utils.set_random_seed(config.seed)
     with strategy.scope(), precision.policy_scope(policy):
@@ -288,7 +284,7 @@ def make_step(model, strategy, jit: bool, batch):
     `step(batch)` runs one training step and returns replica 0's loss metric."""
     import tensorflow as tf
 
-    from bt_keras import step as step_lib
+    from bt_keras.train import step as step_lib
 
     spec = tf.nest.map_structure(tf.TensorSpec.from_tensor, batch) if strategy.num_replicas_in_sync == 1 else None
     replica_step = step_lib.replica_step(model, strategy, jit, spec)
@@ -348,9 +344,7 @@ class Memory:
         peak = self._status("VmHWM:")
         if peak is not None:
             return peak
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return harness.rusage()[1]
 
 
 def sync() -> None:
@@ -399,7 +393,7 @@ def time_step(step, batch, warmup: int, steps: int, skipped=None) -> dict:
 
 def skipped_counter(model):
     """A function reading the model's count of skipped steps under bt_keras's loss scaling, else None."""
-    from bt_keras import precision
+    from bt_keras.method import precision
 
     if isinstance(model.optimizer, precision.LossScaleOptimizer):
         return lambda: float(model.optimizer.skipped_steps.numpy())
@@ -424,14 +418,14 @@ def synthetic_batch(strategy, per_replica: int, size: int, kind: str, classes: i
 
 
 def optimizer_state(model) -> dict:
-    from bt_keras import precision
+    from bt_keras.method import precision
 
     logs = precision.optimizer_logs(model.optimizer)
     return {name: float(value) for name, value in logs.items()}
 
 
 class _Parts:
-    """What train_step.count_flops reads of a model (.encoder, .projector), for the supervised network."""
+    """What harness.count_flops reads of a model (.encoder, .projector), for the supervised network."""
 
     def __init__(self, encoder, head):
         self.encoder, self.projector = encoder, head
@@ -448,11 +442,11 @@ def measure_model(kind: str, config, strategy, policy: str, jit: bool, global_ba
     started = time.perf_counter()
     if kind == "barlow_twins":
         model = build_barlow_twins(config, strategy)
-        flops = count_flops(model, global_batch)
+        flops = harness.count_flops(model, global_batch)
         per_item = flops["gflop_per_image"] * 1e9  # per view pair
     else:
         model, encoder, head = build_supervised(config, strategy, policy, classes)
-        counted = count_flops(_Parts(encoder, head), global_batch)
+        counted = harness.count_flops(_Parts(encoder, head), global_batch)
         del encoder, head
         per_item = supervised_flops(counted["encoder_gmac_per_view"] * 1e9, counted["projector_gmac_per_view"] * 1e9)
         flops = {"encoder_gmac_per_view": counted["encoder_gmac_per_view"],
@@ -628,7 +622,7 @@ def pipeline(preset: dict, batch_size: int, args: dict) -> dict:
     import tensorflow as tf
 
     from bt_keras import augment, data
-    from input_pipeline import measure, smooth_images
+    from benchmarks.input_pipeline import measure, smooth_images
 
     size = preset["image_size"]
     rng = np.random.default_rng(0)
@@ -675,7 +669,8 @@ def environment(strategy) -> dict:
 
 def run_child(job: dict) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from bt_keras import distribute, precision
+    from bt_keras import distribute
+    from bt_keras.method import precision
 
     started = time.perf_counter()
     strategy = distribute.make_strategy(job["strategy"], job.get("tpu"))
@@ -728,14 +723,13 @@ def run_child(job: dict) -> dict:
 
 def run_job(job: dict, log_path: Path, smoke: bool) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     if smoke:
         env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), SMOKE_XLA_FLAGS]))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)]
+    cmd = harness.child_command("accelerator", "--child", json.dumps(job))
     started = time.perf_counter()
     result = None
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=harness.REPO)
         for line in proc.stdout:
             if line.startswith("# "):
                 print(f"  [{time.perf_counter() - started:5.0f} s] {line[2:].rstrip()}\n", end="", flush=True)
@@ -814,29 +808,31 @@ def format_tables(report: dict) -> str:
                                       f"{p[mode]['pairs_per_cpu_second']:.1f}",
                                       f"{p['step_consumes_pairs_per_s']:.1f} ({p['step_mode']})",
                                       f"{p[mode]['over_step']:.2f}"))
-    out = [markdown_table(("preset", "mode", "batch/device", "BT pairs/s", "BT TFLOP/s", "BT peak GiB",
-                           "sup img/s", "sup TFLOP/s", "sup peak GiB", "BT/sup FLOP/s", "BT vs float32",
-                           "first step s (BT / sup)", "skipped"), rows)]
+    out = [harness.markdown_table(("preset", "mode", "batch/device", "BT pairs/s", "BT TFLOP/s", "BT peak GiB",
+                                   "sup img/s", "sup TFLOP/s", "sup peak GiB", "BT/sup FLOP/s", "BT vs float32",
+                                   "first step s (BT / sup)", "skipped"), rows)]
     if agreement_rows:
         out += ["", "One step against float64 (same weights, same batch; differences relative to the float64 step):",
-                "", markdown_table(("preset", "step", "batch", "loss rel diff", "weights diff / largest update",
-                                    "weights diff / largest weight", "BN moving stats rel diff", "skipped"),
-                                   agreement_rows)]
+                "", harness.markdown_table(("preset", "step", "batch", "loss rel diff",
+                                            "weights diff / largest update", "weights diff / largest weight",
+                                            "BN moving stats rel diff", "skipped"), agreement_rows)]
     if pipeline_rows:
         out += ["", "Host input pipeline (synthetic in-memory images) against what the step consumes:", "",
-                markdown_table(("preset", "augment_on", "batch", "host pairs/s", "pairs/CPU-s",
-                                "step consumes pairs/s", "pipeline / step"), pipeline_rows)]
+                harness.markdown_table(("preset", "augment_on", "batch", "host pairs/s", "pairs/CPU-s",
+                                        "step consumes pairs/s", "pipeline / step"), pipeline_rows)]
     goal_rows = [(g["name"], "" if g["measured"] is None else f"{g['measured']:.2f}", f">= {g['target']}",
                   {True: "yes", False: "no", None: "n/a (smoke)" if report["smoke"] else "n/a"}[g["met"]])
                  for g in report["goals"]]
-    out += ["", markdown_table(("goal", "measured", "target", "met"), goal_rows)]
+    out += ["", harness.markdown_table(("goal", "measured", "target", "met"), goal_rows)]
     return "\n".join(out)
 
 
 def host_info() -> dict:
+    from bt_keras.train.host import usable_cores  # loads no TensorFlow
+
     info = {"python": platform.python_version(), "platform": platform.platform(), "cores": os.cpu_count()}
     try:
-        info["usable_cores"] = len(os.sched_getaffinity(0))
+        info["usable_cores"] = usable_cores()
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration, AttributeError):
@@ -913,7 +909,7 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     default_name = "accelerator_smoke.json" if args.smoke else "accelerator.json"
-    output = Path(args.output) if args.output else REPO / "benchmarks" / "results" / default_name
+    output = Path(args.output) if args.output else harness.RESULTS / default_name
     output.parent.mkdir(parents=True, exist_ok=True)
     jobs = build_jobs(args)
     host = host_info()
@@ -937,7 +933,7 @@ def main(argv=None) -> int:
     report["wall_s"] = time.perf_counter() - started
     print()
     print(format_tables(report))
-    output.write_text(json.dumps(report, indent=1) + "\n")
+    harness.write_json(output, report)
     print(f"\n{'SMOKE (CPU-sized, not a GPU figure): ' if args.smoke else ''}wrote {output} "
           f"({report['wall_s']:.0f} s)")
     return 0 if all("error" not in p for p in presets.values()) else 1

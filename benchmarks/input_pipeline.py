@@ -10,7 +10,7 @@ Cases (each: warm-up batches, then --reps timed runs of --batches batches; the m
                     shuffle), if --tfds-dir holds CIFAR-10; the warm-up covers one epoch so the
                     cache is filled.
 
-Augmentation modes (--augment_on, ``bt_keras.device_augment``), for the 224 px case, measured round-robin in one
+Augmentation modes (--augment_on, ``bt_keras.augment.device``), for the 224 px case, measured round-robin in one
 process (each repetition: a fresh iterator per variant, warm-up, timed batches) so a busy spell hits all alike:
   today                 the pipeline before augment_on existed: full JPEG decode, crop, resize, colour steps
   host                  augment_on="host": decode to the crop window (same pixels), resize, colour steps
@@ -27,15 +27,14 @@ Per core: besides pairs/s (wall clock), each case reports pairs/s per usable cor
 CPU-second of the process (user + system time over the timed batches), which stays meaningful
 when other jobs share the cores.
 
-    python benchmarks/input_pipeline.py            # writes benchmarks/results/input_pipeline.json
-    python benchmarks/input_pipeline.py --strategy default mirrored:2 --skip cifar10-tfds
-    python benchmarks/input_pipeline.py --skip cifar32-memory cifar10-tfds --augment_on today host accelerator
+    python -m benchmarks.input_pipeline            # writes benchmarks/results/input_pipeline.json
+    python -m benchmarks.input_pipeline --strategy default mirrored:2 --skip cifar10-tfds
+    python -m benchmarks.input_pipeline --skip cifar32-memory cifar10-tfds --augment_on today host accelerator
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -45,21 +44,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from bt_keras import augment, data, host_crop
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
+from benchmarks import harness
+from bt_keras import augment, data
+from bt_keras.augment import host_crop
+from bt_keras.train.host import usable_cores
 
 
 def smooth_images(rng: np.random.Generator, count: int, sides=(300, 500)) -> list[np.ndarray]:
@@ -112,14 +100,14 @@ def measure_round_robin(datasets: dict, batch_size: int, warmup: int, batches: i
             iterator = iter(dataset)
             for _ in range(warmup):
                 _materialise(next(iterator))
-            start, cpu = time.perf_counter(), _cpu_seconds()
+            start, cpu = time.perf_counter(), harness.cpu_seconds()
             for _ in range(batches):
                 batch = next(iterator)
             _materialise(batch)
             rates[name].append(batches * batch_size / (time.perf_counter() - start))
-            per_cpu_second[name].append(batches * batch_size / max(_cpu_seconds() - cpu, 1e-9))
+            per_cpu_second[name].append(batches * batch_size / max(harness.cpu_seconds() - cpu, 1e-9))
             del iterator
-    cores = _usable_cores()
+    cores = usable_cores()
     return {name: {"pairs_per_s_median": statistics.median(rates[name]), "pairs_per_s_min": min(rates[name]),
                    "pairs_per_s_max": max(rates[name]), "pairs_per_s_per_core": statistics.median(rates[name]) / cores,
                    "pairs_per_cpu_second": statistics.median(per_cpu_second[name]), "usable_cores": cores,
@@ -135,13 +123,13 @@ def measure(dataset, batch_size: int, warmup: int, batches: int, reps: int, stra
         next(iterator)
     rates, per_cpu_second = [], []
     for _ in range(reps):
-        start, cpu = time.perf_counter(), _cpu_seconds()
+        start, cpu = time.perf_counter(), harness.cpu_seconds()
         for _ in range(batches):
             batch = next(iterator)
         _materialise(batch)
         rates.append(batches * batch_size / (time.perf_counter() - start))
-        per_cpu_second.append(batches * batch_size / max(_cpu_seconds() - cpu, 1e-9))
-    cores = _usable_cores()
+        per_cpu_second.append(batches * batch_size / max(harness.cpu_seconds() - cpu, 1e-9))
+    cores = usable_cores()
     return {"pairs_per_s_median": statistics.median(rates), "pairs_per_s_min": min(rates),
             "pairs_per_s_max": max(rates), "pairs_per_s_per_core": statistics.median(rates) / cores,
             "pairs_per_cpu_second": statistics.median(per_cpu_second), "usable_cores": cores,
@@ -162,14 +150,14 @@ def main() -> None:
     parser.add_argument("--batches-32", type=int, default=40, help="timed batches per repetition, 32 px")
     parser.add_argument("--batches-224", type=int, default=8, help="timed batches per repetition, 224 px")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--tfds-dir", default=str(REPO.parent / "shared" / "tfds"))
+    parser.add_argument("--tfds-dir", default=str(harness.REPO.parent / "shared" / "tfds"))
     parser.add_argument("--skip", nargs="*", default=[], choices=["cifar32-memory", "imagenet224-jpeg", "cifar10-tfds"])
     parser.add_argument("--strategy", nargs="+", default=["default"],
                         help="default (one device) and/or mirrored:N (the distributed dataset over N logical CPUs)")
     parser.add_argument("--augment_on", nargs="+", default=["today", "host", "accelerator", "accelerator+dct"],
                         choices=["today", "host", "accelerator", "accelerator+dct"],
                         help="variants of the 224 px JPEG case, measured round-robin (one device)")
-    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "input_pipeline.json"))
+    parser.add_argument("--output", default=str(harness.RESULTS / "input_pipeline.json"))
     args = parser.parse_args()
     replicas = []
     for name in args.strategy:
@@ -242,8 +230,7 @@ def main() -> None:
     for name, r in results.get("imagenet224-jpeg/ratios", {}).items():
         print(f"ratio {name:<22} per core {r['per_core']:.2f}   per CPU-second {r['per_cpu_second']:.2f}")
     print(f"(1-min load average {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at end, {os.cpu_count()} CPUs)")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    harness.write_json(args.output, report, indent=2)
     print(f"\nwrote {args.output}")
 
 

@@ -2,31 +2,30 @@
 
 The paper's setting (global batch B = 2048 over R = 16 replicas, D = 8192) cannot be traced here usefully, so the
 loss's forward and backward pass is traced (not run) under MirroredStrategy over R logical CPU devices at smaller
-widths D with the same B / D, and the bytes are read from the collective ops of each graph (bt_keras.collectives:
+widths D with the same B / D, and the bytes are read from the collective ops of each graph (benchmarks.collectives:
 every all-reduce and all-gather's input shape, counted as a ring algorithm sends them). With B proportional to D,
 the bytes are a quadratic in D (D x D for C, B x D for the gathered embeddings, D for the statistics); the quadratic
 through the first three widths is checked against the fourth, then evaluated at the target D, and compared with the
-cost model of bt_keras.loss_forms at the target.
+cost model of bt_keras.method.loss_forms at the target.
 
-    python benchmarks/loss_bytes.py      # R 16, B 2048, D 8192; traces D 128 ... 1024 (~1 min), writes JSON
+    python -m benchmarks.loss_bytes      # R 16, B 2048, D 8192; traces D 128 ... 1024 (~1 min), writes JSON
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import harness
 
 
 def trace_loss_bytes(strategy, batch: int, dim: int, form: str) -> dict:
     """Per-replica bytes sent by the loss's forward + backward pass in `form`, from the traced graph's ops."""
     import tensorflow as tf
 
-    from bt_keras import collectives, loss_forms
-    from bt_keras.losses import barlow_twins_loss
+    from benchmarks import collectives
+    from bt_keras.method import loss_forms
+    from bt_keras.method.losses import barlow_twins_loss
 
     replicas = strategy.num_replicas_in_sync
 
@@ -66,7 +65,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=8192, help="the target embedding width D")
     parser.add_argument("--trace-dims", type=int, nargs=4, default=[128, 256, 512, 1024],
                         help="widths traced (B scaled with them); the fit uses the first three, checks the fourth")
-    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "loss_bytes.json"))
+    parser.add_argument("--output", default=str(harness.RESULTS / "loss_bytes.json"))
     args = parser.parse_args()
     ratio = args.batch / args.dim
     for d in args.trace_dims:
@@ -78,7 +77,7 @@ def main() -> None:
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.replicas)
-    from bt_keras import loss_forms
+    from bt_keras.method import loss_forms
 
     strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(args.replicas)])
     report = {"replicas": args.replicas, "target": {"batch": args.batch, "dim": args.dim}, "forms": {}}
@@ -110,8 +109,7 @@ def main() -> None:
         print(f"| {form} | {traced} | {r['fit']['check_predicted'] / 2**20:.4f} / {r['fit']['check_measured'] / 2**20:.4f}"
               f" | {r['extrapolated_bytes'] / 2**20:.1f} MiB | {r['model_bytes'] / 2**20:.1f} MiB |")
     print(f"\nGram form / correlation form: {report['ratio_gram_over_correlation']:.3f} (goal: at most 1/3)")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+    harness.write_json(args.output, report)
     print(f"wrote {args.output}")
 
 

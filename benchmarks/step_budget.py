@@ -1,6 +1,6 @@
 """Where one Barlow Twins training step's time goes: its parts timed one by one, in one process.
 
-benchmarks/train_step.py measures the whole step; a profile lists op types. This script answers the next question,
+benchmarks.train_step measures the whole step; a profile lists op types. This script answers the next question,
 "how close to the matmul rate can this step get with these kernels?", by timing each part of the step on its own,
 with the same shapes, threads and kernels, round-robin (one call of each part per round, median over rounds):
 
@@ -14,36 +14,34 @@ with the same shapes, threads and kernels, round-robin (one call of each part pe
 
 and, as references measured in the same process:
 
-  matmul         fp32 4096 x 4096 matmul rate (GFLOP/s), as in train_step.py: the denominator of every "% matmul"
+  matmul         fp32 4096 x 4096 matmul rate (GFLOP/s), as benchmarks.train_step measures it (harness.matmul_fn):
+                 the denominator of every "% matmul"
   skinny matmul  the projector's widest product, [2 x batch, D] x [D, D], forward only: what a layer of the
                  projector can reach at this batch
   stream GB/s    x + 1 on a 256 MiB tensor (reads and writes it once): the memory bandwidth that bounds the
                  optimizer's passes
 
-Each part's GFLOP counts the same multiply-adds as train_step.py (2 x 3 x MACs, both views). The loss is counted, as
-there, as the D x D cross-correlation (3 x 2 x D^2 per image); on one replica it is computed in the Gram form, with far
-fewer FLOPs, so no rate is shown for it. The summary line says what the parts imply: the step's % of the matmul rate
-if every part ran at its measured speed, one after the other.
+Each part's GFLOP counts the same multiply-adds as benchmarks.train_step (harness.count_flops: 2 x 3 x MACs, both
+views). The loss is counted, as there, as the D x D cross-correlation (3 x 2 x D^2 per image); on one replica it is
+computed in the Gram form, with far fewer FLOPs, so no rate is shown for it. The summary line says what the parts
+imply: the step's % of the matmul rate if every part ran at its measured speed, one after the other.
 
 Examples:
-  python benchmarks/step_budget.py                        # imagenet_small (~2 min)
-  python benchmarks/step_budget.py --preset cifar
-  python benchmarks/step_budget.py --backbone resnet50 --image-size 64 --batch-size 16 --projector 4096-4096
+  python -m benchmarks.step_budget                        # imagenet_small (~2 min)
+  python -m benchmarks.step_budget --preset cifar
+  python -m benchmarks.step_budget --backbone resnet50 --image-size 64 --batch-size 16 --projector 4096-4096
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-import train_step  # the script's own folder is on sys.path: presets, FLOP counting, matmul rate, machine info
+from benchmarks import harness  # presets, FLOP counting, matmul rate, machine info, tables, JSON
 
-REPO = train_step.REPO
 WARMUP_CALLS = 2  # untimed calls of each function before the timed rounds (tracing, allocator growth)
 
 
@@ -71,22 +69,24 @@ def _checksum(tensors):
 
 def measure(config: dict, repeats: int) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from bt_keras import perf
+    from bt_keras.train import host
 
-    perf.configure_threads(None, None)
+    host.configure_threads(None, None)
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from bt_keras import BarlowTwins, backbones, heads, losses
-    from bt_keras.optim import LARS
+    from bt_keras import BarlowTwins
+    from bt_keras.method import losses
+    from bt_keras.method.optim import LARS
+    from bt_keras.nets import backbones, heads
 
     size, batch = config["image_size"], config["batch_size"]
     keras.utils.set_random_seed(0)
     encoder = backbones.get_backbone(config["backbone"], input_shape=(size, size, 3), stem=config["stem"])
     model = BarlowTwins(encoder, heads.projector(config["projector"]))
     model.compile(optimizer=LARS(0.3 * batch / 256, eta=0.02, weight_decay=1e-4))
-    flops = train_step.count_flops(model, batch)
+    flops = harness.count_flops(model, batch)
     dim = flops["embedding_dim"]
     features_dim = int(encoder.output_shape[-1])
 
@@ -134,7 +134,7 @@ def measure(config: dict, repeats: int) -> dict:
     stream = tf.function(lambda: tf.reshape(huge + 1.0, [-1])[0])  # reads 256 MiB, writes 256 MiB
     skinny_x, skinny_w = normal(2 * batch, dim), normal(dim, dim)
     skinny = tf.function(lambda: tf.reduce_sum(tf.matmul(skinny_x, skinny_w)[:1, :1]))
-    matmul = train_step.matmul_fn(tf)
+    matmul = harness.matmul_fn(tf)
 
     encoder_gflop = 2 * 3 * 2 * flops["encoder_gmac_per_view"] * batch
     projector_gflop = 2 * 3 * 2 * flops["projector_gmac_per_view"] * batch
@@ -196,7 +196,7 @@ def format_report(r: dict) -> str:
     rows.append(("train_step", f"{r['step']['s'] * 1e3:.0f}", f"{r['step']['gflop']:.1f}",
                  f"{r['step']['gflops']:.0f}", f"{100 * r['step']['fraction_of_matmul']:.0f}%", ""))
     header = ("part", "ms", "GFLOP", "GFLOP/s", "% matmul", "share")
-    table = train_step.markdown_table(header, rows)
+    table = harness.markdown_table(header, rows)
     skinny, optimizer = r["skinny_matmul"], r["optimizer"]
     notes = [
         f"matmul (4096^3): {rate:.0f} GFLOP/s; skinny matmul {skinny['shape']}: {skinny['gflops']:.0f} GFLOP/s "
@@ -213,29 +213,27 @@ def format_report(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="imagenet_small", choices=sorted(train_step.PRESETS))
+    parser.add_argument("--preset", default="imagenet_small", choices=sorted(harness.PRESETS))
     parser.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50"])
     parser.add_argument("--stem", choices=["imagenet", "cifar"])
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--projector", help='e.g. "8192-8192-8192"')
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per part (median reported)")
-    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "step_budget.json"))
+    parser.add_argument("--output", default=str(harness.RESULTS / "step_budget.json"))
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
-    config = dict(train_step.PRESETS[args.preset], preset=args.preset)
+    config = dict(harness.PRESETS[args.preset], preset=args.preset)
     for key in ("backbone", "stem", "image_size", "batch_size", "projector"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
-    info = {"machine": train_step.machine_info(), "command": " ".join(sys.argv)}
+    info = {"machine": harness.machine_info(), "command": " ".join(sys.argv)}
     print(f"{info['machine'].get('cpu', '?')}, {info['machine'].get('usable_cores')} cores; {config}", flush=True)
     result = measure(config, args.repeats)
     print(format_report(result))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({**info, **result}, indent=1))
+    output = harness.write_json(args.output, {**info, **result})
     print(f"\nwrote {output}")
 
 

@@ -2,7 +2,7 @@
 
 What is timed: `BarlowTwins.fit` on synthetic float32 view pairs already in memory (one batch, repeated), i.e. the
 step a user's `fit` runs -- forward and backward of both views, the global-batch loss, LARS -- and not the input
-pipeline (benchmarks/input_pipeline.py measures that). An "image" is one sample with both of its views.
+pipeline (benchmarks.input_pipeline measures that). An "image" is one sample with both of its views.
 
 Each configuration runs in its own child process (allocator settings such as MALLOC_* must be in place before a
 process starts; TensorFlow's thread pools are fixed at its first op). The child reports:
@@ -25,14 +25,14 @@ process starts; TensorFlow's thread pools are fixed at its first op). The child 
 Allocators (--allocator, several allowed). TensorFlow's oneDNN build (the x86 default) serves CPU tensors of
 256 KiB and more from its own BFC pool (MklCPUAllocator: grows, never returns memory) and smaller ones from malloc.
   default       the process as users start it: that pool, glibc malloc with its defaults
-  tuned         default + bt_keras.perf.tune_malloc() (mallopt: no mmap, no trimming, one arena)
+  tuned         default + bt_keras.train.host.tune_malloc() (mallopt: no mmap, no trimming, one arena)
   system        TF_ONEDNN_USE_SYSTEM_ALLOCATOR=true: every tensor from glibc malloc, glibc defaults (large blocks are
                 mmap'ed and unmapped each step: the page faults the PyTorch issue describes)
   system-env    system + MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_ MALLOC_TOP_PAD_ in the environment
-  system-tuned  system + tune_malloc() at start-up: bt_keras.perf.configure_host(allocator="system")
+  system-tuned  system + tune_malloc() at start-up: bt_keras.train.host.configure_host(allocator="system")
 
-LARS (--lars, several allowed): `native` (default) is bt_keras.optim.LARS's native CPU kernel (bt_keras.kernels: two
-passes over each variable); `tf-ops` forces the TensorFlow-ops update (LARS(native=False)), for comparison.
+LARS (--lars, several allowed): `native` (default) is bt_keras.method.optim.LARS's native CPU kernel (bt_keras.kernels:
+two passes over each variable); `tf-ops` forces the TensorFlow-ops update (LARS(native=False)), for comparison.
 
 Strategies (--strategy, several allowed): `default` (one device) and `mirrored:N` (MirroredStrategy over N logical
 CPU devices: the same cores, split). Each mirrored configuration also reports
@@ -40,29 +40,29 @@ CPU devices: the same cores, split). Each mirrored configuration also reports
                      and "paired": the ratio of the two "% matmul" (each step's rate over the matmul rate measured
                      right before it), which cancels most of the drift when other jobs share the cores
   sent/replica       bytes each replica sends per step, measured from the traced step: its collective ops
-                     (bt_keras.collectives: every all-reduce / all-gather's input, ring algorithm), by kind, plus
+                     (benchmarks.collectives: every all-reduce / all-gather's input, ring algorithm), by kind, plus
                      the tensors that cross devices (ReductionToOneDevice: to the reduce device and back; passed by
                      reference between CPU devices of one process), the most any replica sends
-  loss: gram / C     the same for the loss alone in its two forms (bt_keras.loss_forms), traced at the step's
+  loss: gram / C     the same for the loss alone in its two forms (bt_keras.method.loss_forms), traced at the step's
                      batch and embedding width under collective ops (what GPUs and multi-worker training run),
                      beside the cost model's count
   variables/replica  bytes of one replica's copy of the model's and the optimizer's variables (what R replicas
                      hold R times)
---loss-form gram|correlation forces a form of the loss (default auto: the cost rule of bt_keras.loss_forms).
+--loss-form gram|correlation forces a form of the loss (default auto: the cost rule of bt_keras.method.loss_forms).
 --cross-device auto|one_device|collective: how mirrored replicas sum (bt_keras.distribute.mirrored; auto is
 one_device on CPUs), several allowed to compare them in one run.
 
 Examples:
-  python benchmarks/train_step.py                                   # cifar + imagenet_small, default vs system (~10 min)
-  python benchmarks/train_step.py --preset cifar --allocator tuned
-  python benchmarks/train_step.py --preset imagenet_small --allocator default --lars native tf-ops
-  python benchmarks/train_step.py --preset cifar --sweep-batch 64 128 256 512 --allocator default system-tuned
-  python benchmarks/train_step.py --preset cifar --sweep-projector 2048-2048-2048 8192-8192-8192
-  python benchmarks/train_step.py --preset imagenet_small --profile /tmp/bt_profile   # adds the top ops
-  python benchmarks/train_step.py --backbone resnet50 --image-size 64 --batch-size 16 --projector 4096-4096
-  python benchmarks/train_step.py --preset cifar --strategy mirrored:2 --jit --dtype-policy mixed_bfloat16
-  python benchmarks/train_step.py --preset cifar imagenet_small --allocator default --strategy default mirrored:2 mirrored:4
-  python benchmarks/train_step.py --preset imagenet_small --allocator tuned --strategy default mirrored:2 \
+  python -m benchmarks.train_step                                   # cifar + imagenet_small, default vs system (~10 min)
+  python -m benchmarks.train_step --preset cifar --allocator tuned
+  python -m benchmarks.train_step --preset imagenet_small --allocator default --lars native tf-ops
+  python -m benchmarks.train_step --preset cifar --sweep-batch 64 128 256 512 --allocator default system-tuned
+  python -m benchmarks.train_step --preset cifar --sweep-projector 2048-2048-2048 8192-8192-8192
+  python -m benchmarks.train_step --preset imagenet_small --profile /tmp/bt_profile   # adds the top ops
+  python -m benchmarks.train_step --backbone resnet50 --image-size 64 --batch-size 16 --projector 4096-4096
+  python -m benchmarks.train_step --preset cifar --strategy mirrored:2 --jit --dtype-policy mixed_bfloat16
+  python -m benchmarks.train_step --preset cifar imagenet_small --allocator default --strategy default mirrored:2 mirrored:4
+  python -m benchmarks.train_step --preset imagenet_small --allocator tuned --strategy default mirrored:2 \
       --cross-device one_device collective
 """
 
@@ -71,22 +71,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import harness
 
-PRESETS = {
-    # ResNet-18 with the CIFAR stem at 32 px, the CIFAR recipe's batch and projector.
-    "cifar": dict(backbone="resnet18", stem="cifar", image_size=32, batch_size=256, projector="2048-2048-2048"),
-    # ResNet-50 at 96 px with the paper's projector.
-    "imagenet_small": dict(backbone="resnet50", stem="imagenet", image_size=96, batch_size=32,
-                           projector="8192-8192-8192"),
-}
 DEFAULT_STEPS = {"cifar": (2, 6), "imagenet_small": (3, 10)}  # (warm-up, timed) steps
 
 ALLOCATOR_ENV_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_",
@@ -97,76 +89,6 @@ ALLOCATORS = ("default", "tuned", "system", "system-env", "system-tuned")
 # ----------------------------------------------------------------------------------------------------------------
 # Child: builds one configuration, times it, prints one JSON line.
 # ----------------------------------------------------------------------------------------------------------------
-
-def _rusage():
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_minflt, usage.ru_maxrss * 1024  # Linux reports ru_maxrss in KiB
-
-
-def _current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def count_flops(model, batch_size: int) -> dict:
-    """Training FLOPs per step, counted from the layers: 2 views x 3 x 2 x MACs + 3 x 2 x D^2 x batch."""
-    import keras
-
-    def macs(layer):
-        if isinstance(layer, keras.layers.Conv2D):
-            _, h, w, c_out = layer.output.shape
-            kh, kw, c_in, _ = layer.kernel.shape
-            return h * w * c_out * kh * kw * c_in
-        if isinstance(layer, keras.layers.Dense):
-            return int(layer.kernel.shape[0]) * int(layer.kernel.shape[1])
-        if isinstance(layer, keras.Model):
-            return sum(macs(sub) for sub in layer.layers)
-        return 0
-
-    encoder_macs = macs(model.encoder)
-    projector_macs = macs(model.projector)
-    dim = int(model.projector.layers[-1].units)
-    per_image = 2 * 3 * 2 * (encoder_macs + projector_macs) + 3 * 2 * dim * dim
-    return {
-        "encoder_gmac_per_view": encoder_macs / 1e9,
-        "projector_gmac_per_view": projector_macs / 1e9,
-        "embedding_dim": dim,
-        "gflop_per_image": per_image / 1e9,
-        "gflop_per_step": per_image * batch_size / 1e9,
-    }
-
-
-def matmul_fn(tf, n: int = 4096):
-    """Returns a function measuring the fp32 n x n matmul rate (GFLOP/s, one product) with this process's threads.
-
-    The operands are filled inside the measured function (their fill time, measured separately, is subtracted), so
-    that they do not stay resident through the training steps and inflate the peak memory reported for the step.
-    """
-    fill = tf.function(lambda v: tf.reduce_sum(tf.fill([n, n], v)[:1, :1] + tf.fill([n, n], v)[:1, :1]))
-    product = tf.function(lambda v: tf.reduce_sum(tf.matmul(tf.fill([n, n], v), tf.fill([n, n], v))[:1, :1]))
-    value = tf.constant(1.0 / n)
-
-    def seconds(fn) -> float:
-        start = time.perf_counter()
-        fn(value).numpy()
-        return time.perf_counter() - start
-
-    fill(value).numpy()
-    product(value).numpy()
-    fill_s = statistics.median(seconds(fill) for _ in range(5))
-
-    def rate() -> float:
-        return 2 * n**3 / max(seconds(product) - fill_s, 1e-9) / 1e9
-
-    return rate
-
-
-def _cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
-
 
 def top_ops_from_trace(logdir: str, limit: int = 25) -> list[dict]:
     """Aggregates the TensorFlow op events of a profiler trace (xplane.pb) by op type: total ms, count, share.
@@ -207,11 +129,13 @@ def variable_bytes(model) -> int:
 
 
 def measure_collectives(tf, strategy, model, views, config) -> dict:
-    """Bytes each replica sends per step, read from the traced graphs' collective ops (bt_keras.collectives): the
-    whole `train_step`, and the loss alone in both forms at the step's shapes beside bt_keras.loss_forms' count."""
-    from bt_keras import collectives, loss_forms
+    """Bytes each replica sends per step, read from the traced graphs' collective ops (benchmarks.collectives): the
+    whole `train_step`, and the loss alone in both forms at the step's shapes beside bt_keras.method.loss_forms'
+    count."""
+    from benchmarks import collectives
     from bt_keras import distribute
-    from bt_keras.losses import barlow_twins_loss
+    from bt_keras.method import loss_forms
+    from bt_keras.method.losses import barlow_twins_loss
 
     replicas = strategy.num_replicas_in_sync
     v1, v2 = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(views))))
@@ -252,9 +176,9 @@ def measure_collectives(tf, strategy, model, views, config) -> dict:
 
 def run_child(config: dict) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from bt_keras import perf
+    from bt_keras.train import host as host_lib
 
-    host = {"malloc_tuned": perf.tune_malloc() if config["allocator"] in ("tuned", "system-tuned") else False}
+    host = {"malloc_tuned": host_lib.tune_malloc() if config["allocator"] in ("tuned", "system-tuned") else False}
     strategy_name = config["strategy"]
     replicas = int(strategy_name.split(":")[1]) if strategy_name.startswith("mirrored:") else 1
 
@@ -264,17 +188,18 @@ def run_child(config: dict) -> dict:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
     if config["threads"] != "tf-default":
-        host.update(perf.configure_threads(config["threads"], config["inter_op"]))
+        host.update(host_lib.configure_threads(config["threads"], config["inter_op"]))
     else:
         host.update(intra_op=0, inter_op=0, applied=False)
 
     import keras
     import numpy as np
 
-    from bt_keras import BarlowTwins, backbones, heads
-    from bt_keras.optim import LARS, WarmupCosine
+    from bt_keras import BarlowTwins
+    from bt_keras.method.optim import LARS, WarmupCosine
+    from bt_keras.nets import backbones, heads
 
-    from bt_keras import loss_forms
+    from bt_keras.method import loss_forms
 
     keras.config.set_dtype_policy(config["dtype_policy"])
     if config.get("loss_form", "auto") != "auto":
@@ -292,7 +217,7 @@ def run_child(config: dict) -> dict:
         lars = LARS(WarmupCosine(0.3 * batch / 256, 10, 1000), eta=0.02, weight_decay=1e-4,
                     native=None if config["jit"] else config["lars"] == "native")
         model.compile(optimizer=lars, jit_compile=config["jit"])
-    flops = count_flops(model, batch)
+    flops = harness.count_flops(model, batch)
 
     rng = np.random.default_rng(0)
     views = tuple(rng.standard_normal((batch, size, size, 3), dtype=np.float32) for _ in range(2))
@@ -300,21 +225,21 @@ def run_child(config: dict) -> dict:
 
     # Each timed step is preceded by one fp32 matmul measurement, so every step has a matmul rate measured within a
     # second of it: the paired ratios cancel most of the drift when other processes share the cores.
-    matmul = matmul_fn(tf)
+    matmul = harness.matmul_fn(tf)
     steps_log: list[dict] = []
     warmup, steps = config["warmup"], config["steps"]
 
     class Timer(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch_index, logs=None):
             self.rate = matmul() if batch_index >= warmup else None
-            self.cpu = _cpu_seconds()
-            self.faults = _rusage()[0]
+            self.cpu = harness.cpu_seconds()
+            self.faults = harness.rusage()[0]
             self.start = time.perf_counter()
 
         def on_train_batch_end(self, batch_index, logs=None):
             float(logs["loss"])  # the step's result is ready
-            steps_log.append({"s": time.perf_counter() - self.start, "cpu_s": _cpu_seconds() - self.cpu,
-                              "faults": _rusage()[0] - self.faults, "matmul": self.rate})
+            steps_log.append({"s": time.perf_counter() - self.start, "cpu_s": harness.cpu_seconds() - self.cpu,
+                              "faults": harness.rusage()[0] - self.faults, "matmul": self.rate})
 
     rate_before = statistics.median([matmul() for _ in range(3)])
     model.fit(dataset, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[Timer()])
@@ -334,8 +259,8 @@ def run_child(config: dict) -> dict:
         "cpu_s_per_step": statistics.median(t["cpu_s"] for t in timed),
         "images_per_s": batch / median,
         "page_faults_per_step": statistics.median(t["faults"] for t in timed),
-        "peak_rss_gib": _rusage()[1] / 2**30,
-        "rss_after_gib": _current_rss() / 2**30,
+        "peak_rss_gib": harness.rusage()[1] / 2**30,
+        "rss_after_gib": harness.current_rss() / 2**30,
         "matmul_gflops": {"before": rate_before, "after": rate_after, "per_step": [t["matmul"] for t in timed],
                           "median": statistics.median(rates)},
         **flops,
@@ -365,7 +290,7 @@ def run_child(config: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 def child_env(allocator: str) -> dict:
-    from bt_keras.perf import ALLOCATOR_ENV
+    from bt_keras.train.host import ALLOCATOR_ENV
 
     if allocator not in ALLOCATORS:
         raise ValueError(f"unknown allocator {allocator!r}; choose from {ALLOCATORS}")
@@ -374,41 +299,12 @@ def child_env(allocator: str) -> dict:
         env["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] = "true"
     if allocator == "system-env":
         env.update(ALLOCATOR_ENV)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     return env
 
 
-def machine_info() -> dict:
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cores": os.cpu_count()}
-    try:
-        info["usable_cores"] = len(os.sched_getaffinity(0))
-        with open("/proc/cpuinfo") as f:
-            cpuinfo = f.read()
-        info["cpu"] = next(l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name"))
-        flags = next(l for l in cpuinfo.splitlines() if l.startswith("flags")).split()
-        info["avx512"] = "avx512f" in flags
-        info["mem_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-        info["glibc"] = platform.libc_ver()[1]
-    except (OSError, StopIteration, AttributeError, ValueError):
-        pass
-    try:
-        with open("/proc/loadavg") as f:
-            info["loadavg_at_start"] = f.read().split()[:3]
-    except OSError:
-        pass
-    return info
-
-
-def versions() -> dict:
-    code = "import tensorflow as tf, keras, numpy; print(tf.__version__, keras.__version__, numpy.__version__)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout.split()
-    return dict(zip(("tensorflow", "keras", "numpy"), out))
-
-
 def run_config(config: dict, log) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(config)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(config["allocator"]))
+    cmd = harness.child_command("train_step", "--child", json.dumps(config))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(config["allocator"]), cwd=harness.REPO)
     log.write(f"=== {config['name']}\n{proc.stderr}\n")
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -438,7 +334,7 @@ def format_table(results: list[dict]) -> str:
             f"{r['gflop_per_image']:.2f}", f"{r['achieved_gflops']:.0f}", f"{r['matmul_gflops']['median']:.0f}",
             f"{100 * r['fraction_of_matmul']:.0f}%", f"{r['peak_rss_gib']:.2f}", f"{r['page_faults_per_step']:.0f}",
         ))
-    return markdown_table(header, rows)
+    return harness.markdown_table(header, rows)
 
 
 def _size(n: float) -> str:
@@ -467,21 +363,14 @@ def format_scaling_table(results: list[dict]) -> str:
             f"{_size(loss['gram']['measured_bytes'])} / {_size(loss['correlation']['measured_bytes'])} "
             f"({_size(loss['gram']['model_bytes'])} / {_size(loss['correlation']['model_bytes'])})",
         ))
-    return markdown_table(header, rows) if rows else ""
-
-
-def markdown_table(header, rows) -> str:
-    """A Markdown table with padded columns, readable as printed and as rendered."""
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    return harness.markdown_table(header, rows) if rows else ""
 
 
 def build_configs(args) -> list[dict]:
     configs = []
     presets = args.preset or (["custom"] if args.backbone else ["cifar", "imagenet_small"])
     for preset in presets:
-        base = dict(PRESETS.get(preset, PRESETS["cifar"]))
+        base = dict(harness.PRESETS.get(preset, harness.PRESETS["cifar"]))
         for key in ("backbone", "stem", "image_size", "batch_size", "projector"):
             if getattr(args, key) is not None:
                 base[key] = getattr(args, key)
@@ -524,7 +413,7 @@ def build_configs(args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--preset", nargs="*", choices=sorted(PRESETS) + ["custom"],
+    parser.add_argument("--preset", nargs="*", choices=sorted(harness.PRESETS) + ["custom"],
                         help="default: cifar and imagenet_small (or custom when --backbone is given)")
     parser.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50"])
     parser.add_argument("--stem", choices=["imagenet", "cifar"])
@@ -534,7 +423,7 @@ def main() -> None:
     parser.add_argument("--strategy", nargs="+", default=["default"],
                         help='"default" and/or "mirrored:N" (N logical CPU devices), e.g. default mirrored:2 mirrored:4')
     parser.add_argument("--loss-form", nargs="+", default=["auto"], choices=["auto", "gram", "correlation"],
-                        help="the loss's form (bt_keras.loss_forms): auto (its cost rule) or forced")
+                        help="the loss's form (bt_keras.method.loss_forms): auto (its cost rule) or forced")
     parser.add_argument("--cross-device", nargs="+", default=["auto"], choices=["auto", "one_device", "collective"],
                         help="how mirrored replicas sum (bt_keras.distribute.mirrored): auto is one_device on CPUs")
     parser.add_argument("--allocator", nargs="+", default=None, choices=ALLOCATORS,
@@ -552,7 +441,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, help="untimed steps (default per preset: cifar 2, imagenet_small 3)")
     parser.add_argument("--steps", type=int, help="timed steps (default per preset: cifar 6, imagenet_small 10)")
     parser.add_argument("--profile", help="directory: trace 2 extra steps per configuration and report the top ops")
-    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "train_step.json"))
+    parser.add_argument("--output", default=str(harness.RESULTS / "train_step.json"))
     args = parser.parse_args()
 
     if args.child:
@@ -564,7 +453,7 @@ def main() -> None:
             raise SystemExit(f"--strategy {strategy!r}: use default or mirrored:N (N logical CPU devices)")
     args.allocator = args.allocator or ["default", "system"]
     configs = build_configs(args)
-    info = {"machine": machine_info(), "versions": versions(), "command": " ".join(sys.argv)}
+    info = {"machine": harness.machine_info(), "versions": harness.versions(), "command": " ".join(sys.argv)}
     print(f"{info['machine'].get('cpu', '?')}, {info['machine'].get('usable_cores')} cores, "
           f"TF {info['versions'].get('tensorflow')}, Keras {info['versions'].get('keras')}; "
           f"{len(configs)} configuration(s)", flush=True)
@@ -591,7 +480,7 @@ def main() -> None:
     if scaling:
         print("\nReplicas against one device (same run, same global batch):\n")
         print(scaling)
-    output.write_text(json.dumps({**info, "results": results}, indent=1))
+    harness.write_json(output, {**info, "results": results})
     print(f"\nwrote {output}")
 
 

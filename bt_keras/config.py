@@ -46,16 +46,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.shuffle_buffer = 10_000
     c.view1 = ml_collections.ConfigDict()  # augment.ViewConfig fields, filled by the recipe (config.recipe_views)
     c.view2 = ml_collections.ConfigDict()
-    # Where the colour steps run (bt_keras.device_augment): "host" (tf.data) or "accelerator" (the model's train_step);
+    # Where the colour steps run (bt_keras.augment.device): "host" (tf.data) or "accelerator" (the model's train_step);
     # both give the same views. dct_scaling: decode large JPEG crops at 1/2-1/8 scale (faster; changes pixels slightly).
     c.augment_on = "host"
     c.dct_scaling = False
-    # tf.data service (bt_keras.data_service): "grpc://HOST:PORT" of a dispatcher runs the pre-training pipeline on its
-    # workers; "" reads locally. See bt_keras/data_service.py for what resuming guarantees then.
+    # tf.data service (bt_keras.data.service): "grpc://HOST:PORT" of a dispatcher runs the pre-training pipeline on its
+    # workers; "" reads locally. See bt_keras/data/service.py for what resuming guarantees then.
     c.data_service = ""
 
     # Networks.
-    c.backbone = "resnet18"  # bt_keras.backbones registry
+    c.backbone = "resnet18"  # bt_keras.nets.backbones registry
     c.stem = "cifar"  # "imagenet" (7x7/2 + max-pool), "cifar" (3x3/1) or "cifar_pad2" (3x3/1, padding 2: solo-learn)
     c.width_multiplier = 1.0
     c.blocks = ml_collections.FieldReference(None, field_type=tuple)  # override blocks per stage (small demos)
@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lambd = 0.0051
     c.scale_loss = 1.0  # the loss optimised is scale_loss * (on + lambd * off) (solo-learn's CIFAR recipe: 0.1)
 
-    # Optimisation (LARS + warm-up/cosine, bt_keras.optim).
+    # Optimisation (LARS + warm-up/cosine, bt_keras.method.optim).
     c.batch_size = 256  # GLOBAL batch, split over replicas
     c.epochs = 100
     c.steps_per_epoch = ml_collections.FieldReference(None, field_type=int)  # default: examples // batch_size
@@ -83,14 +83,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.end_lr_scale = 0.001
     c.optimizer.warmup_start_lr = 0.0  # the warm-up's first learning rate (solo-learn: 3e-5)
     c.optimizer.inclusive_warmup = False  # True: base lr at the warm-up's last step (solo-learn's scheduler)
-    c.optimizer.trust_ratio = "official"  # or "solo_learn": eta ||w|| / (||g|| + wd ||w|| + epsilon) (bt_keras.optim)
+    c.optimizer.trust_ratio = "official"  # or "solo_learn": eta ||w|| / (||g|| + wd ||w|| + epsilon) (bt_keras.method.optim)
     c.optimizer.clip_lr = False  # min(trust ratio / lr, 1) (solo-learn)
     c.optimizer.epsilon = 1e-8  # the "solo_learn" ratio's epsilon
     # R: the GPUs of the run whose hyperparameters the recipe states. The official code applies 1/R of the true
     # gradient; the builder takes the same step with weight_decay x R and lr_biases / R (optim.reference_hyperparameters).
     c.optimizer.reference_replicas = 1
 
-    # Online linear probe (bt_keras.probe): a linear classifier on the encoder's stop-gradient features, trained
+    # Online linear probe (bt_keras.method.probe): a linear classifier on the encoder's stop-gradient features, trained
     # during pre-training with its own optimizer, logged as online_top1; off when the dataset has no labels.
     c.online_probe = ml_collections.ConfigDict()
     c.online_probe.enabled = False
@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.online_probe.eval_every_epochs = 0  # >0: its top-1 on eval_split (online_val_top1), as solo-learn reports
     c.online_probe.eval_split = "test"
     c.online_probe.eval_examples = 0  # 0: the whole split
-    # Accelerators (bt_keras.step, bt_keras.precision): XLA-compile each replica's step (--xla), and the dtype policy:
+    # Accelerators (bt_keras.train.step, bt_keras.method.precision): XLA-compile each replica's step (--xla), and the dtype policy:
     # "float32", "mixed_float16" (GPUs; dynamic loss scaling) or "mixed_bfloat16" (TPUs, recent GPUs); --mixed_precision
     # picks float16, or bfloat16 on TPUs. Variables, the loss, C, BatchNorm statistics and LARS stay float32.
     c.jit_compile = False
@@ -125,3 +125,46 @@ def base_config() -> ml_collections.ConfigDict:
     c.knn.baselines = False  # at the end: kNN + linear probe of random init, raw pixels and the trained encoder
     c.knn.raw_pixel_size = 0  # raw-pixel baseline area-resized to this many px (0: config.image_size)
     return c
+
+
+def complete(values) -> ml_collections.ConfigDict:
+    """`values` (a recipe's ConfigDict, or a run's config.json read back as a dict) laid over `base_config()`: every
+    field there, with its default where `values` lacks it, so the code reads `config.field` and no default is written
+    twice. A run's config.json written before a field existed rebuilds as it was trained. JSON's lists become the
+    tuples the schema holds (`blocks`, a view's `crop_scale`); fields the schema lacks are kept as given.
+
+    The trainer completes its config once at the start; `assembly.artifacts` completes a run's saved config.json.
+    """
+    given = values.to_dict() if isinstance(values, ml_collections.ConfigDict) else dict(values)
+    config = base_config()
+    _lay_over(config, given, "config")
+    return config
+
+
+def _tuples(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def _lay_over(config: ml_collections.ConfigDict, given: dict, where: str) -> None:
+    for key, value in given.items():
+        if key not in config:  # no schema for it (a view's fields, backbone_options): JSON's lists were tuples
+            with config.unlocked():
+                config[key] = _tuples(value)
+            continue
+        default = config[key]
+        if isinstance(default, ml_collections.ConfigDict) and isinstance(value, dict):
+            _lay_over(default, value, f"{where}.{key}")
+            continue
+        field_type = config.get_type(key)
+        if isinstance(value, list) and field_type is tuple:
+            value = tuple(value)
+        if isinstance(value, int) and not isinstance(value, bool) and field_type is float:
+            value = float(value)
+        try:
+            config[key] = value
+        except TypeError as error:
+            raise TypeError(f"{where}.{key} = {value!r}: {error}") from None

@@ -4,13 +4,13 @@ The library computes each step two ways that are the same maths: the plain formu
 autodiffed, each view through the projector on its own, Keras' BatchNormalization ops, LARS as TensorFlow ops) and
 fast paths that tests hold equal to it:
 
-* the loss's hand-written gradient and its Gram-matrix form, chosen by cost (`bt_keras.loss_forms`: B <= D on one
+* the loss's hand-written gradient and its Gram-matrix form, chosen by cost (`bt_keras.method.loss_forms`: B <= D on one
   replica; under several, B < D, with the embeddings all-gathered instead of the D x D matrix all-reduced);
-* the projector's Dense layers run once on both views stacked (`bt_keras.heads.project_views`);
+* the projector's Dense layers run once on both views stacked (`bt_keras.nets.heads.project_views`);
 * TensorFlow's fused BatchNorm kernel where statistics are local, and under several replicas the synchronised
-  BatchNorm with one all-reduce each way and one-pass native CPU kernels (`bt_keras.backbones.BatchNormalization`,
-  `bt_keras.sync_batch_norm`);
-* LARS as one native CPU op per variable, each replica's copy included (`bt_keras.kernels`, `bt_keras.optim.LARS`).
+  BatchNorm with one all-reduce each way and one-pass native CPU kernels (`bt_keras.nets.batch_norm.BatchNormalization`,
+  `bt_keras.nets.batch_norm`);
+* LARS as one native CPU op per variable, each replica's copy included (`bt_keras.kernels`, `bt_keras.method.optim.LARS`).
 
 `BT_KERAS_FAST=0` in the environment (or `set_enabled(False)`, or a recipe's `config.fast_paths = False`) turns all
 of them off; the decision is read when a step is traced, so set it before training starts. `BT_KERAS_NATIVE=0` turns

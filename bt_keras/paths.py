@@ -1,8 +1,8 @@
 """Every file a run or an export writes, by name: a module that loads nothing but the standard library, so code
 that only needs a file name (the report, resume planning, export metadata, the serving client) never loads TensorFlow
-or Keras. `bt_keras.artifacts` writes and reads these files; it re-exports every name here.
+or Keras. `bt_keras.assembly.artifacts` writes and reads these files; it re-exports every name here.
 
-A training workdir (written by `bt_keras.train`):
+A training workdir (written by `bt_keras.cli.train`):
 
     workdir/
       config.json              the recipe the run used (the ml_collections config, as JSON)
@@ -11,12 +11,12 @@ A training workdir (written by `bt_keras.train`):
       encoder.json             its metadata: backbone, image_size, mean, std, dataset, step, feature_dim
       barlow_twins.keras       encoder + projector (for exports that serve the projection)
       metrics.jsonl, tensorboard/, cross_correlation.png
-      config_changes.jsonl     what changed in the config between starts of the run (bt_keras.resume)
-      train.lock               while a trainer runs: its host and pid (bt_keras.workdir_lock)
+      config_changes.jsonl     what changed in the config between starts of the run (bt_keras.train.resume)
+      train.lock               while a trainer runs: its host and pid (bt_keras.train.workdir_lock)
       checkpoints/unusable/    corrupt or orphan checkpoint files moved aside on resume (never deleted)
       cross_correlation.npy/.json  the C drawn in that picture (its top-left block for wide projectors), step, size
       baselines.json           kNN / linear probe of random init, raw pixels, the trained encoder (knn.baselines)
-      report.png               the training report (bt_keras.reporting; `python -m bt_keras.report WORKDIR`)
+      report.png               the training report (bt_keras.train.figures; `python -m bt_keras.report WORKDIR`)
 
 A SavedModel export (written by `bt_keras.serving.savedmodel`): `<export_dir>/<version>/saved_model.pb`, `variables/`
 and `assets.extra/` (`bt_keras.json`: what was exported and how inputs are preprocessed; the warm-up requests).

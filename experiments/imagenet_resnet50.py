@@ -8,7 +8,7 @@ Paper results with this recipe: linear 73.2 top-1 / 91.0 top-5; 1% labels 55.0 /
 (R = GPUs: it all-reduces C without a gradient and DDP averages), and because LARS adds weight decay before the
 trust ratio that changes what the published hyperparameters do. The fields below are the published ones;
 `optimizer.reference_replicas` makes the builder take exactly the official R-GPU step (weight decay x R, bias/BN
-learning rate / R; the maths: bt_keras.optim.reference_hyperparameters), and it logs the converted values.
+learning rate / R; the maths: bt_keras.method.optim.reference_hyperparameters), and it logs the converted values.
 """
 
 from bt_keras.config import base_config, recipe_views

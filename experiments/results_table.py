@@ -29,7 +29,7 @@ def table(workdir: Path) -> str:
     batch = config.get("batch_size")
     rows = collect(workdir)
     if not rows:
-        raise SystemExit(f"No eval_*_step*.json in {workdir}: run bt_keras.evaluate.knn / linear on its checkpoints.")
+        raise SystemExit(f"No eval_*_step*.json in {workdir}: run bt_keras.cli.evaluate_knn / linear on its checkpoints.")
     lines = [
         "| step | images seen | kNN top-1 % | kNN top-5 % | linear (features) top-1 % | linear (features) top-5 % |",
         "|---:|---:|---:|---:|---:|---:|",

@@ -1,4 +1,4 @@
-"""Exports a Barlow Twins encoder as an ONNX model (the code: bt_keras.serving.onnx_cli / onnx_export).
+"""Exports a Barlow Twins encoder as an ONNX model (the code: bt_keras.cli.onnx / onnx_export).
 
     python -m export.onnx --checkpoint=runs/cifar10 --output=models/encoder.onnx [--l2_normalize] [--opset=N]
 
@@ -7,7 +7,7 @@ Needs `pip install -e ".[onnx]"`; export/README.md ("ONNX") describes the model'
 
 from absl import flags
 
-from bt_keras.serving import onnx_cli
+from bt_keras.cli import onnx as onnx_cli
 
 flags.adopt_module_key_flags(onnx_cli)  # --help lists the export's flags
 

@@ -8,7 +8,7 @@ export/README.md describes the signatures and how to serve the export.
 
 from absl import flags
 
-from bt_keras.serving import export_cli
+from bt_keras.cli import export as export_cli
 
 flags.adopt_module_key_flags(export_cli)  # --help lists the export's flags
 

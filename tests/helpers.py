@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bt_keras import backbones, heads
-from bt_keras.model import BarlowTwins
+from bt_keras.method.model import BarlowTwins
+from bt_keras.nets import backbones, heads
 
 
 def tiny_model(image_size=8, projector="32-32", lambd=0.0051, seed=0, blocks=(1, 1)):

@@ -7,7 +7,6 @@ consumes, the goals are there with `met` null, and the JSON says it is a smoke r
 the FLOP count of a tiny model against a hand count, and the batch fallback on a fake out-of-memory error.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -17,28 +16,19 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import accelerator, harness
+
 pytestmark = pytest.mark.accelerator
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "accelerator.py"
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("accelerator_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-accelerator = _module()
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     output = tmp_path_factory.mktemp("accelerator") / "x.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--output", str(output)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, "-m", "benchmarks.accelerator", "--smoke", "--output", str(output)]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(output.read_text()), proc.stdout
 
@@ -150,7 +140,8 @@ def test_smoke_input_pipeline_against_the_step_and_goals(smoke):
 def test_flop_count_of_a_tiny_model_against_a_hand_count():
     import keras
 
-    from bt_keras import BarlowTwins, heads
+    from bt_keras import BarlowTwins
+    from bt_keras.nets import heads
 
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(inputs)
@@ -158,14 +149,14 @@ def test_flop_count_of_a_tiny_model_against_a_hand_count():
     model = BarlowTwins(encoder, heads.projector("6-5"))
     conv = 8 * 8 * 4 * 3 * 3 * 3  # output pixels x output channels x kernel x input channels
     projector = 4 * 6 + 6 * 5
-    flops = accelerator.count_flops(model, 10)
+    flops = harness.count_flops(model, 10)
     per_pair = 2 * 3 * 2 * (conv + projector) + 3 * 2 * 5 * 5
     assert flops["gflop_per_image"] * 1e9 == pytest.approx(per_pair)
     assert flops["gflop_per_step"] * 1e9 == pytest.approx(10 * per_pair)
     # The supervised network as the benchmark counts it: the same encoder and a 10-class head.
     head = keras.Sequential([keras.layers.Dense(10)])
     head.build((None, 4))
-    counted = accelerator.count_flops(accelerator._Parts(encoder, head), 10)
+    counted = harness.count_flops(accelerator._Parts(encoder, head), 10)
     assert counted["encoder_gmac_per_view"] * 1e9 == conv and counted["projector_gmac_per_view"] * 1e9 == 40
     assert accelerator.supervised_flops(conv, 40) == 3 * 2 * (conv + 40)
 

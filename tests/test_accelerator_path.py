@@ -2,13 +2,13 @@
 
 Where variables live on a GPU or TPU, bt_keras's native CPU kernels step aside (bt_keras.kernels) and LARS and the
 synchronised BatchNorm run as TensorFlow ops; with `--xla` each replica's step is one XLA computation
-(bt_keras.step). Here the kernels are turned off in-process (`kernels.set_enabled(False)`, as `BT_KERAS_NATIVE=0`),
+(bt_keras.train.step). Here the kernels are turned off in-process (`kernels.set_enabled(False)`, as `BT_KERAS_NATIVE=0`),
 so that path runs on this CPU too: two whole training steps (forward, loss, gradients, LARS update, BatchNorm moving
 statistics) at 1, 2 and 4 replicas, XLA on and off, must equal one device without XLA in float64 to 1e-10 (loss
 before and after, first-step gradients, final weights). `pytest -m accelerator` selects this tier on a GPU host.
 
 XLA with several replicas compiles only where TensorFlow lets XLA take the all-reduces (GPUs, TPUs): on CPU devices
-those cases skip with the measured reason (bt_keras.step.xla_obstacle).
+those cases skip with the measured reason (bt_keras.train.step.xla_obstacle).
 """
 
 import keras
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bt_keras import kernels, precision
-from bt_keras import step as step_lib
-from bt_keras.optim import LARS
+from bt_keras import kernels
+from bt_keras.method import precision
+from bt_keras.method.optim import LARS
+from bt_keras.train import step as step_lib
 from tests.helpers import assert_same_training, tiny_model, view_pair
 from tests.test_distributed import _strategy
 
@@ -145,7 +146,7 @@ def test_the_xla_command_compiles_the_step_and_trains_as_the_uncompiled_loop(tmp
     assert steps, sorted(p.name for p in dump.iterdir())[:20]
     assert max(p.read_text().count(" convolution(") for p in steps) >= 12  # forward and backward, both views
 
-    from bt_keras.trainer import Trainer
+    from bt_keras.train.trainer import Trainer
 
     kernels.set_enabled(None)  # the uncompiled loop as users run it on CPU: native kernels on
     try:
@@ -163,7 +164,7 @@ def test_the_xla_command_compiles_the_step_and_trains_as_the_uncompiled_loop(tmp
 def test_xla_with_the_augmentation_on_the_device(tmp_path):
     """augment_on="accelerator": the device-side augmentation runs before the compiled step (its blur of a random
     subset of the batch cannot be compiled), the rest is compiled, and training gives the uncompiled run's losses."""
-    from bt_keras.trainer import Trainer
+    from bt_keras.train.trainer import Trainer
     from tests.test_train import tiny_config
 
     losses = {}

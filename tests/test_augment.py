@@ -11,13 +11,12 @@ import dataclasses
 import json
 import math
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from bt_keras import augment
-from bt_keras.augment import ViewConfig
+from bt_keras.augment import ops, ViewConfig
 
 N = 2000
 SIZE = 16
@@ -200,25 +199,6 @@ def test_crop_area_and_ratio_from_output():
     assert 0.4 < area.mean() < 0.65  # U(0.08, 1) area fractions, minus rejected candidates
 
 
-# ------------------------------------------------------------------------------ wrappers, layer
-
-
-def test_two_views_and_keras_layer():
-    v1, v2 = augment.cifar_views(SIZE)[0], augment.cifar_views(8)[1]
-    images = colourful(4)
-    a, b = augment.TwoViews(v1, v2)(images, seed=5)
-    assert a.shape == (4, SIZE, SIZE, 3) and b.shape == (4, 8, 8, 3)
-    layer = augment.TwoViewAugmentation(v1, v2, seed=11)
-    clone = augment.TwoViewAugmentation.from_config(json.loads(json.dumps(layer.get_config())))
-    assert clone.views.view1 == v1 and clone.views.view2 == v2
-    first, again = layer(images), clone(images)
-    np.testing.assert_array_equal(first[0].numpy(), again[0].numpy())  # same seed, same stream
-    assert not np.allclose(layer(images)[0].numpy(), first[0].numpy())  # new draw per call
-    inputs = keras.Input((SIZE, SIZE, 3))
-    model = keras.Model(inputs, layer(inputs))
-    assert [tuple(t.shape) for t in model.outputs] == [(None, SIZE, SIZE, 3), (None, 8, 8, 3)]
-
-
 # ------------------------------------------------------------------------- evaluation transforms
 
 
@@ -283,6 +263,6 @@ def test_color_steps_match_torchvision_definitions():
             image = np.clip(f[op] * image + (1 - f[op]) * other, 0, 1)
         return np.repeat((image @ weights)[..., None], 3, axis=-1) if gray else image
 
-    out = augment._color_pixels(images, factors, order, hue, tf.ones([4], tf.bool), to_gray).numpy()
+    out = ops._color_pixels(images, factors, order, hue, tf.ones([4], tf.bool), to_gray).numpy()
     for i in range(4):
         np.testing.assert_allclose(out[i], reference(images[i], factors[i], order[i], hue[i], to_gray[i]), atol=2e-5)

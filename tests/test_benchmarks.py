@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def budget(tmp_path_factory):
     output = tmp_path_factory.mktemp("budget") / "step_budget.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "step_budget.py"), "--preset", "cifar", "--image-size", "16",
+    cmd = [sys.executable, "-m", "benchmarks.step_budget", "--preset", "cifar", "--image-size", "16",
            "--batch-size", "4", "--projector", "64-32", "--repeats", "1", "--output", str(output)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -38,7 +38,7 @@ def test_step_budget_reports_every_part_and_adds_them_up(budget):
     assert result["sum_of_parts_s"] == pytest.approx(sum(p["s"] for p in parts.values()))
     assert result["ceiling_fraction_of_matmul"] == pytest.approx(
         result["step"]["gflop"] / result["sum_of_parts_s"] / result["matmul_gflops"])
-    # The parts' FLOPs are those train_step.py counts for the whole step.
+    # The parts' FLOPs are those harness.count_flops counts for the whole step (as train_step.py does).
     assert sum(p["gflop"] for p in parts.values()) == pytest.approx(result["step"]["gflop"])
     assert result["skinny_matmul"]["shape"] == [8, 32, 32]
     for line in ("| encoder", "| projector", "| sum of parts", "| train_step", "skinny matmul", "GB moved"):
@@ -46,7 +46,7 @@ def test_step_budget_reports_every_part_and_adds_them_up(budget):
 
 
 def test_step_budget_counts_the_optimizer_bytes_from_the_parameters(budget):
-    from bt_keras import backbones, heads
+    from bt_keras.nets import backbones, heads
 
     result, _ = budget
     encoder = backbones.resnet18(input_shape=(16, 16, 3), stem="cifar")

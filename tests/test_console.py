@@ -1,4 +1,4 @@
-"""The quiet console (bt_keras.console): TensorFlow's start-up lines are dropped, real errors pass through, the train
+"""The quiet console (bt_keras.cli.console): TensorFlow's start-up lines are dropped, real errors pass through, the train
 CLI shows no C++ INFO/WARNING line and no retracing warning, and `--verbose` shows everything again."""
 
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bt_keras import console
+from bt_keras.cli import console
 
 REPO = Path(__file__).resolve().parents[1]
 CPP_INFO_OR_WARNING = re.compile(r"^[IW]\d{4} ", re.M)
@@ -149,7 +149,7 @@ def test_a_ctrl_c_right_after_start_up_keeps_the_keyboardinterrupt_traceback():
 
 
 def test_quiet_start_changes_nothing_outside_a_bt_keras_command():
-    code = ("import os, sys\nfrom bt_keras import console\nbefore = os.fstat(2)\nwith console.quiet_start(): pass\n"
+    code = ("import os, sys\nfrom bt_keras.cli import console\nbefore = os.fstat(2)\nwith console.quiet_start(): pass\n"
             "print(os.path.samestat(before, os.fstat(2)), console.is_quiet())\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
                             timeout=120)

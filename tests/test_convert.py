@@ -18,11 +18,12 @@ import keras
 import numpy as np
 import pytest
 
-from bt_keras import artifacts
-from bt_keras.convert import convert_torchvision_checkpoint
+from bt_keras import paths
+from bt_keras.assembly import artifacts
 from bt_keras.interop import torch_file
+from bt_keras.interop.convert import convert_torchvision_checkpoint
 from bt_keras.interop.torch_file import ForbiddenGlobalError, TorchFileError
-from bt_keras.interop.torchvision_resnet import ConversionError, build_encoder
+from bt_keras.interop.torchvision_resnet import build_encoder, ConversionError
 from tests import torch_reference as ref
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,7 +277,7 @@ def test_convert_then_evaluate_and_export_in_fresh_processes(tmp_path):
                    "--image_size=64")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resnet50, imagenet stem, 2048-d features" in done.stdout
-    metadata = json.loads((out / artifacts.ENCODER_METADATA).read_text())
+    metadata = json.loads((out / paths.ENCODER_METADATA).read_text())
     assert metadata["image_size"] == 64 and metadata["mean"] == [0.485, 0.456, 0.406]
     assert metadata["std"] == [0.229, 0.224, 0.225] and metadata["feature_dim"] == 2048
     assert metadata["converted_from"]["sha256"] == json.loads((FIXTURE / "MANIFEST.json").read_text())[
@@ -321,7 +322,7 @@ def test_an_official_style_full_checkpoint_converts_from_its_file(tmp_path):
     assert metadata["mean"] == [0.4914, 0.4822, 0.4465] and metadata["feature_dim"] == 512
     assert metadata["converted_from"]["prefix"] == "module.backbone." and metadata["converted_from"]["left_out"] == 1
     encoder, saved = artifacts.load_encoder(tmp_path / "out")
-    assert saved == metadata and encoder_path == tmp_path / "out" / artifacts.ENCODER_FILE
+    assert saved == metadata and encoder_path == tmp_path / "out" / paths.ENCODER_FILE
     images = np.random.default_rng(8).normal(size=(2, 3, 12, 12))
     expected, _ = ref.resnet_forward(state, images, "resnet18", "cifar")
     assert relative_error(encoder.predict(nhwc(images), verbose=0), expected) < RTOL

@@ -11,10 +11,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from bt_keras.convert import convert_torchvision_checkpoint
 from bt_keras.interop import torch_file
+from bt_keras.interop.convert import convert_torchvision_checkpoint
 from bt_keras.interop.torch_file import TorchFileError
-from bt_keras.interop.torchvision_resnet import ConversionError, build_encoder
+from bt_keras.interop.torchvision_resnet import build_encoder, ConversionError
 from tests import torch_reference as ref
 from tests.test_convert import run_cli
 

@@ -11,6 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from bt_keras import augment, data
+from bt_keras.data import sources
 
 TFDS_DIR = Path(__file__).resolve().parents[2] / "shared" / "tfds"
 needs_cifar = pytest.mark.skipif(not (TFDS_DIR / "cifar10").is_dir(),
@@ -93,8 +94,8 @@ def test_digits_pretrain_labelled_and_info():
 
 def _shard_rows(name, split, shards, data_dir=None):
     """Each shard's images (as bytes) and the whole split's, read through the loader's own sharding."""
-    whole = [x.numpy().tobytes() for x, _ in data._open(name, split, data_dir, False, shuffle=True, seed=2).dataset]
-    parts = [[x.numpy().tobytes() for x, _ in data._open(name, split, data_dir, False, shuffle=True, seed=2,
+    whole = [x.numpy().tobytes() for x, _ in sources.open_source(name, split, data_dir, False, shuffle=True, seed=2).dataset]
+    parts = [[x.numpy().tobytes() for x, _ in sources.open_source(name, split, data_dir, False, shuffle=True, seed=2,
                                                          shard=(shards, i)).dataset] for i in range(shards)]
     return parts, whole
 

@@ -1,4 +1,4 @@
-"""tf.data service (`bt_keras.data_service`): a local dispatcher and two workers on 127.0.0.1, as subprocesses started
+"""tf.data service (`bt_keras.data.service`): a local dispatcher and two workers on 127.0.0.1, as subprocesses started
 with the module's own `--dispatcher` / `--worker` helpers, every one killed in `finally`; every wait is bounded.
 
 What is proven: a training run through the service trains and both workers delivered batches (counted at the consumer
@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bt_keras import augment, data, data_service
-from bt_keras.trainer import Trainer
+from bt_keras import augment, data
+from bt_keras.data import service as data_service
+from bt_keras.train.trainer import Trainer
 from tests.test_train import QUICKSTART, TINY, run_cli, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

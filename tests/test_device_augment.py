@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bt_keras import augment, builders, config as config_lib, data, device_augment, host_crop
+from bt_keras import augment, config as config_lib, data
+from bt_keras.assembly import builders
+from bt_keras.augment import device as device_augment, host_crop
 from tests.helpers import tiny_model
 
 
@@ -178,7 +180,7 @@ def test_accelerator_mode_under_two_replicas_and_in_the_trainer(tmp_path):
     """The per-replica batches of a MirroredStrategy are dicts of uint8 crops + seeds, augmented in train_step on each
     replica; and `Trainer` wires config.augment_on through to the pipeline and the model."""
     from tests.test_train import tiny_config
-    from bt_keras.trainer import Trainer
+    from bt_keras.train.trainer import Trainer
 
     views = augment.cifar_views(8)
     images = tf.data.Dataset.from_tensor_slices(np.random.default_rng(5).integers(0, 256, (32, 8, 8, 3), np.uint8))

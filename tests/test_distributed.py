@@ -16,7 +16,7 @@ import tensorflow as tf
 import keras
 
 from bt_keras import distribute
-from bt_keras.optim import LARS
+from bt_keras.method.optim import LARS
 from tests.helpers import tiny_model, view_pair
 
 GLOBAL_BATCH = 8

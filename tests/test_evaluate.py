@@ -12,10 +12,15 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from bt_keras import artifacts, backbones, data
-from bt_keras.evaluate import cli
-from bt_keras.evaluate import finetune as finetune_cli, knn as knn_cli, linear as linear_cli
+from bt_keras import data
+from bt_keras.assembly import artifacts
+from bt_keras.cli import evaluate as cli
+from bt_keras.cli import evaluate_finetune as finetune_cli
+from bt_keras.cli import evaluate_knn as knn_cli
+from bt_keras.cli import evaluate_linear as linear_cli
+from bt_keras.data import sources
 from bt_keras.evaluation import classifiers, features, knn, preprocessing, protocol
+from bt_keras.nets import backbones
 
 REPO = Path(__file__).resolve().parents[1]
 TFDS_DIR = Path(__file__).resolve().parents[2] / "shared" / "tfds"
@@ -215,8 +220,8 @@ def subset_images(subset, seed):
 
 
 def test_subset_is_class_balanced_and_seeded():
-    _, all_labels = data._digits_arrays()
-    per_class = np.bincount(all_labels[data._digits_split("train")])
+    _, all_labels = sources._digits_arrays()
+    per_class = np.bincount(all_labels[sources._digits_split("train")])
     images, labels = subset_images(0.1, seed=0)
     np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.round(0.1 * per_class))
     same_images, same_labels = subset_images(0.1, seed=0)

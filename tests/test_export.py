@@ -28,10 +28,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from bt_keras import backbones, heads
+from bt_keras.assembly.artifacts import load_encoder, load_with_projector, MODEL_FILE, save_encoder
 from bt_keras.augment import eval_transform
-from bt_keras.artifacts import MODEL_FILE, load_encoder, load_with_projector, save_encoder
-from bt_keras.model import BarlowTwins
+from bt_keras.cli import client as cli_client
+from bt_keras.method.model import BarlowTwins
+from bt_keras.nets import backbones, heads
 from bt_keras.serving import client, savedmodel, signatures, warmup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -384,7 +385,7 @@ def test_rest_client_against_a_loopback_stand_in(loaded, inputs, probe, tmp_path
         _assert_close(np.array(outputs["projection"]), arrays["bytes17/projection"][:5], "REST client")
         image_file = tmp_path / "image.jpg"
         image_file.write_bytes(inputs["images"][1])
-        assert client.main(["--rest", url, "--model", MODEL_NAME, str(image_file)]) == 0
+        assert cli_client.main(["--rest", url, "--model", MODEL_NAME, str(image_file)]) == 0
         printed = json.loads(capsys.readouterr().out)
         assert printed["image"] == str(image_file)
         _assert_close(np.array(printed["embedding"]), arrays["bytes17/embedding"][1], "client CLI")

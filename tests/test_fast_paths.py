@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bt_keras import backbones, fast_paths, heads, losses
-from bt_keras.optim import LARS
+from bt_keras import fast_paths
+from bt_keras.method import losses
+from bt_keras.method.optim import LARS
+from bt_keras.nets import backbones, heads
 from tests.helpers import tiny_model, view_pair
 
 

@@ -26,9 +26,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from bt_keras import backbones
-from bt_keras.io import current_umask, share_tree
-from bt_keras.folder_walk import FolderWalk
+from bt_keras.data import sources
+from bt_keras.data.folder_walk import FolderWalk
+from bt_keras.files import current_umask, share_tree
+from bt_keras.nets import backbones
 from bt_keras.serving import image_header, savedmodel
 from tests.probes import hostile_images as hostile
 
@@ -418,8 +419,7 @@ class _Timeout(Exception):
 
 
 def _scan(root, seconds=20):
-    """data._scan_folder(root) under an alarm: a walk that never ends fails the test instead of hanging it."""
-    from bt_keras import data
+    """sources._scan_folder(root) under an alarm: a walk that never ends fails the test instead of hanging it."""
 
     def alarm(*_):
         raise _Timeout(f"the scan of {root} took over {seconds} s")
@@ -427,7 +427,7 @@ def _scan(root, seconds=20):
     previous = signal.signal(signal.SIGALRM, alarm)
     signal.alarm(seconds)
     try:
-        return data._scan_folder(Path(root))
+        return sources._scan_folder(Path(root))
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

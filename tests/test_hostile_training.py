@@ -24,9 +24,11 @@ import pytest
 import tensorflow as tf
 
 import bt_keras  # noqa: F401  (registers the classes saved models need)
-from bt_keras import artifacts, checkpoints, io, preflight, resume, workdir_lock
-from bt_keras.trainer import DiskFullError, Trainer
-from bt_keras.workdir_lock import WorkdirLock, WorkdirLockedError
+from bt_keras import checkpoints, files, paths
+from bt_keras.assembly import artifacts
+from bt_keras.train import preflight, resume, workdir_lock
+from bt_keras.train.trainer import DiskFullError, Trainer
+from bt_keras.train.workdir_lock import WorkdirLock, WorkdirLockedError
 from tests.test_train import REPO, run_cli, start_local_workers, tiny_config, train_command
 
 PROBES = REPO / "tests" / "probes"
@@ -43,7 +45,7 @@ def resumed_step(workdir, **overrides) -> int:
     return t.start_step
 
 
-def files(folder) -> dict:
+def tree_bytes(folder) -> dict:
     """{relative path: bytes} of every file under folder."""
     folder = Path(folder)
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -61,7 +63,7 @@ def finished_run(tmp_path_factory):
     """A finished two-epoch run of three steps: checkpoints 0, 3 and 6, encoder.keras at step 6."""
     workdir = tmp_path_factory.mktemp("finished")
     trainer(workdir).run()
-    assert [p.name for p in artifacts.latest_checkpoints(workdir)] == ["ckpt-0", "ckpt-3", "ckpt-6"]
+    assert [p.name for p in paths.latest_checkpoints(workdir)] == ["ckpt-0", "ckpt-3", "ckpt-6"]
     return workdir
 
 
@@ -103,12 +105,12 @@ def test_checkpoint_files_without_a_complete_checkpoint_are_an_error_not_step_0(
     folder = run_copy / "checkpoints"
     for index in folder.glob("ckpt-*.index"):
         index.unlink()
-    before = files(run_copy)
+    before = tree_bytes(run_copy)
     with pytest.raises(resume.ResumeError, match="no complete, readable checkpoint") as raised:
         trainer(run_copy)
     message = str(raised.value)
     assert str(folder) in message and f"mv {folder} {folder}.broken" in message and "\n" not in message
-    assert files(run_copy) == before  # nothing rewritten, no new ckpt-0, config.json untouched
+    assert tree_bytes(run_copy) == before  # nothing rewritten, no new ckpt-0, config.json untouched
 
 
 # ------------------------------------------------------------------------------ resume: a corrupt latest checkpoint
@@ -143,7 +145,7 @@ def _garbage_index(folder):
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(run_copy, caplog, damage):
     folder = run_copy / "checkpoints"
     bad_file = damage(folder)
-    damaged = {name: content for name, content in files(folder).items() if name.startswith("ckpt-6")}
+    damaged = {name: content for name, content in tree_bytes(folder).items() if name.startswith("ckpt-6")}
     assert resumed_step(run_copy) == 3
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(bad_file in w and "Falling back to ckpt-3" in w for w in warnings), warnings
@@ -194,13 +196,13 @@ def test_temp_folders_left_by_a_kill_are_deleted_on_the_next_start(run_copy, cap
 
 
 def test_a_changed_model_or_stream_field_is_an_error_listing_old_and_new(run_copy):
-    before = files(run_copy)
+    before = tree_bytes(run_copy)
     with pytest.raises(resume.ConfigChangedError) as raised:
         trainer(run_copy, projector="64-64-64", batch_size=16)
     message = str(raised.value)
     assert "projector: '64-64' -> '64-64-64'" in message and "batch_size: 32 -> 16" in message
     assert "--allow_config_change" in message and "\n" not in message
-    assert files(run_copy) == before  # config.json and the checkpoints untouched
+    assert tree_bytes(run_copy) == before  # config.json and the checkpoints untouched
 
 
 def test_harmless_changes_resume_and_are_recorded(run_copy):
@@ -236,7 +238,7 @@ def test_restoring_into_another_model_fails_naming_what_differs(run_copy, overri
         trainer(run_copy, allow_config_change=True, **overrides)
     message = str(raised.value)
     assert expected in message and "ckpt-6" in message and "\n" not in message
-    assert not (run_copy / artifacts.LOCK_FILE).exists()  # released on the way out
+    assert not (run_copy / paths.LOCK_FILE).exists()  # released on the way out
 
 
 def test_cli_resume_with_a_changed_projector_is_one_line_exit_2(run_copy):
@@ -307,7 +309,7 @@ def test_a_second_trainer_stops_at_once_naming_the_holder(tmp_path):
         assert time.perf_counter() - tic < 2.0  # before anything is built
         message = str(raised.value)
         assert f"pid {holder.pid} on host {socket.gethostname()}" in message
-        assert str(tmp_path / artifacts.LOCK_FILE) in message and "another --workdir" in message
+        assert str(tmp_path / paths.LOCK_FILE) in message and "another --workdir" in message
         assert not (tmp_path / "checkpoints").exists()
 
         result = run_cli(train_command(tmp_path), timeout=120)
@@ -315,27 +317,27 @@ def test_a_second_trainer_stops_at_once_naming_the_holder(tmp_path):
         assert f"pid {holder.pid}" in last_error_line(result.stderr)
     finally:
         holder.communicate(input="", timeout=30)  # closes its stdin: it releases and exits
-    assert not (tmp_path / artifacts.LOCK_FILE).exists()
+    assert not (tmp_path / paths.LOCK_FILE).exists()
 
 
 def test_a_planted_lock_symlink_or_folder_is_refused_and_nothing_is_overwritten(tmp_path):
     victim = tmp_path / "precious.txt"
     victim.write_text("precious")
     (tmp_path / "a").mkdir()
-    (tmp_path / "a" / artifacts.LOCK_FILE).symlink_to(victim)
+    (tmp_path / "a" / paths.LOCK_FILE).symlink_to(victim)
     with pytest.raises(WorkdirLockedError, match="is a symlink"):
-        WorkdirLock(tmp_path / "a" / artifacts.LOCK_FILE).acquire()
+        WorkdirLock(tmp_path / "a" / paths.LOCK_FILE).acquire()
     assert victim.read_text() == "precious"
-    (tmp_path / "b" / artifacts.LOCK_FILE).mkdir(parents=True)
+    (tmp_path / "b" / paths.LOCK_FILE).mkdir(parents=True)
     with pytest.raises(WorkdirLockedError, match="is a folder"):
-        WorkdirLock(tmp_path / "b" / artifacts.LOCK_FILE).acquire()
+        WorkdirLock(tmp_path / "b" / paths.LOCK_FILE).acquire()
 
 
 def test_a_lock_left_by_a_killed_trainer_is_taken_over(tmp_path, caplog):
     holder = _hold_lock(tmp_path)
     holder.send_signal(signal.SIGKILL)
     holder.wait(30)
-    lock = tmp_path / artifacts.LOCK_FILE
+    lock = tmp_path / paths.LOCK_FILE
     assert json.loads(lock.read_text())["pid"] == holder.pid  # the dead trainer's lock file is still there
     t = trainer(tmp_path, epochs=1, steps_per_epoch=1)
     assert f"Taking over the lock {lock} left by pid {holder.pid}" in caplog.text
@@ -357,7 +359,7 @@ def test_without_flock_a_dead_holder_is_stale_and_a_live_one_is_not(tmp_path, mo
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(workdir_lock.fcntl, "flock", no_flock)
-    path = tmp_path / artifacts.LOCK_FILE
+    path = tmp_path / paths.LOCK_FILE
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     path.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "earlier"}))
@@ -384,9 +386,9 @@ def test_multi_worker_run_shares_its_workdir_and_still_keeps_others_out(tmp_path
     processes = start_local_workers(tmp_path, epochs=2, steps=6)
     try:
         deadline = time.time() + 120
-        while not (tmp_path / artifacts.LOCK_FILE).exists() and time.time() < deadline:
+        while not (tmp_path / paths.LOCK_FILE).exists() and time.time() < deadline:
             time.sleep(0.1)
-        holder = json.loads((tmp_path / artifacts.LOCK_FILE).read_text())
+        holder = json.loads((tmp_path / paths.LOCK_FILE).read_text())
         intruder = run_cli(train_command(tmp_path), timeout=120)
         outputs = [p.communicate(timeout=300) for p in processes]
     finally:
@@ -397,7 +399,7 @@ def test_multi_worker_run_shares_its_workdir_and_still_keeps_others_out(tmp_path
         assert "Finished at step 12" in out
     assert holder["pid"] == processes[0].pid  # the chief (worker 0) holds the lock, worker 1 does not need it
     assert intruder.returncode == 2 and f"pid {processes[0].pid}" in last_error_line(intruder.stderr)
-    assert not (tmp_path / artifacts.LOCK_FILE).exists()
+    assert not (tmp_path / paths.LOCK_FILE).exists()
 
 
 @pytest.mark.slow
@@ -490,7 +492,7 @@ def test_a_step_that_cannot_be_built_leaves_no_checkpoint(tmp_path, monkeypatch)
     with pytest.raises(Exception):
         t.run()
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.json").exists()
-    assert not (tmp_path / artifacts.LOCK_FILE).exists()
+    assert not (tmp_path / paths.LOCK_FILE).exists()
 
 
 def _png(rng, size=12) -> bytes:
@@ -533,18 +535,18 @@ def test_cli_folder_of_undecodable_images_is_one_line_exit_2(tmp_path):
 
 
 def test_is_disk_full_reads_errno_chains_and_tensorflow_messages():
-    assert io.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
-    assert io.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert files.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert files.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
     try:
         try:
             raise OSError(errno.ENOSPC, "full")
         except OSError as inner:
             raise ValueError("could not save the model") from inner
     except ValueError as outer:
-        assert io.is_disk_full(outer)
-    assert io.is_disk_full(tf.errors.ResourceExhaustedError(None, None, "ckpt-9_temp/part: No space left on device"))
-    assert not io.is_disk_full(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"))
-    assert not io.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+        assert files.is_disk_full(outer)
+    assert files.is_disk_full(tf.errors.ResourceExhaustedError(None, None, "ckpt-9_temp/part: No space left on device"))
+    assert not files.is_disk_full(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"))
+    assert not files.is_disk_full(OSError(errno.EACCES, "Permission denied"))
 
 
 def test_disk_full_on_save_keeps_the_previous_checkpoint(run_copy, monkeypatch):
@@ -565,7 +567,7 @@ def test_disk_full_on_save_keeps_the_previous_checkpoint(run_copy, monkeypatch):
     assert not list(folder.glob("ckpt-9*"))  # no half-written checkpoint left
     assert tf.train.latest_checkpoint(str(folder)).endswith("ckpt-6")
     checkpoints.verify(folder / "ckpt-6")
-    assert not (run_copy / artifacts.LOCK_FILE).exists()
+    assert not (run_copy / paths.LOCK_FILE).exists()
 
 
 def test_disk_full_on_config_json_is_a_disk_full_error(run_copy, monkeypatch):
@@ -573,7 +575,7 @@ def test_disk_full_on_config_json_is_a_disk_full_error(run_copy, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     t = trainer(run_copy, epochs=3)
-    monkeypatch.setattr(resume.io, "atomic_write_json", full)
+    monkeypatch.setattr(resume.files, "atomic_write_json", full)
     with pytest.raises(DiskFullError, match="No space left on the disk of --workdir"):
         t.run()
 

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from bt_keras.io import atomic_write, atomic_write_json
+from bt_keras.files import atomic_write, atomic_write_json
 
 
 def test_atomic_write_gives_the_umask_mode_not_mkstemp_private_mode(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bt_keras.optim import LARS, WarmupCosine, reference_hyperparameters
+from bt_keras.method.optim import LARS, reference_hyperparameters, WarmupCosine
 from tests.test_optim import numpy_lars
 
 

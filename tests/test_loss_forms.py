@@ -1,4 +1,4 @@
-"""The loss's two exact forms under replicas (bt_keras.loss_forms): costs, the documented choice, and exactness.
+"""The loss's two exact forms under replicas (bt_keras.method.loss_forms): costs, the documented choice, and exactness.
 
 Every comparison is in float64 against one device (or NumPy), to 1e-10: an error in the Gram form's gathered rows,
 its replica scaling or the on-demand C would be O(1).
@@ -9,8 +9,9 @@ import pytest
 import tensorflow as tf
 from absl import logging as absl_logging
 
-from bt_keras import collectives, loss_forms
-from bt_keras.losses import barlow_twins_loss
+from benchmarks import collectives
+from bt_keras.method import loss_forms
+from bt_keras.method.losses import barlow_twins_loss
 from tests.test_distributed import _strategy
 from tests.test_losses import numpy_loss
 
@@ -127,7 +128,7 @@ def test_batch_at_or_above_dim_uses_the_correlation_form_under_replicas():
 
 
 def _loss_step_collectives(strategy, batch, dim, read_c=False):
-    """The collective ops of a traced loss forward + backward step under `strategy` (bt_keras.collectives)."""
+    """The collective ops of a traced loss forward + backward step under `strategy` (benchmarks.collectives)."""
     replicas = strategy.num_replicas_in_sync
 
     def replica_fn(a, b):

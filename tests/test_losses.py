@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bt_keras.losses import barlow_twins_loss, cross_correlation, embedding_std
+from bt_keras.method.losses import barlow_twins_loss, cross_correlation, embedding_std
 
 
 def numpy_loss(z1, z2, lambd, eps=1e-5):

@@ -1,4 +1,4 @@
-"""Mixed precision users can rely on (bt_keras.precision), under both policies GPUs and TPUs train in.
+"""Mixed precision users can rely on (bt_keras.method.precision), under both policies GPUs and TPUs train in.
 
 * A few steps are finite and close to float32, from the same weights and batches. The bounds come from the
   formats' unit round-off u (bfloat16: 2^-8 = 3.9e-3, float16: 2^-11 = 4.9e-4): the loss is reduced in float32 from
@@ -22,9 +22,11 @@ import pytest
 import tensorflow as tf
 
 import bt_keras  # noqa: F401  (registers the classes saved models need)
-from bt_keras import artifacts, precision
-from bt_keras.optim import LARS
-from bt_keras.trainer import Trainer
+from bt_keras import paths
+from bt_keras.assembly import artifacts
+from bt_keras.method import precision
+from bt_keras.method.optim import LARS
+from bt_keras.train.trainer import Trainer
 from tests.helpers import tiny_model, view_pair
 from tests.test_train import run_cli, tiny_config, train_command
 
@@ -94,14 +96,14 @@ def test_fit_users_get_the_same_loss_scaling_unless_they_turn_it_off():
 def test_a_run_whose_gradients_never_fit_float16_stops_instead_of_finishing(tmp_path):
     """Loss scaling skips every step once the scale is below 1 (even unscaled gradients overflow): nothing trains,
     so the run stops as a non-finite loss does, keeping the last good checkpoint."""
-    from bt_keras.trainer import NonFiniteLossError
+    from bt_keras.train.trainer import NonFiniteLossError
 
     config = tiny_config(precision="mixed_float16", log_every_steps=1, picture_every_epochs=100)
     trainer = Trainer(config, tmp_path, tf.distribute.get_strategy())
     trainer.model.optimizer.dynamic_scale.assign(0.5)
     with pytest.raises(NonFiniteLossError, match=r"loss scale fell to 0\.5 .* none of them trained") as error:
         trainer.run()
-    assert "ckpt-0" in str(error.value) and [p.name for p in artifacts.latest_checkpoints(tmp_path)] == ["ckpt-0"]
+    assert "ckpt-0" in str(error.value) and [p.name for p in paths.latest_checkpoints(tmp_path)] == ["ckpt-0"]
 
 
 def _stop_after_first_epoch():
@@ -113,7 +115,7 @@ def _stop_after_first_epoch():
 
 
 def _train_lines(workdir):
-    lines = [json.loads(line) for line in (Path(workdir) / artifacts.METRICS_FILE).read_text().splitlines()]
+    lines = [json.loads(line) for line in (Path(workdir) / paths.METRICS_FILE).read_text().splitlines()]
     return [line for line in lines if line["kind"] in ("train", "epoch")]
 
 
@@ -132,11 +134,11 @@ def test_a_mixed_run_ends_on_schedule_resumes_exactly_and_saves_a_float32_encode
     if policy == "mixed_float16":  # 2^15 overflows float16 at first: some steps skipped, and said so
         assert lines[-1]["skipped_steps"] >= 1 and lines[-1]["loss_scale"] < 2 ** 15
         assert int(whole.model.optimizer.skipped_steps.numpy()) == lines[-1]["skipped_steps"]
-        from bt_keras import reporting
+        from bt_keras.train import figures
 
-        steps, skipped = reporting.figure_data(tmp_path / "whole")["loss scaling"]["skipped_steps"]
+        steps, skipped = figures.figure_data(tmp_path / "whole")["loss scaling"]["skipped_steps"]
         assert list(steps) == list(range(1, total + 1)) and skipped[-1] == lines[-1]["skipped_steps"]
-        title = reporting.figure(tmp_path / "whole")._suptitle.get_text()
+        title = figures.figure(tmp_path / "whole")._suptitle.get_text()
         assert f"{int(skipped[-1])} step(s) skipped by loss scaling" in title
     else:  # bfloat16 has float32's range: no loss scaling at all
         assert "loss_scale" not in lines[-1]
@@ -165,7 +167,7 @@ def test_a_mixed_run_ends_on_schedule_resumes_exactly_and_saves_a_float32_encode
     for a, b in zip(whole.model.optimizer.variables, resumed.model.optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
-    encoder = keras.saving.load_model(tmp_path / "whole" / artifacts.ENCODER_FILE)
+    encoder = keras.saving.load_model(tmp_path / "whole" / paths.ENCODER_FILE)
     assert {layer.dtype_policy.name for layer in encoder._flatten_layers(include_self=False)} == {"float32"}
     images = view_pair(4, image_size=config.image_size)[0]
     features = encoder(images)
@@ -190,7 +192,7 @@ def test_the_mixed_precision_command_ends_on_schedule_quietly_and_a_rerun_trains
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Finished at step 6:" in again.stdout
     assert _train_lines(tmp_path / "run") == lines
-    config = json.loads((tmp_path / "run" / artifacts.CONFIG_FILE).read_text())
+    config = json.loads((tmp_path / "run" / paths.CONFIG_FILE).read_text())
     assert config["precision"] == "mixed_float16"
 
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bt_keras import BarlowTwins, backbones, heads
-from bt_keras.optim import LARS
+from bt_keras import BarlowTwins
+from bt_keras.method.optim import LARS
+from bt_keras.nets import backbones, heads
 from tests.helpers import tiny_model, view_pair
 
 

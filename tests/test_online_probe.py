@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bt_keras import backbones, data, heads
-from bt_keras.model import BarlowTwins
-from bt_keras.optim import LARS
-from bt_keras.probe import OnlineProbe
+from bt_keras import data
+from bt_keras.method.model import BarlowTwins
+from bt_keras.method.optim import LARS
+from bt_keras.method.probe import OnlineProbe
+from bt_keras.nets import backbones, heads
 from bt_keras.views import ViewConfig
 from tests.test_distributed import _strategy
 
@@ -185,7 +186,7 @@ def test_trainer_logs_the_probe_and_resumes_it(tmp_path):
     on the test split, and a resumed run restores the probe's weights and optimizer."""
     import json
 
-    from bt_keras.trainer import Trainer
+    from bt_keras.train.trainer import Trainer
     from tests.test_train import tiny_config
 
     def config(epochs):

@@ -11,7 +11,8 @@ import keras
 import numpy as np
 import pytest
 
-from bt_keras import artifacts, backbones
+from bt_keras.assembly import artifacts
+from bt_keras.nets import backbones
 
 ort = pytest.importorskip("onnxruntime", reason='onnxruntime is in the "test" extra')
 pytest.importorskip("tf2onnx", reason='tf2onnx is in the "onnx" extra')
@@ -72,7 +73,7 @@ METADATA = {"image_size": 16, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]
 @pytest.mark.skipif(not (FIXTURE / "MANIFEST.json").is_file(), reason=f"no fixture at {FIXTURE}")
 @pytest.mark.slow
 def test_converted_resnet50_in_onnxruntime_in_a_fresh_process(tmp_path):
-    from bt_keras.convert import convert_torchvision_checkpoint
+    from bt_keras.interop.convert import convert_torchvision_checkpoint
 
     workdir = tmp_path / "r50"
     convert_torchvision_checkpoint(FIXTURE / "resnet50_random.pth", workdir, image_size=64)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bt_keras.optim import LARS, WarmupCosine
+from bt_keras.method.optim import LARS, WarmupCosine
 from tests.helpers import needs_native_kernels
 
 

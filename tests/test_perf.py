@@ -3,7 +3,7 @@
 * `backbones.BatchNormalization` (TensorFlow's fused kernel on one replica) against `keras.layers.BatchNormalization`:
   outputs, input and parameter gradients, moving statistics, for rank-2 and rank-4 inputs.
 * `heads.project_views` (each Dense layer once on both views stacked) against two projector calls.
-* `perf.configure_host` in a fresh process (threads can only be set before TensorFlow starts).
+* `host.configure_host` in a fresh process (threads can only be set before TensorFlow starts).
 
 The hand-written loss gradient is checked in test_losses.py, the fused LARS update in test_optim.py, and all of them
 together under 1, 2 and 4 replicas in test_distributed.py.
@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bt_keras import heads, perf
-from bt_keras.backbones import BatchNormalization
+from bt_keras.nets import heads
+from bt_keras.nets.backbones import BatchNormalization
+from bt_keras.train import host
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,23 +76,23 @@ def test_project_views_equals_two_projector_calls():
 
 
 def test_configure_host_in_a_fresh_process():
-    code = "import json; from bt_keras import perf; print(json.dumps(perf.configure_host()))"
+    code = "import json; from bt_keras.train import host; print(json.dumps(host.configure_host()))"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["applied"] is True
-    assert report["intra_op"] == perf.usable_cores()
+    assert report["intra_op"] == host.usable_cores()
     assert report["system_allocator"] is False  # the default keeps TensorFlow's pool
 
 
 def test_configure_host_after_tensorflow_started_says_so_and_rejects_bad_allocators():
     tf.constant(1.0)  # this process's runtime is up (conftest configured its devices)
-    assert perf.configure_threads(1)["applied"] is False
+    assert host.configure_threads(1)["applied"] is False
     with pytest.raises(ValueError, match="allocator must be"):
-        perf.configure_host(allocator="tcmalloc")
+        host.configure_host(allocator="tcmalloc")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
 def test_tune_malloc_applies_on_glibc():
-    assert perf.tune_malloc() is True
+    assert host.tune_malloc() is True

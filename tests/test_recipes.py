@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bt_keras import builders, data, losses
-from bt_keras.optim import LARS
-from bt_keras.probe import OnlineProbe
+from bt_keras import data
+from bt_keras.assembly import builders
+from bt_keras.method import losses
+from bt_keras.method.optim import LARS
+from bt_keras.method.probe import OnlineProbe
 from tests.test_lars_forms import numpy_solo_lars
 from tests.test_optim import numpy_lars
 
@@ -112,7 +114,7 @@ def test_sololearn_optimizer_as_built_takes_solo_learns_step():
 
 def test_sololearn_model_as_built():
     config = _small(recipe("cifar10_sololearn"))
-    model = builders.build_model(config)
+    model = builders.build_model(config, builders.run_data(config))
     stem = model.encoder.get_layer("stem_conv")
     assert stem.output.shape[1:3] == (34, 34)  # padding 2 on 32 px images
     residual_gammas = [layer.gamma.numpy() for layer in model.encoder.layers if layer.name.endswith("_bn2")]
@@ -126,7 +128,8 @@ def test_sololearn_model_as_built():
     assert probe.optimizer.lars_weight_decay == 0.0 and probe.optimizer.clip_lr
     assert float(probe.optimizer._learning_rate(1949)) == pytest.approx(0.1)
     # The official defaults are unchanged: zero-initialised residual branches, no projector biases, no probe.
-    default = builders.build_model(_small(recipe("cifar10_resnet18")))
+    default_config = _small(recipe("cifar10_resnet18"))
+    default = builders.build_model(default_config, builders.run_data(default_config))
     assert all(np.all(layer.gamma.numpy() == 0.0) for layer in default.encoder.layers if layer.name.endswith("_bn2"))
     assert not any(layer.use_bias for layer in default.projector.layers if isinstance(layer, keras.layers.Dense))
     assert default.online_probe is None and default.scale_loss == 1.0
@@ -212,16 +215,11 @@ def test_old_cifar_recipe_keeps_the_official_form():
     assert float(opt._learning_rate(0)) == 0.0
 
 
-def test_online_probe_is_off_when_the_dataset_has_no_labels(monkeypatch, caplog):
+def test_online_probe_is_off_when_the_dataset_has_no_labels(caplog):
     config = _small(recipe("cifar10_sololearn"))
-    real = data.dataset_info
-
-    def unlabelled(*args, **kwargs):
-        info = real(*args, **kwargs)
-        return data.DatasetInfo(info.name, 0, info.image_shape, info.splits, info.mean, info.std)
-
-    monkeypatch.setattr(builders.data, "dataset_info", unlabelled)
+    info = data.dataset_info(config.dataset, config.data_dir)
+    assert builders.online_probe_classes(config, info) == 10
+    unlabelled = data.DatasetInfo(info.name, 0, info.image_shape, info.splits, info.mean, info.std)
     with caplog.at_level(logging.WARNING, logger="absl"):
-        assert builders.online_probe_classes(config) == 0
-        model = builders.build_model(config)
-    assert model.online_probe is None and "Online probe off" in caplog.text
+        assert builders.online_probe_classes(config, unlabelled) == 0
+    assert "Online probe off" in caplog.text

@@ -1,7 +1,7 @@
 """A whole training step under 2 and 4 replicas, with every multi-replica fast path, equals one device in float64.
 
-The fast paths under replicas: the loss's all-gather Gram form (bt_keras.loss_forms; B < D here), synchronised
-BatchNorm with one all-reduce each way (bt_keras.sync_batch_norm), LARS's native kernel on each replica's copy of
+The fast paths under replicas: the loss's all-gather Gram form (bt_keras.method.loss_forms; B < D here), synchronised
+BatchNorm with one all-reduce each way (bt_keras.nets.batch_norm), LARS's native kernel on each replica's copy of
 the variables, and one all-reduce per gradient (not one over all of them concatenated). Two `fit` steps (the second uses the momentum buffers the first wrote), from identical weights and
 data: the loss before and after, first-step gradients and final weights (BatchNorm moving statistics included) must
 agree to 1e-10.
@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bt_keras import collectives, fast_paths, loss_forms
-from bt_keras.optim import LARS
+from benchmarks import collectives
+from bt_keras import fast_paths
+from bt_keras.method import loss_forms
+from bt_keras.method.optim import LARS
 from tests.helpers import assert_same_training, needs_native_kernels, tiny_model, view_pair
 from tests.test_distributed import _strategy
 

@@ -1,6 +1,6 @@
 """benchmarks/loss_bytes.py and train_step.py's replica columns run end to end on tiny settings, and add up.
 
-Speed is not tested; what is: the bytes read from the traced ops equal bt_keras.loss_forms' count (so the
+Speed is not tested; what is: the bytes read from the traced ops equal bt_keras.method.loss_forms' count (so the
 extrapolation to the paper's setting rests on measured graphs), the fit predicts the width it did not use, and the
 scaling table compares each mirrored configuration with its one-device twin from the same run.
 """
@@ -18,10 +18,10 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
 
 
 def test_loss_bytes_measures_extrapolates_and_matches_the_cost_model(tmp_path):
-    from bt_keras import loss_forms
+    from bt_keras.method import loss_forms
 
     output = tmp_path / "loss_bytes.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "loss_bytes.py"), "--replicas", "4", "--batch", "64", "--dim",
+    cmd = [sys.executable, "-m", "benchmarks.loss_bytes", "--replicas", "4", "--batch", "64", "--dim",
            "256", "--trace-dims", "16", "32", "64", "128", "--output", str(output)]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,7 +38,7 @@ def test_loss_bytes_measures_extrapolates_and_matches_the_cost_model(tmp_path):
 @pytest.mark.slow  # three child processes building a ResNet-18: ~1.5 min on 2 cores
 def test_train_step_reports_replicas_against_one_device(tmp_path):
     output = tmp_path / "train_step.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--backbone", "resnet18", "--stem", "cifar",
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--backbone", "resnet18", "--stem", "cifar",
            "--image-size", "8", "--batch-size", "8", "--projector", "64-32", "--allocator", "default",
            "--strategy", "default", "mirrored:2", "--cross-device", "auto", "collective", "--warmup", "1",
            "--steps", "1", "--output", str(output)]

@@ -4,7 +4,7 @@ errors for ResNet-only options and variable image sizes."""
 import numpy as np
 import pytest
 
-from bt_keras import backbones
+from bt_keras.nets import backbones
 
 
 def test_small_cnn_is_registered_with_pooled_or_flattened_features():
@@ -23,7 +23,8 @@ def test_small_cnn_builds_from_a_config_as_the_trainer_does():
     """builders.build_model passes the ResNet options (stem, zero_init_residual) and config.backbone_options."""
     import ml_collections
 
-    from bt_keras import builders, config as config_lib
+    from bt_keras import config as config_lib
+    from bt_keras.assembly import builders
 
     config = config_lib.base_config()
     config.dataset, config.image_size, config.backbone, config.projector = "digits", 32, "small_cnn", "64-64"

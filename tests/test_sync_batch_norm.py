@@ -1,4 +1,4 @@
-"""Synchronised BatchNorm (bt_keras.sync_batch_norm) against NumPy, Keras's own synchronized layer and one device.
+"""Synchronised BatchNorm (bt_keras.nets.batch_norm) against NumPy, Keras's own synchronized layer and one device.
 
 float64 separates the maths from round-off: outputs, input gradients, gamma/beta gradients (summed over replicas, as
 the optimizer does) and the moving statistics must agree to 1e-10. Both implementations (native CPU kernels and
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bt_keras import backbones, collectives, sync_batch_norm
+from benchmarks import collectives
+from bt_keras.nets import backbones, batch_norm as sync_batch_norm
 from tests.helpers import needs_native_kernels
 from tests.test_distributed import _strategy
 

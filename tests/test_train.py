@@ -21,7 +21,7 @@ import tensorflow as tf
 
 import bt_keras  # noqa: F401  (registers the classes saved models need)
 from bt_keras import distribute
-from bt_keras.trainer import NonFiniteLossError, Trainer
+from bt_keras.train.trainer import NonFiniteLossError, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "experiments" / "quickstart.py")

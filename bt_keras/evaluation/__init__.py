@@ -7,6 +7,6 @@ Modules, one job each:
   `classifiers`    linear probes (L-BFGS on features, the paper's SGD protocol) and fine-tuning
   `protocol`       what a CLI run checks and records: `setup` (encoder + dataset, validated) and `finish` (JSON + table)
 
-Encoders are opened by `bt_keras.artifacts.open_encoder` (every format: workdirs, .keras files, checkpoints,
+Encoders are opened by `bt_keras.assembly.artifacts.open_encoder` (every format: workdirs, .keras files, checkpoints,
 SavedModel exports).
 """

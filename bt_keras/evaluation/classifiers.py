@@ -1,5 +1,5 @@
-"""Classifiers on an encoder: the linear probes and fine-tuning of the paper (the CLIs: `bt_keras.evaluate.linear`,
-`bt_keras.evaluate.finetune`, whose docstrings give the protocols in full).
+"""Classifiers on an encoder: the linear probes and fine-tuning of the paper (the CLIs: `bt_keras.cli.evaluate_linear`,
+`bt_keras.cli.evaluate_finetune`, whose docstrings give the protocols in full).
 
 * `linear_probe_features`: L-BFGS multinomial logistic regression on cached, standardised features, C chosen on a
   held-out part of the training split (small-data practice: SimCLR App. B.8, BYOL).

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from bt_keras.artifacts import Encoder
+from bt_keras.assembly.artifacts import Encoder
 
 
 def _num_batches(dataset) -> int | None:

@@ -15,7 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from bt_keras import data
-from bt_keras.artifacts import Encoder
+from bt_keras.assembly.artifacts import Encoder
 from bt_keras.paths import ENCODER_METADATA
 
 

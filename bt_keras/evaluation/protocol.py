@@ -17,8 +17,9 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from bt_keras import __version__, artifacts, data, io
-from bt_keras.artifacts import Encoder
+from bt_keras import __version__, data, files, paths
+from bt_keras.assembly import artifacts
+from bt_keras.assembly.artifacts import Encoder
 from bt_keras.evaluation.features import check_labels, extract_features
 from bt_keras.evaluation.preprocessing import (Preprocessing, labelled_batches, resolve_preprocessing,
                                                training_batches)
@@ -181,7 +182,7 @@ def default_output_path(encoder: Encoder, protocol: str, dataset: str) -> Path:
     path = encoder.path
     if encoder.kind == "savedmodel":
         folder = Path.cwd()
-    elif artifacts.is_checkpoint(path):  # workdir/checkpoints/ckpt-N
+    elif paths.is_checkpoint(path):  # workdir/checkpoints/ckpt-N
         folder, name = path.parent.parent, f"{name}_step{path.name.rsplit('-', 1)[-1]}"
     else:
         folder = path if path.is_dir() else path.parent
@@ -217,7 +218,7 @@ def finish(s: Setup, protocol: str, settings: dict, metrics: dict, num_train: in
     }
     name = protocol if s.subset is None else f"{protocol}_subset{s.subset}"
     output = Path(s.output) if s.output else default_output_path(s.encoder, name, s.dataset)
-    io.atomic_write_json(output, record)
+    files.atomic_write_json(output, record)
     record["output"] = str(output)
     print(format_table(record, title))
     print(f"Wrote {output}")

@@ -1,6 +1,6 @@
-"""A torchvision ResNet-18/34/50 state dict mapped onto `bt_keras.backbones.resnet`, every key used exactly once.
+"""A torchvision ResNet-18/34/50 state dict mapped onto `bt_keras.nets.backbones.resnet`, every key used exactly once.
 
-torchvision's names (torchvision/models/resnet.py) and ours (bt_keras/backbones.py):
+torchvision's names (torchvision/models/resnet.py) and ours (bt_keras/nets/backbones.py):
 
     conv1, bn1                                  stem_conv, stem_bn
     layer{S}.{B}.conv{i}, layer{S}.{B}.bn{i}    stage{S}_block{B+1}_conv{i}, stage{S}_block{B+1}_bn{i}
@@ -33,7 +33,7 @@ import re
 import keras
 import numpy as np
 
-from bt_keras import backbones
+from bt_keras.nets import backbones
 
 # (bottleneck blocks?, blocks per stage), torchvision's definitions
 ARCHITECTURES = {"resnet18": (False, (2, 2, 2, 2)), "resnet34": (False, (3, 4, 6, 3)),

@@ -4,10 +4,10 @@ Two libraries so far:
 
 * `lars_update` (source: lars_update.cc): the whole LARS step of one variable in two passes over memory instead of
   TensorFlow's ~14, which halves the optimizer's time on the large projector kernels (see benchmarks/README.md).
-  `bt_keras.optim.LARS` uses it on CPU when it is available and falls back to TensorFlow ops otherwise (GPU/TPU
+  `bt_keras.method.optim.LARS` uses it on CPU when it is available and falls back to TensorFlow ops otherwise (GPU/TPU
   variables, XLA-compiled steps, no compiler), with the same results.
 * `batch_norm_ops` (source: batch_norm_sums.cc): per-channel sums and affine maps in one pass each, for the
-  synchronised BatchNorm under several replicas (`bt_keras.sync_batch_norm`), with the same fallback.
+  synchronised BatchNorm under several replicas (`bt_keras.nets.batch_norm`), with the same fallback.
 
 Building needs a C++17 compiler (`$CXX`, else `c++`/`g++`) and TensorFlow's headers, which the TensorFlow wheel
 ships; it takes ~10 s once per library and TensorFlow version. A library is cached in `$BT_KERAS_CACHE_DIR`, else
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from absl import logging
 
-from bt_keras.io import atomic_write
+from bt_keras.files import atomic_write
 
 _SOURCE = Path(__file__).with_name("lars_update.cc")
 _BATCH_NORM_SOURCE = Path(__file__).with_name("batch_norm_sums.cc")

@@ -12,7 +12,7 @@ Decoding and resizing stay outside the ONNX graph (the caller's image library do
 model; the preprocessing is recorded in the model's metadata_props (`bt_keras.image_size`, `bt_keras.mean`,
 `bt_keras.std`, `bt_keras.crop_fraction`, ...), so a consumer reads it from the file itself.
 
-    >>> encoder, metadata = bt_keras.artifacts.load_encoder("runs/cifar10")
+    >>> encoder, metadata = bt_keras.assembly.artifacts.load_encoder("runs/cifar10")
     >>> export_onnx(encoder, metadata, "models/encoder.onnx")
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from bt_keras import precision
-from bt_keras.io import atomic_write
+from bt_keras.files import atomic_write
+from bt_keras.method import precision
 
 INPUT_NAME = "normalized"
 OUTPUT_NAME = "embedding"
@@ -45,7 +45,7 @@ def _require_onnx():
 def _image_size(metadata: dict, encoder: keras.Model) -> int:
     if "image_size" not in metadata:
         raise ValueError("The encoder's metadata has no image_size: export a training workdir or a folder written "
-                         "by bt_keras.convert (their encoder.json has it).")
+                         "by bt_keras.cli.convert (their encoder.json has it).")
     size = int(metadata["image_size"])
     shape = tuple(encoder.input_shape)
     if len(shape) != 4 or shape[3] not in (3, None) or len(encoder.output_shape) != 2:

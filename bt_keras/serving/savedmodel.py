@@ -25,7 +25,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from bt_keras import __version__, io, paths
+from bt_keras import __version__, files, paths
 from bt_keras.paths import SIGNATURE_BYTES, SIGNATURE_NORMALIZED, SIGNATURE_PIXELS
 from bt_keras.serving.signatures import (DEFAULT_MAX_IMAGE_PIXELS, Servable, check_max_image_pixels,
                                         preprocessing_from_metadata, signature_table)
@@ -106,7 +106,7 @@ def export_encoder(
         extra = staging / paths.ASSETS_EXTRA
         records = write_warmup_requests(extra / paths.WARMUP_FILE, model_name, size, batch_sizes)
         feature_dim, projection_dim = servable.feature_dim, servable.projection_dim
-        io.atomic_write_json(extra / paths.EXPORT_METADATA, {
+        files.atomic_write_json(extra / paths.EXPORT_METADATA, {
             "format": "bt_keras SavedModel export, version 1",
             "model_name": model_name,
             "version": int(version),
@@ -123,7 +123,7 @@ def export_encoder(
             "encoder_metadata": metadata,
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "bt_keras": __version__},
         })
-        io.share_tree(staging)  # mkdtemp made it 0700: give it the modes of a plain mkdir (0755 under umask 022)
+        files.share_tree(staging)  # mkdtemp made it 0700: give it the modes of a plain mkdir (0755 under umask 022)
         os.rename(staging, final)
     finally:
         if staging.exists():

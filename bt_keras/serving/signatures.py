@@ -19,8 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from bt_keras.augment.eval_transforms import eval_transform
 from bt_keras.paths import ENCODER_METADATA, SIGNATURE_BYTES, SIGNATURE_NORMALIZED, SIGNATURE_PIXELS
-from bt_keras.augment import eval_transform
 from bt_keras.serving.image_header import check_encoded_images, resized_too_large
 
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: any camera photo; stops a decompression bomb before the resize
@@ -38,7 +38,7 @@ DEFAULT_CROP_FRACTION = inspect.signature(eval_transform).parameters["crop_fract
 def preprocessing_from_metadata(metadata: dict, encoder: keras.Model) -> dict:
     """The preprocessing evaluation uses for this encoder: `{image_size, mean, std, crop_fraction}`, validated.
 
-    `metadata` is what `bt_keras.artifacts.load_encoder` returns (the `encoder.json` written by training).
+    `metadata` is what `bt_keras.assembly.artifacts.load_encoder` returns (the `encoder.json` written by training).
     Raises ValueError naming what is missing or inconsistent, and how to fix it.
     """
     missing = [key for key in ("image_size", "mean", "std") if key not in metadata]
@@ -46,7 +46,7 @@ def preprocessing_from_metadata(metadata: dict, encoder: keras.Model) -> dict:
         raise ValueError(
             f"The encoder's metadata lacks {missing}: export must preprocess images exactly as evaluation does. "
             f"Export a training workdir (its {ENCODER_METADATA} has them), or write them beside the model with "
-            "bt_keras.artifacts.save_encoder(encoder, directory, {'image_size': ..., 'mean': [...], 'std': [...]})."
+            "bt_keras.assembly.artifacts.save_encoder(encoder, directory, {'image_size': ..., 'mean': [...], 'std': [...]})."
         )
     size = int(metadata["image_size"])
     mean, std = [float(v) for v in metadata["mean"]], [float(v) for v in metadata["std"]]

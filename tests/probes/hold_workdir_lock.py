@@ -2,7 +2,7 @@
 
     python tests/probes/hold_workdir_lock.py WORKDIR
 
-Takes `WORKDIR/train.lock` with bt_keras.workdir_lock, prints "locked" (one line, flushed) and sleeps until it is
+Takes `WORKDIR/train.lock` with bt_keras.train.workdir_lock, prints "locked" (one line, flushed) and sleeps until it is
 killed or its stdin closes, so a test can start a second trainer against a live holder, or SIGKILL it to leave a
 stale lock behind.
 """
@@ -10,14 +10,14 @@ stale lock behind.
 import sys
 from pathlib import Path
 
-from bt_keras import artifacts
-from bt_keras.workdir_lock import WorkdirLock
+from bt_keras import paths
+from bt_keras.train.workdir_lock import WorkdirLock
 
 
 def main() -> None:
     workdir = Path(sys.argv[1])
     workdir.mkdir(parents=True, exist_ok=True)
-    lock = WorkdirLock(workdir / artifacts.LOCK_FILE).acquire()
+    lock = WorkdirLock(workdir / paths.LOCK_FILE).acquire()
     print("locked", flush=True)
     sys.stdin.read()  # returns when the test closes our stdin
     lock.release()

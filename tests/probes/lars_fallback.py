@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from bt_keras import kernels
-from bt_keras.optim import LARS
+from bt_keras.method.optim import LARS
 
 var = keras.Variable(np.ones((4, 4), np.float32))
 LARS(0.5).apply_gradients([(tf.ones((4, 4)), var)])

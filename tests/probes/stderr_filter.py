@@ -25,7 +25,7 @@ import time
 import traceback
 import types
 
-from bt_keras import console
+from bt_keras.cli import console
 
 NOISE = b"I0000 00:00:1796204516.191248    3633 port.cc:153] oneDNN custom operations are on.\n"
 ABSL_BANNER = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"

@@ -1,0 +1,7 @@
+"""`python -m bt_keras.train`: the command's name, kept; the command line is `bt_keras.cli.train`."""
+
+if __name__ == "__main__":
+    from bt_keras.cli import train as command_line
+
+    __doc__ = command_line.__doc__  # absl's --help prints the __main__ module's docstring
+    command_line.run()

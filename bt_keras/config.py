@@ -83,11 +83,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.end_lr_scale = 0.001
     c.optimizer.warmup_start_lr = 0.0  # the warm-up's first learning rate (solo-learn: 3e-5)
     c.optimizer.inclusive_warmup = False  # True: base lr at the warm-up's last step (solo-learn's scheduler)
-    c.optimizer.trust_ratio = "official"  # or "solo_learn": eta ||w|| / (||g|| + wd ||w|| + epsilon) (bt_keras.method.optim)
+    # "official", or "solo_learn": eta ||w|| / (||g|| + wd ||w|| + epsilon) (bt_keras.method.optim)
+    c.optimizer.trust_ratio = "official"
     c.optimizer.clip_lr = False  # min(trust ratio / lr, 1) (solo-learn)
     c.optimizer.epsilon = 1e-8  # the "solo_learn" ratio's epsilon
     # R: the GPUs of the run whose hyperparameters the recipe states. The official code applies 1/R of the true
-    # gradient; the builder takes the same step with weight_decay x R and lr_biases / R (optim.reference_hyperparameters).
+    # gradient; the builder takes the same step with weight_decay x R and lr_biases / R
+    # (optim.reference_hyperparameters).
     c.optimizer.reference_replicas = 1
 
     # Online linear probe (bt_keras.method.probe): a linear classifier on the encoder's stop-gradient features, trained
@@ -101,7 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.online_probe.eval_every_epochs = 0  # >0: its top-1 on eval_split (online_val_top1), as solo-learn reports
     c.online_probe.eval_split = "test"
     c.online_probe.eval_examples = 0  # 0: the whole split
-    # Accelerators (bt_keras.train.step, bt_keras.method.precision): XLA-compile each replica's step (--xla), and the dtype policy:
+    # Accelerators (bt_keras.train.step, bt_keras.method.precision): XLA-compile each replica's step (--xla), and the
+    # dtype policy:
     # "float32", "mixed_float16" (GPUs; dynamic loss scaling) or "mixed_bfloat16" (TPUs, recent GPUs); --mixed_precision
     # picks float16, or bfloat16 on TPUs. Variables, the loss, C, BatchNorm statistics and LARS stay float32.
     c.jit_compile = False

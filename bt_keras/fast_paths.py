@@ -10,7 +10,8 @@ fast paths that tests hold equal to it:
 * TensorFlow's fused BatchNorm kernel where statistics are local, and under several replicas the synchronised
   BatchNorm with one all-reduce each way and one-pass native CPU kernels (`bt_keras.nets.batch_norm.BatchNormalization`,
   `bt_keras.nets.batch_norm`);
-* LARS as one native CPU op per variable, each replica's copy included (`bt_keras.kernels`, `bt_keras.method.optim.LARS`).
+* LARS as one native CPU op per variable, each replica's copy included (`bt_keras.kernels`,
+  `bt_keras.method.optim.LARS`).
 
 `BT_KERAS_FAST=0` in the environment (or `set_enabled(False)`, or a recipe's `config.fast_paths = False`) turns all
 of them off; the decision is read when a step is traced, so set it before training starts. `BT_KERAS_NATIVE=0` turns

@@ -1,9 +1,14 @@
-"""Test set-up: split the CPU into 4 logical devices, so multi-replica strategies can be tested on one machine.
+"""Test set-up: split the CPU into 4 logical devices, so multi-replica strategies can be tested on one machine; and the
+fixtures several folders share.
 
-This must run before TensorFlow initialises its devices, which is why it lives here, imported first by pytest.
+The device split must run before TensorFlow initialises its devices, which is why it lives here, imported first by
+pytest.
 """
 
 import os
+import shutil
+
+import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -13,3 +18,28 @@ NUM_LOGICAL_CPUS = 4
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS)
+
+
+# ------------------------------------------------------------ one short training run, shared by the files that use it
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A finished two-epoch run of three steps (tests.helpers.trainer): checkpoints 0, 3 and 6, encoder.keras at step
+    6. Built once per session for tests/train/test_resume.py, test_trainer.py and tests/assembly/test_artifacts.py;
+    read only: a test that changes a run works on `run_copy`."""
+    from bt_keras import paths
+    from tests.helpers import trainer
+
+    workdir = tmp_path_factory.mktemp("finished")
+    trainer(workdir).run()
+    assert [p.name for p in paths.latest_checkpoints(workdir)] == ["ckpt-0", "ckpt-3", "ckpt-6"]
+    return workdir
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A copy of finished_run of this test's own."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    return workdir

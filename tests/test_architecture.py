@@ -11,8 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "bt_keras"
 # Command lines: entry points that may import anything; nothing in the library may import them.
 # The layers, bottom to top: a module may import its own layer and those below, never one above. Each subpackage is

@@ -8,13 +8,11 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow  # end-to-end runs
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def readme_train_command():

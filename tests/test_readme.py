@@ -1,14 +1,14 @@
-"""The README's promises, checked: its `model.fit` snippet runs as written, and its commands are what CI runs."""
+"""The README's promises, checked: its `model.fit` snippet runs as written, its commands are what CI runs, and it (with
+export/README.md) says a SavedModel encoder must be trusted."""
 
 import os
 import re
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 
 
@@ -31,3 +31,11 @@ def test_ci_runs_the_readme_test_command():
     ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci_lines, f"README's test command {test_command!r} is not a line of .ci/run"
     assert os.access(REPO / ".ci" / "run", os.X_OK)
+
+
+@pytest.mark.hostile
+def test_readmes_say_a_savedmodel_encoder_must_be_trusted():
+    for readme in ("README.md", "export/README.md"):
+        text = " ".join((REPO / readme).read_text().split())
+        assert "Trust: a SavedModel" in text and "is a program, not data" in text, readme
+        assert "reading and writing files" in text and "trust" in text.split("Trust: a SavedModel", 1)[1][:400]

@@ -3,7 +3,6 @@ scale, network), and the ImageNet recipe's published hyperparameters converted t
 
 import importlib.util
 import logging
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -15,10 +14,9 @@ from bt_keras.assembly import builders
 from bt_keras.method import losses
 from bt_keras.method.optim import LARS
 from bt_keras.method.probe import OnlineProbe
-from tests.test_lars_forms import numpy_solo_lars
-from tests.test_optim import numpy_lars
+from tests.helpers import REPO, numpy_lars, numpy_solo_lars
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = REPO / "experiments"
 
 
 def recipe(name):

@@ -3,9 +3,7 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _write(path, protocol, top1, top5):

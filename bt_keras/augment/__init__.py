@@ -6,7 +6,8 @@
   `eval_transforms`  the deterministic centre crop the probes and the SavedModel export share
 
 Public names (`bt_keras.augment.augment_batch`, `.eval_transform`, and `bt_keras.views`' `.ViewConfig`, ...) resolve
-from these modules on first use: `bt_keras.augment.eval_transform`, the name exports record in their metadata, keeps resolving.
+from these modules on first use: `bt_keras.augment.eval_transform`, the name exports record in their metadata, keeps
+resolving.
 """
 
 import importlib

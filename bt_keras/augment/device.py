@@ -13,7 +13,7 @@ each image's photometric draws (`augment.photometric_params`, a few numbers per 
 stateless seeds), and `BarlowTwins.train_step` applies them on the device (`augment.apply_photometric`). The draws
 are batched per image, so `fit` under a MirroredStrategy, which splits every tensor of a batch over the replicas,
 splits them with their images. The two modes give the same
-views (tests/test_device_augment.py checks it to float tolerance). The host then sends 1 byte per pixel instead of 4 and
+views (tests/augment/test_device.py checks it to float tolerance). The host then sends 1 byte per pixel instead of 4 and
 spends no time on the colour steps (benchmarks/input_pipeline.py: `--augment_on host accelerator`).
 
 XLA cannot compile this augmentation (the blur of a random subset of the batch has a data-dependent shape), so under

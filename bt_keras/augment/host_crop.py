@@ -1,7 +1,7 @@
 """The host's share of a view from an encoded image: decode straight to the random crop window, flip, resize, uint8.
 
 `decode_random_resized_crop(data, view, seed)` gives exactly the pixels of
-`augment.random_resized_crop(decode(data), ...)` (same stateless draws, same bicubic antialiased resize, same
+`ops.random_resized_crop(decode(data), ...)` (same stateless draws, same bicubic antialiased resize, same
 rounding; tested) but decodes less:
 
 * JPEG: the crop box is sampled from the header's size (`tf.image.extract_jpeg_shape`, no decode) and only the
@@ -17,7 +17,7 @@ side in both directions, libjpeg decodes it at 1/2, 1/4 or 1/8 scale in the DCT 
 cheaper than decoding at full size and then downsampling. The DCT downscale is a different filter from the
 antialiased bicubic one, and the window is rounded out to the scaled pixel grid (at most r - 1 source pixels per
 side), so views differ slightly from the default (32-px crops of 300-400 px images, which decode at 1/4-1/8: a mean
-absolute difference of 4.1 grey levels, 8 at most per image; checked in tests/test_device_augment.py); both augment modes still agree with each other, since the host runs this either way.
+absolute difference of 4.1 grey levels, 8 at most per image; checked in tests/augment/test_device.py); both augment modes still agree with each other, since the host runs this either way.
 
 No float image is kept: the crop is resized as float (TensorFlow's resize kernels are float) and rounded back to
 uint8 at once, as PIL does.
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from bt_keras import augment
+from bt_keras.augment import ops
 from bt_keras.views import ViewConfig
 
 DCT_RATIOS = (1, 2, 4, 8)  # the scales libjpeg decodes at (tf.io.decode_jpeg's `ratio`)
@@ -77,14 +77,14 @@ def _jpeg_window(data, top, left, h, w, full_hw, size: int, dct_scaling: bool) -
 
 def decode_random_resized_crop(data, view: ViewConfig, seed, *, dct_scaling: bool = False) -> tf.Tensor:
     """Encoded image bytes (any size) -> uint8 [S, S, 3]: `view`'s random resized crop + flip, decoding as little
-    as possible. Same result as `augment.random_resized_crop(decode(data), S, scale, ratio, seed, flip_prob)`
+    as possible. Same result as `ops.random_resized_crop(decode(data), S, scale, ratio, seed, flip_prob)`
     unless `dct_scaling` (see the module docstring)."""
     size = view.crop_size
     s_box, s_flip = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
 
     def jpeg():
         full_hw = tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int32)
-        top, left, h, w = (v[0] for v in augment.sample_crop_boxes(full_hw[:1], full_hw[1:], view.crop_scale,
+        top, left, h, w = (v[0] for v in ops.sample_crop_boxes(full_hw[:1], full_hw[1:], view.crop_scale,
                                                                    view.crop_ratio, s_box))
         crop = _jpeg_window(data, top, left, h, w, full_hw, size, dct_scaling)
         flip = tf.random.stateless_uniform([], s_flip) < view.flip_prob
@@ -93,7 +93,7 @@ def decode_random_resized_crop(data, view: ViewConfig, seed, *, dct_scaling: boo
 
     def other():
         image = tf.ensure_shape(tf.io.decode_image(data, channels=3, expand_animations=False), [None, None, 3])
-        return augment.random_resized_crop(image, size, view.crop_scale, view.crop_ratio, seed, view.flip_prob)
+        return ops.random_resized_crop(image, size, view.crop_scale, view.crop_ratio, seed, view.flip_prob)
 
     return tf.ensure_shape(tf.cond(tf.io.is_jpeg(data), jpeg, other), [size, size, 3])
 
@@ -108,7 +108,7 @@ def decode_random_resized_crop_pair(data, views, seeds, *, dct_scaling: bool = F
 
     def jpeg():
         full_hw = tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int32)
-        boxes = [[v[0] for v in augment.sample_crop_boxes(full_hw[:1], full_hw[1:], view.crop_scale, view.crop_ratio,
+        boxes = [[v[0] for v in ops.sample_crop_boxes(full_hw[:1], full_hw[1:], view.crop_scale, view.crop_ratio,
                                                           s_box)] for view, (s_box, _) in zip(views, splits)]
         y0 = tf.maximum(tf.minimum(boxes[0][0], boxes[1][0]) - _MARGIN, 0)
         x0 = tf.maximum(tf.minimum(boxes[0][1], boxes[1][1]) - _MARGIN, 0)
@@ -125,7 +125,7 @@ def decode_random_resized_crop_pair(data, views, seeds, *, dct_scaling: bool = F
 
     def other():
         image = tf.ensure_shape(tf.io.decode_image(data, channels=3, expand_animations=False), [None, None, 3])
-        return tuple(augment.random_resized_crop(image, v.crop_size, v.crop_scale, v.crop_ratio, s, v.flip_prob)
+        return tuple(ops.random_resized_crop(image, v.crop_size, v.crop_scale, v.crop_ratio, s, v.flip_prob)
                      for v, s in zip(views, seeds))
 
     crops = tf.cond(tf.io.is_jpeg(data), jpeg, other)

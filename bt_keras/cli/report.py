@@ -13,7 +13,8 @@ import sys
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m bt_keras.report WORKDIR   (the --workdir of a `python -m bt_keras.train` run)", file=sys.stderr)
+        print("usage: python -m bt_keras.report WORKDIR   (the --workdir of a `python -m bt_keras.train` run)",
+              file=sys.stderr)
         return 2
     from bt_keras.train import figures  # file names from bt_keras.paths: neither TensorFlow nor Keras loads
     try:

@@ -87,6 +87,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from bt_keras import distribute, paths
+    from bt_keras.config import complete
     from bt_keras.train import figures, host
     from bt_keras.train.trainer import NonFiniteLossError, summary, Trainer
 
@@ -97,7 +98,7 @@ def main(argv):
     logging.info("Host settings: %s", host.configure_host())
     if _CPU_DEVICES.value:
         distribute.split_cpu(_CPU_DEVICES.value)
-    config = _CONFIG.value
+    config = complete(_CONFIG.value)  # every field of bt_keras.config present, once
     with config.unlocked():
         if _DATA_DIR.value is not None:
             config.data_dir = _DATA_DIR.value
@@ -105,9 +106,9 @@ def main(argv):
             config.seed = _SEED.value
         if _DATA_SERVICE.value is not None:
             config.data_service = _DATA_SERVICE.value
-        config.jit_compile = _XLA.value or config.get("jit_compile", False)
+        config.jit_compile = _XLA.value or config.jit_compile
     strategy = distribute.make_strategy(_STRATEGY.value, tpu=_TPU.value)
-    if _MIXED.value and config.get("precision", "float32") == "float32":  # a recipe's mixed policy is kept
+    if _MIXED.value and config.precision == "float32":  # a recipe's mixed policy is kept
         from bt_keras.method import precision
 
         with config.unlocked():

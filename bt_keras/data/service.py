@@ -29,7 +29,7 @@ Resume guarantees in this mode (weaker than local reading, where the stream is a
   restart at the exact batch: the trainer's `start_batch` becomes each worker's offset into its own stream.
 * A worker that dies loses the batches it had prepared and the rest of its current epoch (the dispatcher does not
   reassign a split that was handed out); training continues on the other workers (measured in
-  tests/test_data_service.py: a 0.1-0.2 s stall at one step on this machine). A dispatcher that dies stops the run (its state is not
+  tests/data/test_service.py: a 0.1-0.2 s stall at one step on this machine). A dispatcher that dies stops the run (its state is not
   fault-tolerant here unless started with --work_dir and --fault_tolerant).
 
 An unreachable dispatcher is an error within `probe_timeout` seconds naming the address (TensorFlow itself would retry

@@ -1,4 +1,5 @@
-"""`python -m bt_keras.evaluate.finetune`: the command's name, kept; the command line is `bt_keras.cli.evaluate_finetune`."""
+"""`python -m bt_keras.evaluate.finetune`: the command's name, kept; the command line is
+`bt_keras.cli.evaluate_finetune`."""
 
 if __name__ == "__main__":
     from bt_keras.cli import evaluate_finetune as command_line

@@ -1,4 +1,5 @@
-"""`python -m bt_keras.evaluate.linear`: the command's name, kept; the command line is `bt_keras.cli.evaluate_linear`."""
+"""`python -m bt_keras.evaluate.linear`: the command's name, kept; the command line is
+`bt_keras.cli.evaluate_linear`."""
 
 if __name__ == "__main__":
     from bt_keras.cli import evaluate_linear as command_line

@@ -14,8 +14,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from bt_keras import data
 from bt_keras.assembly.artifacts import Encoder
+from bt_keras.data import labelled
+from bt_keras.data.sources import DatasetInfo
 from bt_keras.paths import ENCODER_METADATA
 
 
@@ -38,7 +39,7 @@ def _triple(values, name: str) -> tuple[float, float, float]:
     return values
 
 
-def resolve_preprocessing(encoder: Encoder, info: data.DatasetInfo, image_size: int | None = None,
+def resolve_preprocessing(encoder: Encoder, info: DatasetInfo, image_size: int | None = None,
                           mean=None, std=None) -> Preprocessing:
     """The encoder's preprocessing: overrides, else its metadata, else what its input shape or the dataset implies.
 
@@ -91,7 +92,7 @@ def _renormalize(ds: tf.data.Dataset, source: tuple, target: Preprocessing) -> t
     return ds.map(lambda x, y: (x * scale + shift, y), num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def labelled_batches(name: str, split: str, prep: Preprocessing, info: data.DatasetInfo, *, batch_size: int,
+def labelled_batches(name: str, split: str, prep: Preprocessing, info: DatasetInfo, *, batch_size: int,
                      data_dir=None, download: bool = False, train: bool = False, shuffle: bool | None = None,
                      subset=None, limit: int | None = None, seed: int | None = 0) -> tf.data.Dataset:
     """(images normalised for the encoder, int32 labels) batches of `split`, through `data.labelled_dataset`.
@@ -101,7 +102,7 @@ def labelled_batches(name: str, split: str, prep: Preprocessing, info: data.Data
     class-balanced fraction or per-class count (data.labelled_dataset). `limit`: only the first `limit` examples
     (in the split's stored order unless shuffled), for quick runs.
     """
-    ds = data.labelled_dataset(name, split=split, batch_size=batch_size, image_size=prep.image_size, train=train,
+    ds = labelled.labelled_dataset(name, split=split, batch_size=batch_size, image_size=prep.image_size, train=train,
                                data_dir=data_dir, download=download, shuffle=shuffle, seed=seed, subset=subset,
                                cache=False if limit else "auto")
     if limit:
@@ -109,7 +110,7 @@ def labelled_batches(name: str, split: str, prep: Preprocessing, info: data.Data
     return _renormalize(ds, (info.mean, info.std), prep)
 
 
-def training_batches(name: str, split: str, prep: Preprocessing, info: data.DatasetInfo, *, batch_size: int,
+def training_batches(name: str, split: str, prep: Preprocessing, info: DatasetInfo, *, batch_size: int,
                      data_dir=None, download: bool = False, subset=None, limit: int | None = None,
                      seed: int = 0) -> tf.data.Dataset | Callable[[int], tf.data.Dataset]:
     """The augmented training data of the SGD protocols, iterated once per epoch.

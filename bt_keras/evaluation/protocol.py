@@ -17,15 +17,17 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from bt_keras import __version__, data, files, paths
+from bt_keras import __version__, files, paths
 from bt_keras.assembly import artifacts
 from bt_keras.assembly.artifacts import Encoder
+from bt_keras.data import sources
+from bt_keras.data.sources import DatasetInfo
 from bt_keras.evaluation.features import check_labels, extract_features
 from bt_keras.evaluation.preprocessing import (Preprocessing, labelled_batches, resolve_preprocessing,
                                                training_batches)
 
 
-def check_labelled(info: data.DatasetInfo) -> None:
+def check_labelled(info: DatasetInfo) -> None:
     """kNN, linear probes and fine-tuning all need class labels."""
     if not info.num_classes:
         raise ValueError(f"{info.name} has no labels (no 'label' feature): kNN, linear and fine-tuning evaluation "
@@ -33,12 +35,12 @@ def check_labelled(info: data.DatasetInfo) -> None:
                          "sub-folders, or digits. Pre-train on unlabelled data, then evaluate on a labelled one.")
 
 
-def check_split(info: data.DatasetInfo, split: str) -> None:
+def check_split(info: DatasetInfo, split: str) -> None:
     if split not in info.splits:
         raise ValueError(f"{info.name} has no split {split!r}; its splits are {sorted(info.splits)}.")
 
 
-def default_test_split(info: data.DatasetInfo) -> str:
+def default_test_split(info: DatasetInfo) -> str:
     """`test` when the dataset has one, else `validation` / `val` (ImageNet's held-out split)."""
     for split in ("test", "validation", "val"):
         if split in info.splits:
@@ -62,7 +64,7 @@ def parse_subset(text):
                              f"{text!r}") from None
 
 
-def check_subset_size(subset, info: data.DatasetInfo, split: str) -> None:
+def check_subset_size(subset, info: DatasetInfo, split: str) -> None:
     """Refuses a fraction so small that an average class of `split` would keep round(fraction x size) = 0 examples.
 
     (`data.labelled_dataset` would quietly keep one example per class instead, which is not what was asked.)
@@ -70,7 +72,7 @@ def check_subset_size(subset, info: data.DatasetInfo, split: str) -> None:
     if subset is None:
         return
     try:
-        data.check_subset(subset)
+        sources.check_subset(subset)
     except ValueError as error:
         raise ValueError(f"--{error}") from None
     if isinstance(subset, float):
@@ -95,7 +97,7 @@ class Setup:
 
     encoder: Encoder
     dataset: str
-    info: data.DatasetInfo
+    info: DatasetInfo
     prep: Preprocessing
     train_split: str
     test_split: str
@@ -155,8 +157,8 @@ def setup(encoder_path, *, dataset=None, data_dir=None, download=False, train_sp
     encoder = artifacts.open_encoder(encoder_path)
     dataset = dataset or encoder.metadata.get("dataset")
     if not dataset:
-        raise ValueError(f"The encoder's metadata does not name its dataset; pass --dataset ({data.NAME_FORMS}).")
-    info = data.dataset_info(dataset, data_dir, download)
+        raise ValueError(f"The encoder's metadata does not name its dataset; pass --dataset ({sources.NAME_FORMS}).")
+    info = sources.dataset_info(dataset, data_dir, download)
     check_labelled(info)
     test_split = test_split or default_test_split(info)
     for split in (train_split, test_split):

@@ -37,7 +37,7 @@ def reference_loss(z1, z2, lambd: float = DEFAULT_LAMBDA) -> dict[str, tf.Tensor
     """The method, plainly: the paper's eq. 1 over the global batch, differentiated by autodiff.
 
     `barlow_twins_loss` (below) computes the same values and gradients with fewer passes over the D x D matrix;
-    tests/test_losses.py holds it to this function, and `BT_KERAS_FAST=0` makes training use this one.
+    tests/method/test_losses.py holds it to this function, and `BT_KERAS_FAST=0` makes training use this one.
     """
     z1, z2 = _check_embeddings(z1, z2)
     n = global_sum(tf.cast(tf.shape(z1)[0], z1.dtype))  # the GLOBAL batch size
@@ -155,7 +155,7 @@ def _correlation_terms(z1n, z2n, count, lambd: float) -> tuple:
 
         dL/dz1n = (2 lambd z2n C^T + z2n * g) / N,   dL/dz2n = (2 lambd z1n C + z1n * g) / N,   g_i the diagonal part.
 
-    The Gram form (`bt_keras.method.loss_forms` chooses it by cost: B <= D on one replica, B < D on several) never forms C:
+    The Gram form (`loss_forms` chooses it by cost: B <= D on one replica, B < D on several) never forms C:
     everything goes through the B x B Gram matrices Ga = (z1n/N)(z1n/N)^T and Gb = z2n z2n^T (same maths, B^2 D
     instead of B D^2 multiply-adds, and no 256 MiB tensor in the step's peak):
 

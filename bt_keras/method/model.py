@@ -8,8 +8,8 @@ The story of one step (paper, Algorithm 1):
   3. `barlow_twins_loss` normalises each embedding along the GLOBAL batch and pushes their cross-correlation matrix
      towards the identity;
   4. the optimizer (LARS in the paper's recipe) applies the true gradient of that global loss;
-  5. optionally, an online linear probe (`bt_keras.method.probe.OnlineProbe`) learns the labels from the encoder's features
-     with the gradient stopped, with its own optimizer (batches `(view1, view2, labels)`); it never changes the
+  5. optionally, an online linear probe (`bt_keras.method.probe.OnlineProbe`) learns the labels from the encoder's
+     features with the gradient stopped, with its own optimizer (batches `(view1, view2, labels)`); it never changes the
      encoder.
 
 Exactness under `tf.distribute`. Each replica computes the same global loss L, thanks to differentiable
@@ -17,7 +17,7 @@ all-reduces of the statistics and of C (or, when the global batch is below D, of
 sums: `bt_keras.method.loss_forms`). Differentiating L on one replica gives R times that replica's share of the
 gradient (the backward pass of an all-reduce sums the R identical upstream gradients), and Keras optimizers SUM the
 replicas' gradients. So each replica differentiates L / R, and the summed gradient is exactly dL/dtheta: N replicas
-with global batch B take the same step as one device with the same B examples (tests/test_distributed.py). The
+with global batch B take the same step as one device with the same B examples (tests/method/test_distributed.py). The
 official PyTorch code instead all-reduces C without a gradient and lets DDP average, which gives 1/world_size of
 the true gradient; with LARS that changes the effective weight decay and the biases' learning rate.
 """
@@ -54,7 +54,8 @@ def _batch(data):
             return data[0], data[1], (data[2] if len(data) == 3 else None)
     raise ValueError(
         "BarlowTwins: each batch must be a pair of augmented views (view1, view2) of the same images, "
-        f"got {type(data).__name__}. Build one with bt_keras.data.pretrain_dataset or bt_keras.augment.TwoViews."
+        f"got {type(data).__name__}. Build one with bt_keras.data.pretrain_dataset (or two "
+        "bt_keras.augment.augment_batch calls)."
     )
 
 
@@ -89,8 +90,8 @@ class BarlowTwins(keras.Model):
       lambd: weight of the off-diagonal (redundancy-reduction) term, 0.0051 in the official code.
       scale_loss: the loss optimised is `scale_loss * (on_diagonal + lambd * off_diagonal)`; 1 officially, 0.1 in
         solo-learn's CIFAR recipe (solo/losses/barlow.py, `scale_loss` in scripts/pretrain/cifar/barlow.yaml).
-      online_probe: an optional `bt_keras.method.probe.OnlineProbe`, trained on the encoder's stop-gradient features when
-        the batches carry labels.
+      online_probe: an optional `bt_keras.method.probe.OnlineProbe`, trained on the encoder's stop-gradient features
+        when the batches carry labels.
       device_augment: a `bt_keras.augment.device.DeviceAugment` when the pipeline yields uint8 crops and per-image
         draws (`augment_on="accelerator"`): `train_step` makes the two views on the device. Saved in the config.
 

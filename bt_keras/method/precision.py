@@ -3,9 +3,10 @@ float32 copies of what is saved.
 
 `config.precision` is "float32" (default), "mixed_float16" (GPUs: float16 compute with dynamic loss scaling) or
 "mixed_bfloat16" (TPUs, recent GPUs and CPUs with AVX512-BF16: no loss scaling needed). Under both mixed policies
-the variables stay float32, and so does everything whose range or digits matter: the loss and C (`bt_keras.method.losses`
-casts the embeddings up), the BatchNorm statistics (`bt_keras.nets.batch_norm.BatchNormalization` computes them in
-float32) and LARS's norms and updates (they run in the variables' dtype).
+the variables stay float32, and so does everything whose range or digits matter: the loss and C
+(`bt_keras.method.losses` casts the embeddings up), the BatchNorm statistics
+(`bt_keras.nets.batch_norm.BatchNormalization` computes them in float32) and LARS's norms and updates (they run in
+the variables' dtype).
 
 Why a LossScaleOptimizer of our own. Keras's dynamic loss scaling skips a step whose scaled gradients overflowed
 (the first ~10 steps of a run, while the scale comes down from 2^15) and does not advance `optimizer.iterations`

@@ -1,5 +1,5 @@
-"""The BatchNorm every network here uses: `BatchNormalization`, a Keras layer whose training step runs TensorFlow's fused
-kernel on one replica and `normalize` (below) across replicas.
+"""The BatchNorm every network here uses: `BatchNormalization`, a Keras layer whose training step runs TensorFlow's
+fused kernel on one replica and `normalize` (below) across replicas.
 
 Synchronised BatchNorm in training mode, statistics over the global batch: one all-reduce each way, passes as the fused
 kernel.
@@ -25,7 +25,7 @@ XLA, or without the kernels, the same maths runs as TensorFlow ops.
 Replica convention (`bt_keras.method.model.BarlowTwins`): the upstream dy each replica receives is the true gradient of
 the global loss with respect to its outputs (the loss's collectives route it), so dx above, with sums over the global
 batch, is the true gradient with respect to its inputs, and the per-replica dgamma/dbeta summed by the optimizer are
-exact. tests/test_sync_batch_norm.py holds all of it to Keras's layer and to one device, in float64.
+exact. tests/nets/test_batch_norm.py holds all of it to Keras's layer and to one device, in float64.
 """
 
 from __future__ import annotations

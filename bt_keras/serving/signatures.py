@@ -46,7 +46,8 @@ def preprocessing_from_metadata(metadata: dict, encoder: keras.Model) -> dict:
         raise ValueError(
             f"The encoder's metadata lacks {missing}: export must preprocess images exactly as evaluation does. "
             f"Export a training workdir (its {ENCODER_METADATA} has them), or write them beside the model with "
-            "bt_keras.assembly.artifacts.save_encoder(encoder, directory, {'image_size': ..., 'mean': [...], 'std': [...]})."
+            "bt_keras.assembly.artifacts.save_encoder(encoder, directory, "
+            "{'image_size': ..., 'mean': [...], 'std': [...]})."
         )
     size = int(metadata["image_size"])
     mean, std = [float(v) for v in metadata["mean"]], [float(v) for v in metadata["std"]]

@@ -214,7 +214,8 @@ def online_probe_monitor_from_config(config, run) -> OnlineProbeMonitor | None:
 
 
 class TrainingReport(keras.callbacks.Callback):
-    """Writes `workdir/report.png` (bt_keras.train.figures) when training ends; a warning, not a failure, if it cannot."""
+    """Writes `workdir/report.png` (bt_keras.train.figures) when training ends; a warning, not a failure, if it
+    cannot."""
 
     def __init__(self, workdir):
         super().__init__()

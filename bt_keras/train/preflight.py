@@ -44,7 +44,8 @@ def _physical_memory() -> int | None:
 
 
 def config_problems(config) -> list[str]:
-    """Every invalid field of a training config (completed: `bt_keras.config.complete`), as 'config.FIELD=value: what is wrong' (empty when all is well)."""
+    """Every invalid field of a training config (completed: `bt_keras.config.complete`), as 'config.FIELD=value: what
+    is wrong' (empty when all is well)."""
     problems = []
 
     def need(ok: bool, field: str, rule: str) -> None:

@@ -275,7 +275,7 @@ class Trainer:
         if start == 0 and not self.manager.latest_checkpoint:
             self.save()  # ckpt-0: the random initialisation, the baseline every evaluation is compared with
         cbs = keras.callbacks.CallbackList(
-            list(callbacks.default_callbacks(c, self.workdir, self.run_data, enabled=self.chief)) + list(extra_callbacks),
+            callbacks.default_callbacks(c, self.workdir, self.run_data, enabled=self.chief) + list(extra_callbacks),
             model=self.model,
         )
         self.model.stop_training = False

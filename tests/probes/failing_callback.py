@@ -1,5 +1,0 @@
-"""A `--callbacks` factory that raises: tests/test_console.py checks that its traceback reaches a quiet console."""
-
-
-def make():
-    return {}["no such key: a real error"]

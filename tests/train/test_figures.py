@@ -1,0 +1,98 @@
+"""The training report (bt_keras.train.figures, `python -m bt_keras.report`): the figure is written with all its panels,
+the C it shows is the C the picture callback logged (and the model's own C), the curves are metrics.jsonl's."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from bt_keras import paths
+from bt_keras.train import callbacks, figures
+from tests.helpers import REPO, tiny_model, view_pair
+
+
+
+def tiny_workdir(tmp_path: Path):
+    """A workdir as a run leaves it: metrics.jsonl, config.json, and C of a tiny model from the picture callback."""
+    model = tiny_model(projector="16-16")
+    views = tuple(tf.constant(v) for v in view_pair(32))
+    picture = callbacks.CrossCorrelationPicture(views, tmp_path)
+    picture.set_model(model)
+    picture.on_epoch_end(0, {"step": 7})
+    records = [{"kind": "start", "step": 0, "knn_top1": 0.5}]
+    records += [{"kind": "train", "step": s, "loss": 100.0 / s, "on_diagonal": 10.0 / s, "off_diagonal": 900.0 / s,
+                 "lr": 0.01 * s, "embedding_std": 0.2} for s in range(1, 8)]
+    records += [{"kind": "epoch", "step": 7, "loss": 14.3, "lr": 0.07, "knn_top1": 0.75, "epoch": 1}]
+    (tmp_path / paths.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / paths.CONFIG_FILE).write_text(json.dumps({"name": "tiny", "dataset": "digits",
+                                                              "backbone": "resnet18", "projector": "16-16"}))
+    c = model.compute_loss_terms(*views, training=False)["cross_correlation"].numpy()
+    return c
+
+
+def test_report_has_every_panel_and_shows_the_logged_c(tmp_path):
+    c = tiny_workdir(tmp_path)
+    logged = np.load(tmp_path / paths.CORRELATION_DATA)
+    np.testing.assert_array_equal(logged, c)  # 16 x 16: shown whole
+    assert json.loads((tmp_path / paths.CORRELATION_INFO).read_text()) == {"step": 7, "dim": 16, "shown": 16}
+
+    path = figures.write_report(tmp_path)
+    assert path == tmp_path / paths.REPORT_PICTURE and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    fig = figures.figure(tmp_path)
+    axes = {ax.get_label(): ax for ax in fig.axes}
+    assert set(figures.PANELS) <= set(axes)
+    heat_map = axes["cross-correlation C"].images[0]
+    np.testing.assert_array_equal(np.asarray(heat_map.get_array()), c)
+    assert heat_map.get_clim() == (-1.0, 1.0) and heat_map.colorbar is not None
+
+    data = figures.figure_data(tmp_path)
+    np.testing.assert_array_equal(data["diagonal of C"], np.diagonal(c))
+    off = c[~np.eye(16, dtype=bool)]
+    np.testing.assert_array_equal(np.sort(data["off-diagonal of C"]), np.sort(off))
+    diag_counts = sum(p.get_height() for p in axes["diagonal of C"].patches)
+    off_counts = sum(p.get_height() for p in axes["off-diagonal of C"].patches)
+    assert diag_counts == 16 and off_counts == 16 * 15  # every entry in a bin (all within [-1, 1])
+    steps, loss = data["loss"]
+    np.testing.assert_array_equal(steps, np.arange(1, 8))
+    np.testing.assert_allclose(loss, 100.0 / np.arange(1, 8))
+    np.testing.assert_allclose(axes["loss"].lines[0].get_ydata(), loss)
+    assert data["kNN accuracy"]["points"] == [(0, 0.5), (7, 0.75)]
+
+
+def test_the_picture_of_c_has_a_colour_bar(tmp_path):
+    tiny_workdir(tmp_path)
+    picture = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(tmp_path / paths.CORRELATION_PICTURE))
+    assert picture.shape[0] > 300 and picture.shape[1] > picture.shape[0]  # axes + colour bar, not a 16 x 16 bitmap
+    rgb = figures.correlation_picture(np.eye(4), step=3)
+    assert rgb.dtype == np.uint8 and rgb.shape == picture.shape[:2] + (3,)
+
+
+def test_final_metrics_are_the_last_epoch_with_the_latest_knn(tmp_path):
+    tiny_workdir(tmp_path)
+    assert figures.final_metrics(tmp_path) == {"step": 7, "loss": 14.3, "lr": 0.07, "knn_top1": 0.75, "epoch": 1}
+
+
+def test_report_command(tmp_path):
+    tiny_workdir(tmp_path)
+    (tmp_path / paths.REPORT_PICTURE).unlink(missing_ok=True)
+    # -X importtime lists every module the command imports (on stderr): a report reads files and draws, so neither
+    # TensorFlow nor Keras may load (bt_keras.paths holds the file names).
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "bt_keras.report", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / paths.REPORT_PICTURE).exists() and "Report:" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "matplotlib" in imported and "bt_keras.train.figures" in imported  # the listing is complete
+    assert not {m for m in imported if m.split(".")[0] in ("tensorflow", "keras")}, sorted(imported)[:20]
+
+
+def test_report_command_on_a_folder_that_is_no_run(tmp_path, capsys):
+    from bt_keras.cli import report
+
+    assert report.main([str(tmp_path / "nope")]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
+    assert report.main([]) == 2 and "usage:" in capsys.readouterr().err

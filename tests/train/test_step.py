@@ -1,0 +1,99 @@
+"""A whole training step under 2 and 4 replicas, with every multi-replica fast path, equals one device in float64.
+
+The fast paths under replicas: the loss's all-gather Gram form (bt_keras.method.loss_forms; B < D here), synchronised
+BatchNorm with one all-reduce each way (bt_keras.nets.batch_norm), LARS's native kernel on each replica's copy of
+the variables, and one all-reduce per gradient (not one over all of them concatenated). Two `fit` steps (the second uses the momentum buffers the first wrote), from identical weights and
+data: the loss before and after, first-step gradients and final weights (BatchNorm moving statistics included) must
+agree to 1e-10.
+The traced step must contain the ops those paths are made of, and no D x D collective.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from benchmarks import collectives
+from bt_keras import fast_paths
+from bt_keras.method import loss_forms
+from bt_keras.method.optim import LARS
+from tests.helpers import (assert_same_training, cpu_strategy, loss_step_collectives, needs_native_kernels, tiny_model,
+                           view_pair)
+
+pytestmark = needs_native_kernels  # the step under test is made of the native kernels
+
+GLOBAL_BATCH = 8
+DIM = 32  # tiny_model's projector "32-32": B = 8 < D = 32, so the Gram form is chosen
+
+
+def _train(replicas, initial, batches):
+    strategy = cpu_strategy(replicas) if replicas > 1 else tf.distribute.get_strategy()
+    keras.config.set_dtype_policy("float64")
+    try:
+        with strategy.scope():
+            model = tiny_model()
+            model.set_weights(initial)
+            model.compile(optimizer=LARS(0.5, momentum=0.9, eta=0.02, weight_decay=1e-3, native=True))
+            model.optimizer.build(model.trainable_variables)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    first = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batches[0]))
+    v1, v2 = next(iter(first))
+
+    @tf.function
+    def gradients(v1, v2):
+        grads, terms = strategy.run(model.compute_gradients, args=(v1, v2))
+        loss = strategy.experimental_local_results(terms["loss"])[0]  # the same global loss on every replica
+        return [strategy.reduce("SUM", g, axis=None) for g in grads], loss
+
+    grads, first_loss = gradients(v1, v2)
+    grads = [g.numpy() for g in grads]
+    graph = tf.function(lambda v1, v2: strategy.run(model.train_step, args=((v1, v2),))).get_concrete_function(
+        v1, v2).graph
+    dataset = tf.data.Dataset.from_tensor_slices(tuple(np.stack(parts) for parts in zip(*batches)))
+    model.fit(dataset, epochs=1, verbose=0)
+    second = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batches[1]))
+    _, second_loss = gradients(*next(iter(second)))  # the loss at the weights after the two steps
+    losses = [float(first_loss), float(second_loss)]  # float64 (Keras's loss metric is float32)
+    sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
+    return losses, grads, model.get_weights(), graph, sizes
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    fast_paths.set_enabled(None)
+    loss_forms.set_form(None)
+    initial = [w.astype("float64") for w in tiny_model().get_weights()]
+    batches = [tuple(v.astype("float64") for v in view_pair(GLOBAL_BATCH, seed=s)) for s in (0, 1)]
+    return initial, batches, _train(1, initial, batches)
+
+
+@pytest.mark.parametrize("replicas", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: ~20 s
+def test_two_steps_under_replicas_equal_one_device_to_1e_10(one_device, replicas):
+    initial, batches, (loss_1, grads_1, weights_1, _, _) = one_device
+    loss_n, grads_n, weights_n, graph, sizes = _train(replicas, initial, batches)
+    num_variables = len(sizes)
+    assert_same_training(f"{replicas} replicas", initial, (loss_1, grads_1, weights_1), (loss_n, grads_n, weights_n))
+
+    # The step is made of the fast paths: Gram form, one-pass BatchNorm kernels, native LARS on every replica.
+    types = [op.type for op in graph.get_operations()]
+    gathers = [op for op in collectives.collective_ops(graph) if op.kind == "all_gather" and op.replica == 0]
+    assert sorted(op.shape for op in gathers) == sorted([(1, 2)] * 2 + [(GLOBAL_BATCH // replicas, DIM)] * 2)
+    assert types.count("BtKerasLarsUpdate") == replicas * num_variables
+    assert types.count("BtKerasChannelMoments") > 0 and types.count("BtKerasChannelAffine2") > 0
+    assert "FusedBatchNormV3" not in types  # statistics are global: the local-statistics kernel must not run
+    # LARS all-reduces each gradient on its own: no collective over all the gradients concatenated.
+    reduced = sorted(op.elements for op in collectives.collective_ops(graph) if op.kind == "all_reduce"
+                     and op.replica == 0)
+    assert sum(sizes) not in reduced
+    for size in set(sizes):
+        assert reduced.count(size) >= sizes.count(size)
+
+
+def test_the_loss_sends_no_d_by_d_tensor_under_replicas(one_device):
+    """The only collectives as large as D x D would be C's: there is none (the kernels' gradients are 32 x 32 too,
+    so the loss is traced on its own here)."""
+
+    ops = loss_step_collectives(cpu_strategy(2), GLOBAL_BATCH, DIM)
+    assert {op.type for op in ops} == {"CollectiveReduceV2", "CollectiveGatherV2"}
+    assert max(op.elements for op in ops) < DIM * DIM

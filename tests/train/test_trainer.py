@@ -1,0 +1,296 @@
+"""The training loop (bt_keras.train.trainer) and `python -m bt_keras.train` as users run it: checkpoints, resume after
+SIGKILL, strategies, clear errors, the Keras callback protocol, and a full disk.
+
+Most runs use a tiny network on the embedded digits data so each takes seconds; the full quickstart (the README's
+main job) runs once, in tests/test_quickstart.py.
+"""
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import bt_keras  # noqa: F401  (registers the classes saved models need)
+from bt_keras import checkpoints, distribute, paths
+from bt_keras.train import resume
+from bt_keras.train.trainer import DiskFullError, NonFiniteLossError, Trainer
+from tests.helpers import REPO, last_error_line, run_cli, start_local_workers, tiny_config, train_command, trainer
+
+
+def weights(path):
+    return keras.models.load_model(path).get_weights()
+
+
+def max_difference(a, b):
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli(train_command(workdir, epochs=4, steps=6))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_training_writes_checkpoints_logs_and_events_then_resumes(uninterrupted, tmp_path):
+    workdir = uninterrupted
+    for name in ("encoder.keras", "encoder.json", "barlow_twins.keras", "config.json", "metrics.jsonl",
+                 "cross_correlation.png", "checkpoints/checkpoint"):
+        assert (workdir / name).exists(), name
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "epoch"} <= {line["kind"] for line in lines}
+    assert all(np.isfinite(line["loss"]) for line in lines if line["kind"] in ("train", "epoch"))
+    assert json.loads((workdir / "encoder.json").read_text())["step"] == 24
+    assert tf.train.latest_checkpoint(str(workdir / "checkpoints")).endswith("ckpt-24")
+
+    # Running again with a longer schedule continues from step 24 instead of starting over.
+    rerun = tmp_path / "rerun"
+    subprocess.run(["cp", "-r", str(workdir), str(rerun)], check=True)
+    result = run_cli(train_command(rerun, epochs=5, steps=6))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Finished at step 30" in result.stdout
+    assert json.loads((rerun / "encoder.json").read_text())["step"] == 30
+
+
+@pytest.mark.slow
+@pytest.mark.hostile
+def test_sigkill_mid_training_resumes_bit_exactly(uninterrupted, tmp_path):
+    workdir = tmp_path / "killed"
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen(train_command(workdir, epochs=4, steps=6), cwd=REPO, env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def latest_step():  # ckpt-0 (the initialisation) is written first; wait for one written by training
+        latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
+        return int(latest.rsplit("-", 1)[1]) if latest else -1
+
+    deadline = time.time() + 180
+    while latest_step() < 6 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(30) == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (workdir / "encoder.keras").exists()
+    # Every checkpoint the index names is complete (data + index files), whatever moment the kill hit.
+    state = tf.train.get_checkpoint_state(str(workdir / "checkpoints"))
+    for path in state.all_model_checkpoint_paths:
+        assert Path(path + ".index").exists() and list(Path(path).parent.glob(Path(path).name + ".data-*"))
+    killed_at = int(state.model_checkpoint_path.rsplit("-", 1)[1])
+    assert 6 <= killed_at < 24
+
+    result = run_cli(train_command(workdir, epochs=4, steps=6))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Finished at step 24" in result.stdout
+    difference = max_difference(weights(uninterrupted / "barlow_twins.keras"), weights(workdir / "barlow_twins.keras"))
+    print(f"killed after step {killed_at}; max |w_resumed - w_uninterrupted| = {difference}")
+    assert difference == 0.0
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_through_the_cli(tmp_path):
+    result = run_cli(train_command(tmp_path, "--strategy=mirrored", "--cpu_devices=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "with 2 replica(s)" in result.stderr + result.stdout
+    assert "Finished at step 6" in result.stdout
+
+
+@pytest.mark.slow
+def test_multi_worker_with_two_local_workers(tmp_path):
+    processes = start_local_workers(tmp_path)
+    try:
+        outputs = [p.communicate(timeout=300) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+        assert "Finished at step 6" in out
+    chief = weights(tmp_path / "barlow_twins.keras")
+    other = weights(tmp_path / ".scratch" / "task1" / "barlow_twins.keras")
+    assert max_difference(chief, other) == 0.0
+
+
+def test_unknown_strategy_is_a_clear_flag_error(tmp_path):
+    result = run_cli(train_command(tmp_path, "--strategy=horovod"), timeout=120)
+    assert result.returncode != 0
+    assert "--strategy" in result.stderr and "mirrored" in result.stderr
+
+
+def test_tpu_requested_where_none_exists(tmp_path):
+    with pytest.raises(RuntimeError, match="no TPU found"):
+        distribute.make_strategy("tpu")
+
+
+def test_batch_not_divisible_by_replicas_fails_before_building(tmp_path):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1", "/cpu:2"])
+    with pytest.raises(ValueError, match="not divisible by the number of replicas \\(3\\)"):
+        Trainer(tiny_config(batch_size=32), tmp_path, strategy)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.hostile
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="not writable"):
+        Trainer(tiny_config(), blocker / "run", tf.distribute.get_strategy())
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    Trainer(tiny_config(epochs=1), tmp_path, tf.distribute.get_strategy()).run()
+    good = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
+    config = tiny_config(epochs=3)
+    config.optimizer.lr_weights = 1e30
+    config.optimizer.lr_biases = 1e30
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):  # a deliberate change of the resumed run
+        Trainer(config, tmp_path, tf.distribute.get_strategy(), allow_config_change=True).run()
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")) == good
+    tf.train.Checkpoint().read(good).expect_partial()  # still readable
+
+
+# ------------------------------------------------------------------------------------ the Keras callback protocol
+
+
+class StepCounter(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.begins, self.ends, self.steps = 0, 0, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.begins += 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends += 1
+        self.steps.append(int(logs["step"]))
+
+
+def test_batch_hooks_run_every_step_and_logs_record_every_metric(tmp_path):
+    counter = StepCounter()
+    Trainer(tiny_config(log_every_steps=2), tmp_path, tf.distribute.get_strategy()).run([counter])
+    assert counter.begins == counter.ends == 6 and counter.steps == [1, 2, 3, 4, 5, 6]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [line for line in lines if line["kind"] == "train"]
+    assert [line["step"] for line in train] == [2, 4, 6]  # every log_every_steps
+    assert {"loss", "on_diagonal", "off_diagonal", "embedding_std", "lr", "images/s"} <= set(train[0])
+
+
+def test_terminate_on_nan_stops_at_the_first_bad_step(tmp_path):
+    """Without it the loop notices a NaN on the next logging step; with it, at once (model.stop_training)."""
+    def nan_config():
+        config = tiny_config(epochs=1, steps_per_epoch=8, log_every_steps=1000)
+        config.optimizer.lr_weights = config.optimizer.lr_biases = 1e30
+        return config
+
+    late, early = StepCounter(), StepCounter()
+    with pytest.raises(NonFiniteLossError) as late_error:
+        Trainer(nan_config(), tmp_path / "late", tf.distribute.get_strategy()).run([late])
+    with pytest.raises(NonFiniteLossError) as early_error:
+        Trainer(nan_config(), tmp_path / "early", tf.distribute.get_strategy()).run(
+            [early, keras.callbacks.TerminateOnNaN()])
+    bad_step = int(re.search(r"at step (\d+)", str(early_error.value)).group(1))
+    assert str(late_error.value).count(f"at step {bad_step}") == 1  # the same first bad step, found later
+    # Without it: found at the epoch's end (its last step raises before its batch end); with it: at the bad step.
+    assert late.ends == 7 and early.ends == bad_step < 7, (late.ends, early.ends, bad_step)
+
+
+@pytest.mark.slow
+def test_early_stopping_passed_on_the_command_line_stops_training(tmp_path):
+    (tmp_path / "my_callbacks.py").write_text(
+        "import keras\n\n\ndef early_stopping():\n"
+        "    return keras.callbacks.EarlyStopping(monitor='loss', patience=0, min_delta=1e9)\n")
+    workdir = tmp_path / "run"
+    result = run_cli(train_command(workdir, "--callbacks=my_callbacks:early_stopping", epochs=5, steps=2),
+                     env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Finished at step 4" in result.stdout  # epoch 2 of 5: no improvement of 1e9 -> stop
+    assert json.loads((workdir / "encoder.json").read_text())["step"] == 4
+    assert tf.train.latest_checkpoint(str(workdir / "checkpoints")).endswith("ckpt-4")
+    bad = run_cli(train_command(tmp_path / "bad", "--callbacks=no_such_module:thing"))
+    assert bad.returncode == 2 and "--callbacks='no_such_module:thing'" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------- a full disk
+
+
+@pytest.mark.hostile
+def test_disk_full_on_save_keeps_the_previous_checkpoint(run_copy, monkeypatch):
+    """In-process: the checkpoint save fails as TensorFlow fails on a full disk, after leaving its temp folder."""
+    folder = run_copy / "checkpoints"
+    t = trainer(run_copy, epochs=3)
+
+    def full_disk_save(checkpoint_number=None, **kwargs):
+        (folder / f"ckpt-{checkpoint_number}_temp").mkdir()
+        (folder / f"ckpt-{checkpoint_number}.data-00000-of-00001").write_bytes(b"partial")
+        raise tf.errors.ResourceExhaustedError(None, None, f"{folder}/ckpt-9_temp/part-00000: No space left on device")
+
+    monkeypatch.setattr(t.manager, "save", full_disk_save)
+    with pytest.raises(DiskFullError) as raised:
+        t.run()
+    message = str(raised.value)
+    assert f"--workdir={run_copy}" in message and "ckpt-6, is intact" in message and "\n" not in message
+    assert not list(folder.glob("ckpt-9*"))  # no half-written checkpoint left
+    assert tf.train.latest_checkpoint(str(folder)).endswith("ckpt-6")
+    checkpoints.verify(folder / "ckpt-6")
+    assert not (run_copy / paths.LOCK_FILE).exists()
+
+
+@pytest.mark.hostile
+def test_disk_full_on_config_json_is_a_disk_full_error(run_copy, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    t = trainer(run_copy, epochs=3)
+    monkeypatch.setattr(resume.files, "atomic_write_json", full)
+    with pytest.raises(DiskFullError, match="No space left on the disk of --workdir"):
+        t.run()
+
+
+def _mount_tmpfs(path, size) -> bool:
+    if os.geteuid() != 0:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.hostile
+def test_cli_on_a_really_full_disk_is_one_line_exit_2_and_resumes_after(finished_run, tmp_path):
+    """On a real full file system (a 2 MiB tmpfs; needs root): the run fails saving ckpt-9, says so in one line,
+    leaves ckpt-6 intact and nothing half-written, and resumes from ckpt-6 once space is freed."""
+    mount = tmp_path / "small_disk"
+    if not _mount_tmpfs(mount, "2m"):
+        pytest.skip("needs root and tmpfs to make a small file system")
+    try:
+        workdir = mount / "run"
+        shutil.copytree(finished_run, workdir)
+        free = shutil.disk_usage(mount).free
+        (mount / "filler").write_bytes(b"\0" * (free - 40 * 1024))  # leaves 40 KiB; a checkpoint needs ~95
+        result = run_cli(train_command(workdir, epochs=3), timeout=240)
+        assert result.returncode == 2, result.stderr[-3000:]
+        line = last_error_line(result.stderr)
+        assert f"--workdir={workdir}" in line and "No space left" in line and "ckpt-6, is intact" in line
+        folder = workdir / "checkpoints"
+        assert not list(folder.glob("ckpt-9*")), sorted(p.name for p in folder.iterdir())
+        assert tf.train.latest_checkpoint(str(folder)).endswith("ckpt-6")
+        checkpoints.verify(folder / "ckpt-6")
+        assert not list(workdir.glob(".*.tmp*"))  # no half-written artefact either
+
+        (mount / "filler").unlink()
+        result = run_cli(train_command(workdir, epochs=3), timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert re.search(r"^Resuming from .*ckpt-6 at step 6\.$", result.stdout, re.M), result.stdout
+        assert "Finished at step 9" in result.stdout
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

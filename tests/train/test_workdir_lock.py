@@ -1,0 +1,147 @@
+"""The workdir lock (bt_keras.train.workdir_lock, issue 15): a second trainer on a workdir stops at once naming the
+holder, a lock left by a killed trainer is taken over, planted symlinks and folders are refused, and the workers of
+one multi-worker run share their workdir while other trainers stay out."""
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bt_keras import paths
+from bt_keras.train import workdir_lock
+from bt_keras.train.workdir_lock import WorkdirLock, WorkdirLockedError
+from tests.helpers import (REPO, SUBPROCESS_SCRIPTS, last_error_line, resumed_step, run_cli, start_local_workers,
+                           train_command, trainer)
+
+pytestmark = pytest.mark.hostile
+
+
+def _hold_lock(workdir):
+    script = SUBPROCESS_SCRIPTS / "hold_workdir_lock.py"
+    process = subprocess.Popen([sys.executable, str(script), str(workdir)], cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+def test_a_second_trainer_stops_at_once_naming_the_holder(tmp_path):
+    holder = _hold_lock(tmp_path)
+    try:
+        tic = time.perf_counter()
+        with pytest.raises(WorkdirLockedError) as raised:
+            trainer(tmp_path)
+        assert time.perf_counter() - tic < 2.0  # before anything is built
+        message = str(raised.value)
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in message
+        assert str(tmp_path / paths.LOCK_FILE) in message and "another --workdir" in message
+        assert not (tmp_path / "checkpoints").exists()
+
+        result = run_cli(train_command(tmp_path), timeout=120)
+        assert result.returncode == 2
+        assert f"pid {holder.pid}" in last_error_line(result.stderr)
+    finally:
+        holder.communicate(input="", timeout=30)  # closes its stdin: it releases and exits
+    assert not (tmp_path / paths.LOCK_FILE).exists()
+
+
+def test_a_planted_lock_symlink_or_folder_is_refused_and_nothing_is_overwritten(tmp_path):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / paths.LOCK_FILE).symlink_to(victim)
+    with pytest.raises(WorkdirLockedError, match="is a symlink"):
+        WorkdirLock(tmp_path / "a" / paths.LOCK_FILE).acquire()
+    assert victim.read_text() == "precious"
+    (tmp_path / "b" / paths.LOCK_FILE).mkdir(parents=True)
+    with pytest.raises(WorkdirLockedError, match="is a folder"):
+        WorkdirLock(tmp_path / "b" / paths.LOCK_FILE).acquire()
+
+
+def test_a_lock_left_by_a_killed_trainer_is_taken_over(tmp_path, caplog):
+    holder = _hold_lock(tmp_path)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(30)
+    lock = tmp_path / paths.LOCK_FILE
+    assert json.loads(lock.read_text())["pid"] == holder.pid  # the dead trainer's lock file is still there
+    t = trainer(tmp_path, epochs=1, steps_per_epoch=1)
+    assert f"Taking over the lock {lock} left by pid {holder.pid}" in caplog.text
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    t.run()
+    assert not lock.exists()  # released when the run ends
+
+
+def test_two_trainers_in_one_process_conflict_until_the_first_is_closed(tmp_path):
+    first = trainer(tmp_path)
+    with pytest.raises(WorkdirLockedError, match="already being trained by this process"):
+        trainer(tmp_path)
+    first.close()
+    assert resumed_step(tmp_path) == 0
+
+
+def test_without_flock_a_dead_holder_is_stale_and_a_live_one_is_not(tmp_path, monkeypatch, caplog):
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(workdir_lock.fcntl, "flock", no_flock)
+    path = tmp_path / paths.LOCK_FILE
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "earlier"}))
+    with WorkdirLock(path):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert f"Taking over the stale lock {path} left by pid {dead.pid}" in caplog.text
+    assert not path.exists()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid}))
+        with pytest.raises(WorkdirLockedError, match=f"pid {live.pid}"):
+            WorkdirLock(path).acquire()
+        path.write_text(json.dumps({"host": "another-host", "pid": dead.pid}))  # cannot be told: not taken
+        with pytest.raises(WorkdirLockedError, match="another-host"):
+            WorkdirLock(path).acquire()
+    finally:
+        live.kill()
+        live.wait()
+
+
+@pytest.mark.slow
+def test_multi_worker_run_shares_its_workdir_and_still_keeps_others_out(tmp_path):
+    """Two workers of one run share the workdir (only the chief locks it); a third trainer is kept out."""
+    processes = start_local_workers(tmp_path, epochs=2, steps=6)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / paths.LOCK_FILE).exists() and time.time() < deadline:
+            time.sleep(0.1)
+        holder = json.loads((tmp_path / paths.LOCK_FILE).read_text())
+        intruder = run_cli(train_command(tmp_path), timeout=120)
+        outputs = [p.communicate(timeout=300) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+        assert "Finished at step 12" in out
+    assert holder["pid"] == processes[0].pid  # the chief (worker 0) holds the lock, worker 1 does not need it
+    assert intruder.returncode == 2 and f"pid {processes[0].pid}" in last_error_line(intruder.stderr)
+    assert not (tmp_path / paths.LOCK_FILE).exists()
+
+
+@pytest.mark.slow
+def test_two_trainers_started_together_one_runs_one_stops(tmp_path):
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    processes = [subprocess.Popen(train_command(tmp_path, epochs=1, steps=6), cwd=REPO, env=environment,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=240) for p in processes]
+    codes = sorted(p.returncode for p in processes)
+    assert codes == [0, 2], [err[-2000:] for _, err in outputs]
+    loser = next(err for p, (_, err) in zip(processes, outputs) if p.returncode == 2)
+    assert "is in use by another training run" in last_error_line(loser)
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("start") == 1  # one run's log, not two interleaved

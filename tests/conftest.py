@@ -1,5 +1,6 @@
-"""Test set-up: split the CPU into 4 logical devices, so multi-replica strategies can be tested on one machine; and the
-fixtures several folders share.
+"""Test set-up: split the CPU into 4 logical devices, so multi-replica strategies can be tested on one machine; the
+fixtures several folders share; and, where `BT_KERAS_REQUIRE_SHARED=1` (CI sets it), a session that stops at once with
+one line when the offline data in ../shared is missing, instead of skipping the tests that need it.
 
 The device split must run before TensorFlow initialises its devices, which is why it lives here, imported first by
 pytest.
@@ -18,6 +19,20 @@ NUM_LOGICAL_CPUS = 4
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS)
+
+
+
+def pytest_configure(config):
+    """With BT_KERAS_REQUIRE_SHARED=1 a missing CIFAR-10 (TFDS format) or torch fixture is a red run (pytest's usage
+    error, exit 4), not green skips."""
+    if os.environ.get("BT_KERAS_REQUIRE_SHARED", "").strip() not in ("1", "true", "yes"):
+        return
+    from tests.helpers import SHARED, TFDS_DIR, TORCHVISION_FIXTURE
+
+    missing = [str(path) for path in (TFDS_DIR / "cifar10", TORCHVISION_FIXTURE / "MANIFEST.json") if not path.exists()]
+    if missing:
+        raise pytest.UsageError(f"BT_KERAS_REQUIRE_SHARED=1 but the offline test data is missing: {', '.join(missing)} "
+                                f"(put the shared folder at {SHARED}, or set BT_KERAS_SHARED_DIR to it)")
 
 
 # ------------------------------------------------------------ one short training run, shared by the files that use it

@@ -24,7 +24,8 @@ from bt_keras.nets import backbones, heads
 # ---------------------------------------------------------------------------------------------------------- paths
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"  # the offline data beside the checkout: ../shared/tfds, ../shared/fixtures
+# The offline data beside the checkout (../shared/tfds, ../shared/fixtures); BT_KERAS_SHARED_DIR points elsewhere.
+SHARED = Path(os.environ.get("BT_KERAS_SHARED_DIR") or REPO.parent / "shared")
 TFDS_DIR = SHARED / "tfds"
 TORCHVISION_FIXTURE = SHARED / "fixtures" / "torchvision_resnet50"
 SUBPROCESS_SCRIPTS = REPO / "tests" / "subprocess_scripts"  # scripts the tests run in fresh Python processes

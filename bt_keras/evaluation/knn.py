@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from bt_keras.evaluation.features import topk_accuracy
 
 
 DEFAULT_K = 200
@@ -94,4 +93,15 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k: in
         num_classes = int(max(np.max(train_labels), np.max(test_labels))) + 1
     scores = knn_scores(train_features, train_labels, test_features, k=k, temperature=temperature,
                         num_classes=num_classes, chunk_size=chunk_size)
-    return topk_accuracy(scores, test_labels, (1, 5))
+    # A class no neighbour voted for is never predicted: with fewer voted classes than 5 (a tiny training set), the
+    # zero scores would otherwise fill the top 5 by class index and count as hits (top-5 of 100% from one example).
+    if len(test_labels) == 0:
+        raise ValueError("knn: no test examples.")
+    voted = scores[np.arange(len(test_labels)), test_labels] > 0
+    return tuple(float(np.mean(hit & voted)) for hit in _topk_hits(scores, test_labels, (1, 5)))
+
+
+def _topk_hits(scores: np.ndarray, labels: np.ndarray, ks) -> list[np.ndarray]:
+    """Per row, whether the label is among the k highest scores (ties towards the lower class, as `top_k`)."""
+    ranked = np.argsort(-scores, axis=1, kind="stable")
+    return [(ranked[:, :min(k, scores.shape[1])] == labels[:, None]).any(axis=1) for k in ks]

@@ -67,8 +67,11 @@ def numpy_knn(train_x, train_y, test_x, k, temperature, num_classes):
 
 
 def numpy_topk(votes, labels):
+    """Top-1 / top-5 of the votes; a class no neighbour voted for is never a hit (it is not predicted)."""
     ranking = np.argsort(-votes, axis=1, kind="stable")
-    return float(np.mean(ranking[:, 0] == labels)), float(np.mean([y in r[:5] for y, r in zip(labels, ranking)]))
+    voted = votes[np.arange(len(labels)), labels] > 0
+    return (float(np.mean((ranking[:, 0] == labels) & voted)),
+            float(np.mean([y in r[:5] and v for y, r, v in zip(labels, ranking, voted)])))
 
 
 def test_knn_matches_numpy_reference():
@@ -91,14 +94,24 @@ def test_knn_matches_numpy_reference():
         numpy_topk(numpy_knn(train_x, train_y, test_x, 1000, 0.1, 9), test_y)
 
 
+def test_knn_with_one_training_example_predicts_its_class_only():
+    """--limit_train=1 with k=200 reported a top-5 of 100%: ten classes, one voted; the others never count."""
+    rng = np.random.default_rng(1)
+    train_x, test_x = rng.normal(size=(1, 4)), rng.normal(size=(50, 4))
+    test_y = np.arange(50) % 10
+    top1, top5 = knn.knn_accuracy(train_x, np.array([3]), test_x, test_y, k=200, num_classes=10)
+    assert top1 == top5 == 0.1  # exactly the class-3 rows
+
+
 def test_knn_ties_are_broken_by_index_like_the_reference():
     # Two identical training vectors of classes 2 (index 0) and 0 (index 1), two other classes far away.
     train_x = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [0.6, 0.8]])
     train_y = np.array([2, 0, 1, 3, 5, 4])
     test_x = np.array([[1.0, 0.0]] * 4)
     test_y = np.array([2, 0, 0, 2])
-    # k=1: equally similar neighbours -> the lower training index (class 2) is taken.
-    assert knn.knn_accuracy(train_x, train_y, test_x, test_y, k=1, num_classes=6) == (0.5, 1.0)
+    # k=1: equally similar neighbours -> the lower training index (class 2) is taken; class 0 got no vote, so it is
+    # not in the top 5 either (zero scores ranked by index used to count: top-5 of 100% from one neighbour).
+    assert knn.knn_accuracy(train_x, train_y, test_x, test_y, k=1, num_classes=6) == (0.5, 0.5)
     # k=2: classes 0 and 2 get equal votes -> class 0 (lower class index) ranks first; both are in the top 5.
     assert knn.knn_accuracy(train_x, train_y, test_x, test_y, k=2, num_classes=6) == (0.5, 1.0)
     top1_k2 = knn.knn_scores(train_x, train_y, test_x[:1], k=2, num_classes=6).argmax()

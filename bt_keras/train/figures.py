@@ -21,12 +21,16 @@ module stays light; `correlation_picture` gives the TensorBoard image of C the s
 from __future__ import annotations
 
 import json
+import logging
 import math
+import numbers
 from pathlib import Path
 
 import numpy as np
 
 from bt_keras import files, paths
+
+_log = logging.getLogger(__name__)
 
 MAX_SHOWN = 512  # C is drawn (and saved) whole up to this many features, its top-left block beyond
 PANELS = ("loss", "loss terms", "learning rate", "embedding std", "kNN accuracy", "cross-correlation C",
@@ -44,21 +48,34 @@ def _read_json(path: Path):
         return None
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def read_metrics(workdir) -> list[dict]:
     """The records of `workdir/metrics.jsonl`, in order; a record logged again after a resume replaces the earlier
-    one with the same (kind, step). Lines cut short by a kill are skipped."""
+    one with the same (kind, step). Lines cut short by a kill are skipped; so are records whose step is not a
+    non-negative integer, and values that are not numbers (a hand-edited file), with one warning counting them."""
     path = Path(workdir) / paths.METRICS_FILE
     if not path.exists():
         return []
-    records = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    records, unreadable = {}, 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            continue  # a line cut short by a kill: expected, not counted
+        step = record.get("step") if isinstance(record, dict) else None
+        if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+            unreadable += 1
             continue
-        if isinstance(record, dict):
-            records[(record.get("kind"), record.get("step"))] = record
-    return sorted(records.values(), key=lambda r: (r.get("step", 0), r.get("kind") != "start"))
+        clean = {k: v for k, v in record.items() if k in ("kind", "step") or _is_number(v)}
+        unreadable += len(clean) < len(record)
+        records[(record.get("kind"), step)] = clean
+    if unreadable:
+        _log.warning("%s: %d record(s) with a step that is no integer or values that are no numbers; left out.",
+                     path, unreadable)
+    return sorted(records.values(), key=lambda r: (r["step"], r.get("kind") != "start"))
 
 
 def final_metrics(workdir) -> dict:

@@ -2,11 +2,13 @@
 the C it shows is the C the picture callback logged (and the model's own C), the curves are metrics.jsonl's."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from bt_keras import paths
@@ -96,3 +98,19 @@ def test_report_command_on_a_folder_that_is_no_run(tmp_path, capsys):
     assert report.main([str(tmp_path / "nope")]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
     assert report.main([]) == 2 and "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.hostile
+def test_a_hand_edited_metrics_file_is_left_out_with_a_warning_not_a_traceback(tmp_path, caplog):
+    """A record with "step": "x" (or a value that is no number) made `report` and the rerun of a finished run end in a
+    TypeError; such records are now left out, counted in one warning."""
+    tiny_workdir(tmp_path)
+    metrics = tmp_path / paths.METRICS_FILE
+    with metrics.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"kind": "epoch", "step": "x", "loss": 1.0}) + "\n")
+        f.write(json.dumps({"kind": "epoch", "step": 10**6, "loss": "NaN?", "epoch": 99}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        final = figures.final_metrics(tmp_path)
+        path = figures.write_report(tmp_path)
+    assert path.exists() and final["step"] == 10**6 and "loss" not in final and final["epoch"] == 99
+    assert "2 record(s)" in caplog.text

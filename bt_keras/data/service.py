@@ -45,6 +45,7 @@ from collections import Counter
 
 PROCESSING_MODE = "distributed_epoch"
 _FORM = "grpc://HOST:PORT (e.g. grpc://10.0.0.2:5050)"
+_GET_VERSION = "/tensorflow.data.DispatcherService/GetVersion"  # tensorflow/core/data/service/dispatcher.proto
 
 # Elements served per worker, counted at the consumer: {job key: Counter(worker tag -> batches)}; see `served`.
 _SERVED: dict[str, Counter] = {}
@@ -62,23 +63,44 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def check_reachable(address: str, timeout: float = 10.0) -> None:
-    """Raises ConnectionError within about `timeout` seconds if nothing accepts TCP connections at the dispatcher's
-    address (retrying, so a dispatcher that is still starting is waited for)."""
+    """Raises ConnectionError within about `timeout` seconds unless a tf.data service dispatcher answers at `address`.
+
+    First a TCP connection (retried, so a dispatcher that is still starting is waited for), then one call of the
+    dispatcher's own gRPC method `GetVersion`: a port where something else listens (an HTTP server, a worker's port,
+    a process that accepts and says nothing) would otherwise leave the trainer waiting for its first batch forever.
+    """
     host, port = parse_address(address)
     deadline, error = time.monotonic() + timeout, None
+    start_one = (f"start one with `python -m bt_keras.data_service --dispatcher --port={port}` on {host}, or fix "
+                 "--data_service / config.data_service.")
     while True:
         try:
             with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
-                return
+                break
         except OSError as e:
             error = e
         if time.monotonic() >= deadline:
-            break
+            raise ConnectionError(f"tf.data service dispatcher {address} cannot be reached "
+                                  f"({error.__class__.__name__}: {error}) after {timeout:.0f} s; {start_one}")
         time.sleep(0.2)
-    raise ConnectionError(
-        f"tf.data service dispatcher {address} cannot be reached ({error.__class__.__name__}: {error}) after "
-        f"{timeout:.0f} s; start one with `python -m bt_keras.data_service --dispatcher --port={port}` on {host}, "
-        f"or fix --data_service / config.data_service.")
+    problem = _dispatcher_problem(host, port, max(1.0, deadline - time.monotonic()))
+    if problem:
+        raise ConnectionError(f"{address} does not answer as a tf.data service dispatcher ({problem}); {start_one}")
+
+
+def _dispatcher_problem(host: str, port: int, timeout: float) -> str | None:
+    """None if `DispatcherService/GetVersion` answers at host:port (an empty request is a valid GetVersionRequest),
+    else what went wrong, on one line."""
+    import grpc  # a dependency of TensorFlow
+
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    with grpc.insecure_channel(target) as channel:
+        get_version = channel.unary_unary(_GET_VERSION, request_serializer=None, response_deserializer=None)
+        try:
+            get_version(b"", timeout=timeout)
+        except grpc.RpcError as error:
+            return f"{error.code().name}: {' '.join(str(error.details()).split())[:160]}"
+    return None
 
 
 def served(key: str | None = None) -> dict:

@@ -200,6 +200,52 @@ def test_unreachable_dispatcher_is_a_clear_error_within_30_s():
             data_service.parse_address(bad)
 
 
+class _Listener:
+    """Something that is no dispatcher on a local port: an HTTP server, or a socket that accepts and says nothing."""
+
+    def __init__(self, kind: str):
+        import http.server
+
+        if kind == "http":
+            self.server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+            self.server.RequestHandlerClass.log_message = lambda *args: None
+            threading.Thread(target=self.server.serve_forever, daemon=True).start()
+            self.port = self.server.server_address[1]
+        else:
+            self.server = None
+            self.socket = socket.socket()
+            self.socket.bind(("127.0.0.1", 0))
+            self.socket.listen()
+            self.port = self.socket.getsockname()[1]
+
+    def close(self):
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        else:
+            self.socket.close()
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("kind", ["http", "silent"])
+def test_a_port_that_is_no_dispatcher_is_a_clear_error_not_a_hang(kind):
+    """An HTTP server on the port hung the trainer with no message (killed after 120 s): the address must answer the
+    dispatcher's own GetVersion call."""
+    listener = _Listener(kind)
+    try:
+        address = f"grpc://127.0.0.1:{listener.port}"
+        start = time.monotonic()
+        with pytest.raises(ConnectionError, match="does not answer as a tf.data service dispatcher") as raised:
+            data_service.check_reachable(address, timeout=5)
+        assert address in str(raised.value) and "\n" not in str(raised.value)
+        assert time.monotonic() - start < 15
+    finally:
+        listener.close()
+    dispatcher = tf.data.experimental.service.DispatchServer(tf.data.experimental.service.DispatcherConfig(port=0))
+    data_service.check_reachable(dispatcher.target, timeout=5)  # a real dispatcher passes
+    dispatcher.stop()
+
+
 @pytest.mark.hostile
 @pytest.mark.slow
 def test_unreachable_dispatcher_through_the_cli(tmp_path):
@@ -211,3 +257,19 @@ def test_unreachable_dispatcher_through_the_cli(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"ERROR: tf.data service dispatcher {address} cannot be reached" in result.stderr
     assert elapsed < 60, elapsed  # TensorFlow's import + the 10 s probe; the probe alone is bounded by 10 s
+
+
+@pytest.mark.hostile
+@pytest.mark.slow
+def test_an_http_server_as_dispatcher_through_the_cli_is_one_line_and_leaves_no_lock(tmp_path):
+    listener = _Listener("http")
+    try:
+        address = f"grpc://127.0.0.1:{listener.port}"
+        result = run_cli([sys.executable, "-m", "bt_keras.train", f"--config={QUICKSTART}",
+                          f"--workdir={tmp_path / 'run'}", f"--data_service={address}", *TINY], timeout=120)
+    finally:
+        listener.close()
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1 and f"{address} does not answer as a tf.data service dispatcher" in errors[0], errors
+    assert not (tmp_path / "run" / "train.lock").exists() and "Traceback" not in result.stderr

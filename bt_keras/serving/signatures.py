@@ -112,14 +112,19 @@ class Servable:
 
         An empty batch gets one zero image appended and its outputs dropped again: TF's CPU convolutions fail on a
         zero batch, and this keeps the graph free of control flow around the network (a batch of n >= 1 is run
-        as is; the padding is then empty)."""
+        as is; the padding is then empty).
+
+        A row with a non-finite input value gets NaN outputs: TensorFlow's CPU ReLU turns NaN into 0, so such a row
+        would otherwise come out as a plausible unit vector (and differ from the ONNX export, where NaN propagates)."""
         n = tf.shape(normalized)[0]
         pad = tf.zeros(tf.stack([tf.cast(tf.equal(n, 0), tf.int32), self.size, self.size, 3]), normalized.dtype)
         features = tf.cast(self.encoder(tf.concat([normalized, pad], axis=0), training=False), tf.float32)
         outputs = {"embedding": tf.math.l2_normalize(features, axis=-1) if self.l2_normalize else features}
         if self.projector is not None:
             outputs["projection"] = tf.cast(self.projector(features, training=False), tf.float32)
-        return {name: value[:n] for name, value in outputs.items()}
+        finite = tf.reduce_all(tf.math.is_finite(normalized), axis=[1, 2, 3])[:, None]
+        return {name: tf.where(finite, value[:n], tf.constant(float("nan"), value.dtype))
+                for name, value in outputs.items()}
 
     def _map(self, fn, elems):
         spec = tf.TensorSpec([self.size, self.size, 3], tf.float32)

@@ -30,11 +30,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from bt_keras.assembly.artifacts import load_encoder, load_with_projector, MODEL_FILE, save_encoder
+from bt_keras.assembly.artifacts import load_encoder, load_with_projector, save_encoder
 from bt_keras.augment import eval_transform
 from bt_keras.cli import client as cli_client
 from bt_keras.method.model import BarlowTwins
 from bt_keras.nets import backbones, heads
+from bt_keras.paths import MODEL_FILE, SIGNATURE_NORMALIZED
 from bt_keras.serving import client, savedmodel, signatures, warmup
 from tests.helpers import REPO, SUBPROCESS_SCRIPTS
 
@@ -323,6 +324,20 @@ def test_export_is_world_readable_under_umask_022(exported):
     assert exported.stat().st_mode & 0o777 == 0o755
     for path in exported.rglob("*"):
         assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
+
+
+@pytest.mark.hostile
+def test_a_non_finite_input_row_gets_nan_outputs_not_a_plausible_vector(exported):
+    """All-NaN pixels came out of embed_normalized as a finite unit vector (TensorFlow's CPU ReLU maps NaN to 0) where
+    the ONNX export returns NaN; any non-finite value in a row now makes that row's outputs NaN, the others unchanged."""
+    signature = tf.saved_model.load(str(exported)).signatures[SIGNATURE_NORMALIZED]
+    batch = np.random.default_rng(0).normal(size=(3, 16, 16, 3)).astype(np.float32)
+    clean = signature(normalized=tf.constant(batch))["embedding"].numpy()
+    batch[0] = np.nan
+    batch[1, 3, 4, 2] = np.inf
+    out = signature(normalized=tf.constant(batch))["embedding"].numpy()
+    assert np.isnan(out[:2]).all() and np.isfinite(out[2]).all()
+    np.testing.assert_array_equal(out[2], clean[2])
 
 
 @pytest.mark.hostile

@@ -124,6 +124,32 @@ def test_library_modules_import_no_command_line():
     assert trainer_users <= {"bt_keras.cli.train"}, f"only the CLI drives the loop; also imported by {trainer_users}"
 
 
+def test_no_module_imports_a_higher_layer():
+    graph = import_graph()
+    rank = {layer: i for i, layer in enumerate(LAYERS)}
+    upward = sorted(f"{name} ({layer_of(name)}) -> {target} ({layer_of(target)})" for name, targets in graph.items()
+                    for target in targets if rank[layer_of(target)] > rank[layer_of(name)])
+    assert not upward, "imports of a higher layer:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer_of("bt_keras.method.model") == "method" and layer_of("bt_keras.paths") == "base"
+    assert layer_of("bt_keras.evaluate.knn") == "cli" and layer_of("bt_keras.train.__main__") == "cli"
+    graph = {"bt_keras.nets.backbones": {"bt_keras.train.trainer"}, "bt_keras.train.trainer": set()}
+    rank = {layer: i for i, layer in enumerate(LAYERS)}
+    assert [(a, b) for a, targets in graph.items() for b in targets
+            if rank[layer_of(b)] > rank[layer_of(a)]] == [("bt_keras.nets.backbones", "bt_keras.train.trainer")]
+
+
+def test_the_package_top_holds_few_modules_and_every_folder_is_a_layer():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+    folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists())
+    assert set(folders) <= set(LAYERS) | {"evaluate"}, folders  # evaluate/: the kept command names only
+    assert all(layer_of(f"bt_keras.evaluate.{p.stem}".removesuffix(".__init__")) == "cli"
+               for p in (PACKAGE / "evaluate").glob("*.py"))
+
+
 def _fresh_python(code: str, cwd=REPO, **env):
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120,
                           env={**os.environ, **env})

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bt_keras.cli import list_flags_in_help
 from bt_keras.interop import torchvision_resnet
 from bt_keras.interop.convert import convert_torchvision_checkpoint
 
@@ -77,6 +78,7 @@ def run() -> None:
     from absl import app
 
     _define_flags()
+    list_flags_in_help(__name__, doc=__doc__)
     app.run(main)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import keras
 from absl import app, flags
 
-from bt_keras.cli import evaluate as common
+from bt_keras.cli import evaluate as common, list_flags_in_help
 from bt_keras.evaluation import classifiers
 from bt_keras.evaluation.protocol import finish, PAPER_IMAGENET
 
@@ -80,6 +80,7 @@ main = common.cli_main(run, "bt_keras.evaluate.finetune")
 def command() -> None:
     """`python -m bt_keras.evaluate.finetune`."""
     define_flags()
+    list_flags_in_help(__name__, common.__name__, doc=__doc__)
     app.run(main)
 
 

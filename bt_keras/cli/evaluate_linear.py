@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from bt_keras.cli import evaluate as common
+from bt_keras.cli import evaluate as common, list_flags_in_help
 from bt_keras.evaluation import classifiers
 from bt_keras.evaluation.protocol import finish, PAPER_IMAGENET
 
@@ -85,6 +85,7 @@ main = common.cli_main(run, "bt_keras.evaluate.linear")
 def command() -> None:
     """`python -m bt_keras.evaluate.linear`."""
     define_flags()
+    list_flags_in_help(__name__, common.__name__, doc=__doc__)
     app.run(main)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from bt_keras.cli import console
+from bt_keras.cli import console, list_flags_in_help
 
 with console.quiet_start():  # TensorFlow loads here: its start-up lines filtered (bt_keras.cli.console)
     from bt_keras.assembly import artifacts
@@ -73,6 +73,7 @@ _define_flags()
 
 def run():
     """Console entry point (`bt-keras-export`)."""
+    list_flags_in_help(__name__, doc=__doc__)
     app.run(main)
 
 

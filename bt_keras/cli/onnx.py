@@ -16,6 +16,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from bt_keras.assembly import artifacts
+from bt_keras.cli import list_flags_in_help
 from bt_keras.serving.onnx_export import export_onnx
 
 flags.DEFINE_string("checkpoint", None, "Training workdir, converted folder, encoder.keras or BarlowTwins .keras.")
@@ -44,6 +45,8 @@ def main(argv) -> None:
 
 
 def run() -> None:
+    """Console entry point (`bt-keras-export-onnx`)."""
+    list_flags_in_help(__name__, doc=__doc__)
     app.run(main)
 
 

@@ -35,7 +35,7 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",  # the embedded `digits` dataset and the L-BFGS linear probe
     "pillow>=10.0",
     "tensorboard>=2.20",  # tf.summary needs it installed (the tensorflow wheel no longer pulls it in)
-    "matplotlib>=3.7",  # the training report and the colour-barred picture of C (bt_keras.cli.train.figures)
+    "matplotlib>=3.7",  # the training report and the colour-barred picture of C (bt_keras.train.figures)
 ]
 
 # ONNX export (bt_keras.serving.onnx_export): Keras's model.export(format="onnx") converts with tf2onnx; 1.17 is the

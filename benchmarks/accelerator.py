@@ -87,6 +87,8 @@ import sys
 import time
 from pathlib import Path
 
+if not __package__:  # `python benchmarks/accelerator.py`: the benchmarks package is not importable that way
+    raise SystemExit("Run it from the repository root as a module: python -m benchmarks.accelerator [flags]")
 from benchmarks import harness  # FLOP count, tables, process counters (no TensorFlow at import)
 
 MODES = ("float32", "mixed", "mixed_xla")

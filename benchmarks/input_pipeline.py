@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+if not __package__:  # `python benchmarks/input_pipeline.py`: the benchmarks package is not importable that way
+    raise SystemExit("Run it from the repository root as a module: python -m benchmarks.input_pipeline [flags]")
 from benchmarks import harness
 from bt_keras import augment, data
 from bt_keras.augment import host_crop

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 
+if not __package__:  # `python benchmarks/loss_bytes.py`: the benchmarks package is not importable that way
+    raise SystemExit("Run it from the repository root as a module: python -m benchmarks.loss_bytes [flags]")
 from benchmarks import harness
 
 

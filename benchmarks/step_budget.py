@@ -40,6 +40,8 @@ import statistics
 import sys
 import time
 
+if not __package__:  # `python benchmarks/step_budget.py`: the benchmarks package is not importable that way
+    raise SystemExit("Run it from the repository root as a module: python -m benchmarks.step_budget [flags]")
 from benchmarks import harness  # presets, FLOP counting, matmul rate, machine info, tables, JSON
 
 WARMUP_CALLS = 2  # untimed calls of each function before the timed rounds (tracing, allocator growth)

@@ -77,6 +77,8 @@ import sys
 import time
 from pathlib import Path
 
+if not __package__:  # `python benchmarks/train_step.py`: the benchmarks package is not importable that way
+    raise SystemExit("Run it from the repository root as a module: python -m benchmarks.train_step [flags]")
 from benchmarks import harness
 
 DEFAULT_STEPS = {"cifar": (2, 6), "imagenet_small": (3, 10)}  # (warm-up, timed) steps

@@ -194,3 +194,19 @@ def test_the_wheel_installs_only_bt_keras(tmp_path):
     assert "bt_keras/kernels/lars_update.cc" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "bt-keras-train = bt_keras.cli.train:run" in entry_points
+
+
+def test_the_folders_public_names_resolve_and_nothing_they_merely_import():
+    """`bt_keras.augment.X` / `bt_keras.data.X` (the names README and old code use) resolve from the modules that
+    define them; what those modules only import (tf, np, other modules) is no attribute of the package."""
+    from bt_keras import augment, data
+
+    from bt_keras.augment import eval_transforms, ops
+    from bt_keras.data import labelled, pretrain, sources
+    assert augment.augment_batch is ops.augment_batch and augment.eval_transform is eval_transforms.eval_transform
+    assert data.pretrain_dataset is pretrain.pretrain_dataset and data.labelled_dataset is labelled.labelled_dataset
+    assert data.dataset_info is sources.dataset_info and augment.ViewConfig.__module__ == "bt_keras.views"
+    assert {"augment_batch", "eval_transform", "ViewConfig"} <= set(dir(augment))
+    for package, name in ((data, "tf"), (data, "device_augment"), (augment, "np"), (augment, "normalize_nothing")):
+        with pytest.raises(AttributeError):
+            getattr(package, name)

@@ -2,7 +2,7 @@
 
     python -m export.onnx --checkpoint=runs/cifar10 --output=models/encoder.onnx [--l2_normalize] [--opset=N]
 
-`--checkpoint` is what export.savedmodel takes: a training workdir, a folder written by `bt_keras.cli.convert`, an
+`--checkpoint` is what export.savedmodel takes: a training workdir, a folder written by `python -m bt_keras.convert`, an
 encoder.keras or a BarlowTwins .keras. The ONNX model maps `normalized` float32 [batch, S, S, 3] (preprocessed as
 evaluation does) to `embedding` float32 [batch, D]; its metadata_props record S, mean and std
 (`bt_keras.serving.onnx_export`). Needs `pip install -e ".[onnx]"`. Errors are one line `ERROR: ...`, exit status 2.

@@ -10,13 +10,25 @@ Public names (`bt_keras.data.pretrain_dataset`, `.dataset_info`, ...) resolve fr
 """
 
 import importlib
+import inspect
 
-_HOMES = ("sources", "pretrain", "labelled")
+_HOMES = ("bt_keras.data.sources", "bt_keras.data.pretrain", "bt_keras.data.labelled")
+
+
+def _public(module) -> dict:
+    """The public names `module` defines (not what it imports: modules, other modules' classes and functions)."""
+    return {name: value for name, value in vars(module).items()
+            if not name.startswith("_") and not inspect.ismodule(value)
+            and getattr(value, "__module__", module.__name__) == module.__name__}
 
 
 def __getattr__(name):
     for home in _HOMES:
-        module = importlib.import_module(f"bt_keras.data.{home}")
-        if not name.startswith("_") and hasattr(module, name):
-            return getattr(module, name)
+        public = _public(importlib.import_module(home))
+        if name in public:
+            return public[name]
     raise AttributeError(f"module 'bt_keras.data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | {name for home in _HOMES for name in _public(importlib.import_module(home))})

@@ -45,7 +45,7 @@ def _require_onnx():
 def _image_size(metadata: dict, encoder: keras.Model) -> int:
     if "image_size" not in metadata:
         raise ValueError("The encoder's metadata has no image_size: export a training workdir or a folder written "
-                         "by bt_keras.cli.convert (their encoder.json has it).")
+                         "by `python -m bt_keras.convert` (their encoder.json has it).")
     size = int(metadata["image_size"])
     shape = tuple(encoder.input_shape)
     if len(shape) != 4 or shape[3] not in (3, None) or len(encoder.output_shape) != 2:

@@ -301,7 +301,7 @@ def write_report(workdir) -> Path:
     workdir = Path(workdir)
     if not (workdir / paths.METRICS_FILE).exists():
         raise FileNotFoundError(f"{workdir / paths.METRICS_FILE} does not exist: pass the --workdir of a "
-                                "bt_keras.cli.train run.")
+                                "`python -m bt_keras.train` run.")
     plt = _pyplot()
     fig = figure(workdir)
     path = workdir / paths.REPORT_PICTURE

@@ -31,6 +31,7 @@ import tensorflow as tf
 from absl import logging
 
 from bt_keras import checkpoints, files, paths
+from bt_keras.config import complete
 
 INDEX_FILE = "checkpoint"  # tf.train.CheckpointManager's index of a checkpoint folder
 
@@ -224,7 +225,12 @@ def check_config(workdir, config, *, resuming_from: Path | None, allow_change: b
                         "one that wrote the checkpoint (the restore still checks every variable).", resuming_from,
                         paths.CONFIG_FILE)
         return []
-    changes = config_changes(files.read_json(path, "The run's config"), config)
+    saved = files.read_json(path, "The run's config")
+    try:  # fields added since the run's config.json was written take their defaults, as the new config has them
+        saved = complete(saved).to_dict() if isinstance(saved, dict) else saved
+    except TypeError:
+        pass  # a hand-edited value of the wrong type: compared as written, and shown as a change
+    changes = config_changes(saved, config)
     _check_precision(changes, workdir)
     guarded = [change for change in changes if not is_harmless(change[0])]
     if guarded and not allow_change:

@@ -143,6 +143,17 @@ def test_a_changed_model_or_stream_field_is_an_error_listing_old_and_new(run_cop
     assert tree_bytes(run_copy) == before  # config.json and the checkpoints untouched
 
 
+def test_a_config_json_written_before_a_field_existed_resumes_as_the_same_run(run_copy):
+    """A run's config.json lacks the fields added after it was written; they take their defaults (what the new
+    config has), so resuming is not refused as a changed run."""
+    path = run_copy / "config.json"
+    saved = json.loads(path.read_text())
+    for field in ("dct_scaling", "projector_bias", "precision"):
+        del saved[field]
+    path.write_text(json.dumps(saved))
+    assert resumed_step(run_copy) == 6
+
+
 def test_harmless_changes_resume_and_are_recorded(run_copy):
     old_k = json.loads((run_copy / "config.json").read_text())["knn"]["k"]
     t = trainer(run_copy, epochs=3, log_every_steps=5, knn=dict(every_epochs=0, k=old_k + 7))

@@ -270,7 +270,7 @@ def build_supervised(config, strategy, policy: str, classes: int):
         encoder = backbones.get_backbone(
             config.backbone, input_shape=(config.image_size, config.image_size, 3), stem=config.stem,
             width_multiplier=config.width_multiplier, blocks=tuple(config.blocks) if config.blocks else None,
-            zero_init_residual=bool(config.get("zero_init_residual", True)), synchronized_bn=False)
+            zero_init_residual=bool(config.zero_init_residual), synchronized_bn=False)
         head = keras.Sequential([keras.layers.Dense(classes, name="logits")], name="head")
         inputs = keras.Input((config.image_size, config.image_size, 3))
         model = keras.Model(inputs, head(encoder(inputs)), name="supervised")

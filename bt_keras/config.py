@@ -55,12 +55,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_service = ""
 
     # Networks.
-    c.backbone = "resnet18"  # bt_keras.nets.backbones registry
+    # bt_keras.nets.backbones registry, or any Keras network as MODULE:CALLABLE (e.g. "keras.applications:ResNet50V2":
+    # called with input_shape and backbone_options; keras.applications get weights=None, include_top=False,
+    # pooling="avg" unless overridden; stem, width_multiplier, blocks and zero_init_residual do not apply to it)
+    c.backbone = "resnet18"
     c.stem = "cifar"  # "imagenet" (7x7/2 + max-pool), "cifar" (3x3/1) or "cifar_pad2" (3x3/1, padding 2: solo-learn)
     c.width_multiplier = 1.0
     c.blocks = ml_collections.FieldReference(None, field_type=tuple)  # override blocks per stage (small demos)
     c.zero_init_residual = True  # last BN gamma of each residual branch starts at 0 (official; torchvision: False)
-    # Extra keyword arguments of the backbone function, set in a recipe (e.g. {"pooling": "flatten"} for small_cnn).
+    # Extra keyword arguments of the backbone function, set in a recipe (e.g. {"pooling": "flatten"} for small_cnn,
+    # {"alpha": 0.75, "minimalistic": True} for keras.applications:MobileNetV3Small).
     c.backbone_options = ml_collections.ConfigDict()
     c.synchronized_bn = True  # global-batch BN: N replicas == 1 device
     c.projector = "2048-2048-2048"

@@ -9,6 +9,12 @@ Encoders come in two kinds, both seen as `model(images, training=False) -> featu
   (its graph may read and write files): open only exports you trust.
 
 `open_encoder` reads every format; `save_encoder` writes the Keras one. Add a new format in this module only.
+
+`encoder.keras` is a plain Keras file: `save_encoder` writes Keras's own layers (bt_keras's BatchNormalization, a
+training-speed layer, becomes `keras.layers.BatchNormalization` with the same config and weights), so
+`keras.saving.load_model` opens it without bt_keras, under any Keras 3 backend, with the same outputs. The full model
+(`barlow_twins.keras`) and the checkpoints need bt_keras. Encoder files written before that name
+`bt_keras>BatchNormalization`; importing this module registers it, so they still open here.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from bt_keras.assembly import builders
 from bt_keras.data import sources
 from bt_keras.method import precision
 from bt_keras.method.model import BarlowTwins
+from bt_keras.nets import batch_norm
 from bt_keras.paths import (ASSETS_EXTRA, CONFIG_FILE, EMBEDDING_OUTPUT, ENCODER_FILE, ENCODER_FORMS, ENCODER_METADATA,
                             EXPORT_METADATA, INPUT_KEYS, MODEL_FILE, SIGNATURE_NORMALIZED, is_checkpoint,
                             latest_checkpoints)
@@ -39,10 +46,19 @@ def save_encoder(encoder: keras.Model, directory, metadata: dict) -> Path:
 
     `metadata` must say how to feed the encoder: at least `image_size`, `mean` and `std` (evaluation and export
     preprocess with them), plus anything useful for provenance (backbone, dataset, step, recipe).
+
+    The file holds Keras's own layers only (`batch_norm.as_keras_batch_norm`: same weights, same inference), so it
+    loads with `keras.saving.load_model` where bt_keras is not installed; an encoder holding any other bt_keras
+    object is refused, naming it, rather than written as a file plain Keras cannot open.
     """
     for key in ("image_size", "mean", "std"):
         if key not in metadata:
             raise ValueError(f"save_encoder: metadata needs {key!r} (how to preprocess images for this encoder).")
+    encoder = batch_norm.as_keras_batch_norm(encoder)
+    foreign = sorted(bt_keras_objects(keras.saving.serialize_keras_object(encoder)))
+    if foreign:
+        raise ValueError(f"save_encoder: the encoder holds bt_keras objects {foreign}, which plain Keras cannot load "
+                         "from encoder.keras; build it from Keras layers (bt_keras's BatchNormalization is converted).")
     directory = Path(directory)
     path = directory / ENCODER_FILE
     files.atomic_write(path, encoder.save, suffix=".keras")
@@ -50,8 +66,29 @@ def save_encoder(encoder: keras.Model, directory, metadata: dict) -> Path:
     return path
 
 
+def bt_keras_objects(serialized) -> set[str]:
+    """The registered names (`bt_keras>NAME`) and classes of bt_keras modules a serialised Keras object refers to."""
+    found = set()
+    if isinstance(serialized, dict):
+        name, module = serialized.get("registered_name"), serialized.get("module")
+        if isinstance(name, str) and name.startswith("bt_keras>"):
+            found.add(name)
+        elif isinstance(module, str) and module.split(".")[0] == "bt_keras":
+            found.add(f"{module}.{serialized.get('class_name')}")
+        values = serialized.values()
+    elif isinstance(serialized, (list, tuple)):
+        values = serialized
+    else:
+        return found
+    for value in values:
+        found |= bt_keras_objects(value)
+    return found
+
+
 def save_model(model: BarlowTwins, directory) -> Path:
-    """Writes the whole BarlowTwins model (encoder + projector) as `directory/barlow_twins.keras`, atomically."""
+    """Writes the whole BarlowTwins model (encoder + projector) as `directory/barlow_twins.keras`, atomically. It
+    keeps bt_keras's classes (`bt_keras>BarlowTwins`, its BatchNormalization, the probe): load it after `import
+    bt_keras`, or with `open_encoder` / `load_with_projector`."""
     path = Path(directory) / MODEL_FILE
     files.atomic_write(path, model.save, suffix=".keras")
     return path

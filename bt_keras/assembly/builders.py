@@ -55,17 +55,25 @@ def views_from_config(config, info: sources.DatasetInfo) -> tuple[ViewConfig, Vi
 
 def build_networks(config) -> tuple[keras.Model, keras.Model]:
     """The recipe's encoder and projector, nothing else (no dataset needed): what a checkpoint's encoder is read
-    into."""
-    encoder = backbones.get_backbone(
-        config.backbone,
-        input_shape=(config.image_size, config.image_size, 3),
-        stem=config.stem,
-        width_multiplier=config.width_multiplier,
-        blocks=tuple(config.blocks) if config.blocks else None,
-        zero_init_residual=bool(config.zero_init_residual),
-        synchronized_bn=config.synchronized_bn,
-        **dict(config.backbone_options or {}),
-    )
+    into. A `MODULE:CALLABLE` backbone (`backbones.foreign_backbone`) gets the image shape, config.synchronized_bn
+    and config.backbone_options only: the ResNet fields (stem, width_multiplier, blocks, zero_init_residual) are
+    ours."""
+    shape = (config.image_size, config.image_size, 3)
+    options = dict(config.backbone_options or {})
+    if backbones.is_foreign(config.backbone):
+        encoder = backbones.get_backbone(config.backbone, input_shape=shape, synchronized_bn=config.synchronized_bn,
+                                         **options)
+    else:
+        encoder = backbones.get_backbone(
+            config.backbone,
+            input_shape=shape,
+            stem=config.stem,
+            width_multiplier=config.width_multiplier,
+            blocks=tuple(config.blocks) if config.blocks else None,
+            zero_init_residual=bool(config.zero_init_residual),
+            synchronized_bn=config.synchronized_bn,
+            **options,
+        )
     projector = heads.projector(config.projector, synchronized_bn=config.synchronized_bn,
                                 use_bias=bool(config.projector_bias))
     return encoder, projector

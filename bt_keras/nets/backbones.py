@@ -12,15 +12,20 @@
   exactly as one device (the official code converts to SyncBatchNorm for the same reason).
 
 Weights are randomly initialised (Kaiming normal, fan-out, as torchvision); there is nothing to download.
+
+Any other Keras network is a backbone too, named `MODULE:CALLABLE` (`foreign_backbone`), e.g.
+`keras.applications:ConvNeXtTiny`; its BatchNorm layers become this package's, synchronised as asked.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Callable
 
 import keras
 
-from bt_keras.nets.batch_norm import BatchNormalization
+from bt_keras.nets.batch_norm import BatchNormalization, as_bt_keras_batch_norm
 
 _STAGE_WIDTHS = (64, 128, 256, 512)
 STEMS = ("imagenet", "cifar", "cifar_pad2")
@@ -208,10 +213,87 @@ BACKBONES: dict[str, Callable[..., keras.Model]] = {
 }
 
 
+# ------------------------------------------------------------------------- any Keras network: MODULE:CALLABLE
+
+# What a `keras.applications` callable is given unless config.backbone_options says otherwise: random weights (no
+# download; pre-training starts from scratch), no classifier, globally average-pooled features [batch, D].
+KERAS_APPLICATIONS_DEFAULTS = {"weights": None, "include_top": False, "pooling": "avg"}
+
+
+def is_foreign(name) -> bool:
+    """True for a `MODULE:CALLABLE` backbone name (any Keras network), False for a name of `BACKBONES`."""
+    return isinstance(name, str) and ":" in name
+
+
+def foreign_callable(name: str) -> Callable[..., keras.Model]:
+    """The callable `MODULE:CALLABLE` names (CALLABLE may be dotted: `module:Class.from_preset`). Raises ValueError
+    in one line naming config.backbone when the module does not import or has no such callable."""
+    module_name, _, attribute = name.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"config.backbone={name!r} is not MODULE:CALLABLE (e.g. 'keras.applications:ConvNeXtTiny'); "
+                         f"or use one of {sorted(BACKBONES)}.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"config.backbone={name!r}: module {module_name!r} does not import ({error}); install it "
+                         "or fix the module name.") from None
+    try:
+        factory = functools.reduce(getattr, attribute.split("."), module)
+    except AttributeError:
+        raise ValueError(f"config.backbone={name!r}: {module_name} has no {attribute!r}; check the spelling (e.g. "
+                         "'keras.applications:ResNet50V2').") from None
+    if not callable(factory):
+        raise ValueError(f"config.backbone={name!r}: {module_name}.{attribute} is not callable; name a function or "
+                         "class that returns a Keras model.")
+    return factory
+
+
+def foreign_backbone(name: str, *, input_shape, synchronized_bn: bool = True, **options) -> keras.Model:
+    """Builds `MODULE:CALLABLE(input_shape=input_shape, **options)`, any Keras network of images -> features.
+
+    For `keras.applications` callables the options default to KERAS_APPLICATIONS_DEFAULTS (weights=None,
+    include_top=False, pooling="avg"); `options` (config.backbone_options) override them, e.g.
+    `{"alpha": 0.75, "minimalistic": True}` for MobileNetV3Small, `{"include_preprocessing": False}` to drop its
+    rescaling layer.
+
+    The result must be a functional Keras model whose output is 2-D, [batch, features]; anything else is refused in
+    one line naming config.backbone / config.backbone_options. Its BatchNormalization layers are Keras's, which under
+    MirroredStrategy compute each replica's statistics (so N replicas would not train as one device): they are
+    replaced by bt_keras's (`batch_norm.as_bt_keras_batch_norm`, same config and weights) with
+    `synchronized=synchronized_bn`, which makes N replicas exact and keeps the fused kernel on one. ResNet options
+    (stem, width_multiplier, blocks, zero_init_residual) do not apply to foreign networks and are not passed.
+    """
+    factory = foreign_callable(name)
+    module_name = name.partition(":")[0]
+    defaults = KERAS_APPLICATIONS_DEFAULTS if module_name.split(".")[:2] == ["keras", "applications"] else {}
+    options = {**defaults, **options}
+    try:
+        model = factory(input_shape=tuple(input_shape), **options)
+    except (TypeError, ValueError) as error:
+        message = " ".join(str(error).split())
+        raise ValueError(f"config.backbone={name!r} with input_shape={tuple(input_shape)} and "
+                         f"config.backbone_options={options} fails: {message}") from None
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"config.backbone={name!r} returned a {type(model).__name__}, not a keras.Model; name a "
+                         "callable that builds a Keras model of images -> features.")
+    try:
+        output_shape = tuple(model.output_shape)
+    except (AttributeError, ValueError):
+        output_shape = None
+    if output_shape is None or len(output_shape) != 2:
+        raise ValueError(f"config.backbone={name!r} outputs shape {output_shape}, not [batch, features]: pool it "
+                         "(config.backbone_options={'pooling': 'avg'} for keras.applications, include_top=False).")
+    return as_bt_keras_batch_norm(model, synchronized=synchronized_bn)
+
+
 def get_backbone(name: str, **kwargs) -> keras.Model:
-    """Builds a registered backbone by name, e.g. `get_backbone("resnet18", stem="cifar", input_shape=(32, 32, 3))`."""
+    """Builds a backbone by name, e.g. `get_backbone("resnet18", stem="cifar", input_shape=(32, 32, 3))`, or a
+    foreign one, `get_backbone("keras.applications:ResNet50V2", input_shape=(32, 32, 3))` (`foreign_backbone`)."""
+    if is_foreign(name):
+        return foreign_backbone(name, **kwargs)
     if name not in BACKBONES:
-        raise ValueError(f"Unknown backbone {name!r}; registered backbones: {sorted(BACKBONES)}.")
+        raise ValueError(f"Unknown backbone {name!r}; registered backbones: {sorted(BACKBONES)}, or any Keras "
+                         "network as MODULE:CALLABLE (e.g. 'keras.applications:ConvNeXtTiny').")
     try:
         return BACKBONES[name](**kwargs)
     except TypeError as error:  # e.g. config.backbone_options meant for another backbone

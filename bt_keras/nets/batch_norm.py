@@ -256,3 +256,59 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if rank == 2:
             y = tf.reshape(y, [-1, channels])
         return tf.cast(y, self.compute_dtype)
+
+
+# ------------------------------------------------------------------ Keras's layer <-> this one, in a whole network
+
+
+def _with_batch_norm(model: keras.Model, replace) -> keras.Model:
+    """A clone of the functional (or Sequential) `model`, nested models included, in which every BatchNormalization
+    layer (Keras's or this module's) is `replace(layer)`, every other layer rebuilt from its config; same weights."""
+
+    def clone(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return replace(layer)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def has_bt_keras_batch_norm(model: keras.Model) -> bool:
+    """True when `model` holds at least one of this module's layers (the ones a plain Keras file cannot name)."""
+    return any(isinstance(layer, BatchNormalization) for layer in model._flatten_layers(include_self=False))
+
+
+def as_keras_batch_norm(model: keras.Model) -> keras.Model:
+    """`model` with each of this module's layers replaced by `keras.layers.BatchNormalization` of the same config and
+    weights (gamma, beta, moving mean and variance): what encoder files hold, so that `keras.saving.load_model` opens
+    them without bt_keras, under any Keras 3 backend. Inference is the same maths (the fast paths above are training
+    paths only); `synchronized` becomes False, which changes nothing at inference and which Keras refuses outside
+    its TensorFlow backend. `model` itself when it holds none of this module's layers."""
+    if not has_bt_keras_batch_norm(model):
+        return model
+
+    def keras_layer(layer):
+        config = {**layer.get_config(), "synchronized": False}
+        return keras.layers.BatchNormalization.from_config(config)
+
+    return _with_batch_norm(model, keras_layer)
+
+
+def as_bt_keras_batch_norm(model: keras.Model, synchronized: bool) -> keras.Model:
+    """`model` (any functional Keras network, e.g. a `keras.applications` one) with each BatchNormalization replaced
+    by this module's layer, same config and weights, `synchronized` as given.
+
+    Why: Keras's own layer computes per-replica statistics under MirroredStrategy unless built with
+    `synchronized=True`, and even then it runs about ten passes and six collectives per layer; with this layer and
+    `synchronized=True` N replicas train exactly as one device on the same global batch, with the fused kernel on
+    one replica. `model` itself when it holds no BatchNormalization."""
+    if not any(isinstance(layer, keras.layers.BatchNormalization)
+               for layer in model._flatten_layers(include_self=False)):
+        return model
+
+    def ours(layer):
+        return BatchNormalization.from_config({**layer.get_config(), "synchronized": bool(synchronized)})
+
+    return _with_batch_norm(model, ours)

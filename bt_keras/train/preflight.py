@@ -84,7 +84,14 @@ def config_problems(config) -> list[str]:
     lambd = config.lambd
     need(isinstance(lambd, numbers.Real) and not isinstance(lambd, bool) and lambd > 0, "lambd",
          "must be a positive number (the off-diagonal weight; the paper uses 0.0051)")
-    need(config.backbone in backbones.BACKBONES, "backbone", f"is not one of {sorted(backbones.BACKBONES)}")
+    if backbones.is_foreign(config.backbone):
+        try:
+            backbones.foreign_callable(config.backbone)
+        except ValueError as error:  # the module does not import, or has no such callable: one line already
+            problems.append(str(error).rstrip("."))
+    else:
+        need(config.backbone in backbones.BACKBONES, "backbone",
+             f"is not one of {sorted(backbones.BACKBONES)} nor MODULE:CALLABLE (e.g. 'keras.applications:ConvNeXtTiny')")
     need(config.stem in backbones.STEMS, "stem",
          "must be 'imagenet' (7x7/2 + max-pool), 'cifar' (3x3/1) or 'cifar_pad2' (3x3/1, padding 2: solo-learn's)")
     width = config.width_multiplier

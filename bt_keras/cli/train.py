@@ -20,7 +20,11 @@ Flags:
   --allow_config_change  resume although the config changes the model, the optimisation or the data stream
                     (otherwise an error lists the changed fields; changes are recorded in config_changes.jsonl)
 
-Exit codes: 0 done, 2 a mistake in the flags, config, data or workdir (or a full disk), 3 the loss went non-finite.
+Exit codes: 0 done, 2 a mistake in the flags, config, data or workdir (or a full disk), 3 the loss or the weights went
+  non-finite (nothing non-finite is saved; the last good checkpoint stays the latest), 143 SIGTERM and 130 SIGINT
+  (Ctrl-C): the step in flight finishes and its checkpoint is written, then one line says so; running the same command
+  resumes from it exactly. A second SIGTERM or Ctrl-C ends the process at once, writing nothing more (the last
+  complete checkpoint is kept). On a multi-worker run a signal to any worker stops every worker after the same step.
   --verbose         show every log line (TensorFlow's C++ start-up and INFO logs too); quiet by default
 """
 
@@ -34,7 +38,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bt_keras.cli import console
+from bt_keras.cli import console, list_flags_in_help
 
 # TensorFlow loads here (bt_keras.distribute imports it): run as a command, its start-up noise is filtered.
 with console.quiet_start():
@@ -89,7 +93,7 @@ def main(argv):
     from bt_keras import distribute, paths
     from bt_keras.config import complete
     from bt_keras.train import figures, host
-    from bt_keras.train.trainer import NonFiniteLossError, summary, Trainer
+    from bt_keras.train.trainer import Interrupted, NonFiniteLossError, summary, Trainer
 
     if console.is_quiet() and not _VERBOSE.value:
         console.short_log_lines()
@@ -124,10 +128,12 @@ def main(argv):
         print(f"Resuming from {trainer.resume_from} at step {trainer.start_step}.", flush=True)
     try:
         logs = trainer.run(extra_callbacks)
-    except NonFiniteLossError as error:
-        logging.error("%s", error)
-        print(f"ERROR: {error}", file=sys.stderr)
+    except NonFiniteLossError as error:  # printed once (an absl log line would repeat it on the quiet console)
+        print(f"ERROR: {error}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
     if "loss" not in logs:  # nothing left to train (a finished run, rerun): its last logged metrics
         logs = {**figures.final_metrics(_WORKDIR.value), **logs}
     print(f"Finished at step {trainer.step}: {summary(logs)}")
@@ -176,8 +182,13 @@ def _parse_flags(argv):
 
 def run():
     """Entry point that turns configuration mistakes into one clear line instead of a traceback."""
+    list_flags_in_help(__name__, doc=__doc__)  # `bt-keras-train --help`: pip's script is the main module
     try:
         app.run(main, flags_parser=_parse_flags)
+    except KeyboardInterrupt:  # Ctrl-C before training started (or after it ended): nothing half-written to keep
+        print("Interrupted (SIGINT) outside the training loop; the last complete checkpoint is kept: run the same "
+              "command to resume.", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as error:
         print(f"ERROR: {error}", file=sys.stderr)
         sys.exit(2)

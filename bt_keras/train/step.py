@@ -57,23 +57,67 @@ def compiled(function, strategy, jit_compile: bool):
     return tf.function(function, jit_compile=True, reduce_retracing=True)
 
 
-def replica_step(model, strategy, jit_compile: bool, element_spec=None):
+STATE_FINITE = "state_finite"  # the key `replica_step(check_state=True)` adds to the step's outputs
+
+
+def state_variables(model) -> list:
+    """The floating-point variables a training step updates and a checkpoint saves with the model: the trainable
+    weights and the non-trainable statistics (BatchNorm's moving means and variances); not the seed generators'
+    integer states."""
+    return [v for v in model.trainable_variables + model.non_trainable_variables
+            if tf.as_dtype(v.dtype).is_floating]
+
+
+def all_finite(variables) -> tf.Tensor:
+    """A scalar bool: every element of every variable is finite. One `is_finite` + `reduce_all` per variable and
+    one over their results; under XLA they fuse with the step. (Not a sum of `x * 0`, which TensorFlow's constant
+    folding may rewrite to 0, losing the NaN; not a sum of squares, which overflows for large finite weights.)"""
+    checks = [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in variables]
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
+
+def with_state_check(train_step, variables):
+    """`train_step` whose outputs also hold `STATE_FINITE`: whether `variables` are all finite after its update.
+
+    Why after the update: the loss a step returns was computed before its update, so a check of the outputs alone
+    misses the step whose update poisons the weights, and a checkpoint written right after it (the end of an epoch
+    or of the run, a callback stopping the run) would hold NaNs while every logged loss was finite."""
+    def checked(data):
+        outputs = dict(train_step(data))
+        outputs[STATE_FINITE] = all_finite(variables)
+        return outputs
+
+    # Named after the step it checks: XLA's dumps and `xla_calls` find the compiled step by that name.
+    checked.__name__ = checked.__qualname__ = f"{getattr(train_step, '__name__', 'train_step')}_checked"
+    return checked
+
+
+def replica_step(model, strategy, jit_compile: bool, element_spec=None, check_state: bool = False):
     """`model.train_step` as the trainer's `strategy.run` calls it, compiled by XLA when asked and possible (see
     `compiled`). On one device, given the batches' `element_spec`, XLA compiles it first (without running it) and,
     if it cannot, the reason is logged and the step runs uncompiled. The device-side augmentation
     (augment_on="accelerator") runs before the compiled step, uncompiled: its blur of a random subset of the batch
-    has a data-dependent shape, which XLA cannot compile."""
+    has a data-dependent shape, which XLA cannot compile.
+
+    `check_state`: the outputs also hold `STATE_FINITE` (`with_state_check`), computed on each replica's own copy of
+    the variables inside the (compiled) step, so it costs no host round trip and no copy of the weights."""
+    train_step, train_step_on_views = model.train_step, getattr(model, "train_step_on_views", None)
+    if check_state:
+        variables = state_variables(model)
+        train_step = with_state_check(train_step, variables)
+        if train_step_on_views is not None:
+            train_step_on_views = with_state_check(train_step_on_views, variables)
     if getattr(model, "device_augment", None) is None:
-        step = compiled(model.train_step, strategy, jit_compile)
+        step = compiled(train_step, strategy, jit_compile)
         if is_compiled(step) and element_spec is not None and strategy.num_replicas_in_sync == 1:
             reason = check_compiles(step, element_spec)
             if reason is not None:
                 logging.warning("XLA: the training step runs uncompiled: XLA cannot compile it (%s).", reason)
-                return model.train_step
+                return train_step
         return step
-    train = compiled(model.train_step_on_views, strategy, jit_compile)
+    train = compiled(train_step_on_views, strategy, jit_compile)
     if not is_compiled(train):
-        return model.train_step
+        return train_step
     logging.info("XLA: the device-side augmentation runs before the compiled step, uncompiled (its blur of a random "
                  "subset of the batch has a data-dependent shape).")
 

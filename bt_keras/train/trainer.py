@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 import weakref
@@ -42,7 +44,65 @@ from bt_keras.train.workdir_lock import WorkdirLock
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped without overwriting the last good checkpoint."""
+    """The loss, or the weights after a step's update, became NaN or infinite; training stopped before anything
+    non-finite was saved, and the last good checkpoint stays the latest (what the next start resumes from)."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped the run between two steps, after a checkpoint of the last finished step was written.
+
+    `signal_name` ("SIGTERM", "SIGINT"; on a multi-worker run, the signal one of the other workers got),
+    `step` and `checkpoint` (its path) say what was kept; `exit_code` is 128 + the signal's number, what a shell
+    reports for a process that signal ended."""
+
+    def __init__(self, signal_number: int, step: int, checkpoint: str | None, own: bool = True):
+        self.signal_name = signal.Signals(signal_number).name
+        self.step, self.checkpoint = step, checkpoint
+        self.exit_code = 128 + signal_number
+        where = "" if own else " on another worker"
+        super().__init__(f"Interrupted ({self.signal_name}{where}) at step {step}: checkpoint "
+                         f"{Path(checkpoint).name if checkpoint else 'none'} saved; run the same command to resume.")
+
+
+# What the first SIGTERM or SIGINT does (signal.signal), and why not TensorFlow's preemption machinery:
+# `tf.distribute.experimental.PreemptionCheckpointHandler` works only with a cluster resolver (MultiWorkerMirrored- or
+# TPUStrategy), none of which one device or MirroredStrategy has; it adds its own run counter to the checkpoint,
+# restores the latest checkpoint itself when built (bypassing bt_keras.train.resume's choice and
+# bt_keras.checkpoints' every-variable check) and ends the process itself. So the trainer handles the signals itself,
+# in the same way for every strategy: the handler only records the signal; the loop looks at it between steps,
+# finishes the step in flight, writes a checkpoint of it and stops. On a multi-worker run the workers agree first
+# (the step all-reduces each worker's signal; the saves are collective), so a signal to any one of them stops all
+# of them after the same step. A second signal finds the default action restored and ends the process at once,
+# without writing anything more (CheckpointManager writes its index last, so the previous checkpoint stays whole).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _StopSignals:
+    """While entered (in the main thread only: Python delivers signals there), records the first SIGTERM or SIGINT
+    in `received` and restores the previous handlers on exit."""
+
+    def __init__(self):
+        self.received = 0
+        self._previous = {}
+
+    def _handle(self, number, frame):
+        self.received = number
+        for other in _STOP_SIGNALS:  # the next one takes the default action: the process ends at once
+            signal.signal(other, signal.SIG_DFL)
+        if number == signal.SIGINT:  # someone at a terminal: say what is happening, and how not to wait
+            print("Stopping after the step in flight, to save a checkpoint (press Ctrl-C again to quit at once, "
+                  "without saving).", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        try:
+            self._previous = {number: signal.signal(number, self._handle) for number in _STOP_SIGNALS}
+        except ValueError:  # not the main thread: signals keep their current handling
+            self._previous = {}
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 class DiskFullError(RuntimeError):
@@ -136,9 +196,14 @@ class Trainer:
         # (tf.distribute's iterators cannot be checkpointed, and re-reading skipped batches would cost an epoch).
         self.dataset = strategy.distribute_datasets_from_function(self._dataset_fn)
         self.iterator = iter(self.dataset)
-        # The first step whose outputs were not finite (-1: none), kept on the device and read only on logging steps
-        # and before anything is saved, so the NaN check costs no host round trip per step.
+        # The first step whose outputs or updated weights were not finite (-1: none) and what was not (_BAD_*), kept
+        # on the device and read only on logging steps and before anything is saved, so the check costs no host
+        # round trip per step.
         self._first_bad_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name="first_non_finite_step")
+        self._bad_what = tf.Variable(0, dtype=tf.int32, trainable=False, name="first_non_finite_what")
+        self._signals = _StopSignals()
+        self._stop_signal = 0  # the signal the run stops for (on a multi-worker run: the workers' agreed one)
+        self._collective_stop = _workers(strategy) > 1
         self._step_fn = self._make_step_fn()
 
     def _task_id(self) -> int:
@@ -166,24 +231,74 @@ class Trainer:
     def _make_step_fn(self):
         """One training step under the strategy: returns replica 0's metrics, the learning rate and (with loss
         scaling) `loss_scale` and `skipped_steps`, as tensors. With `config.jit_compile` (`--xla`) each replica's
-        step is one XLA computation (`bt_keras.train.step`); the iterator and the NaN bookkeeping stay outside it."""
-        model, strategy, first_bad = self.model, self.strategy, self._first_bad_step
-        replica_step = step_lib.replica_step(model, strategy, bool(self.config.jit_compile), self.dataset.element_spec)
+        step is one XLA computation (`bt_keras.train.step`), the all-finite check of the updated weights included;
+        the iterator and the NaN bookkeeping stay outside it.
+
+        On a multi-worker run the step also takes this worker's stop signal (0: none) and returns the workers' sum
+        under `_STOP` (a scalar all-reduce with the step's own), so all of them stop after the same step."""
+        model, strategy, first_bad, bad_what = self.model, self.strategy, self._first_bad_step, self._bad_what
+        replica_step = step_lib.replica_step(model, strategy, bool(self.config.jit_compile), self.dataset.element_spec,
+                                             check_state=True)
         self.xla_compiled = step_lib.is_compiled(replica_step)
 
-        def step(iterator):
-            outputs = strategy.run(replica_step, args=(next(iterator),))
-            logs = {name: strategy.experimental_local_results(value)[0] for name, value in outputs.items()}
-            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(value)) for value in logs.values()])
+        def update_flags(logs):
+            state_finite = logs.pop(step_lib.STATE_FINITE)
+            outputs_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(value)) for value in logs.values()])
             logs.update(precision.optimizer_logs(model.optimizer))
+            what = tf.where(outputs_finite, _BAD_WEIGHTS, _BAD_OUTPUTS)
+            finite = tf.logical_and(outputs_finite, state_finite)
             if "loss_scale" in logs:  # every step skipped until the scale fell below 1: nothing trains any more
-                finite = tf.logical_and(finite, logs["loss_scale"] >= precision.MIN_LOSS_SCALE)
+                scale_ok = logs["loss_scale"] >= precision.MIN_LOSS_SCALE
+                what = tf.where(finite, _BAD_LOSS_SCALE, what)
+                finite = tf.logical_and(finite, scale_ok)
             iterations = tf.cast(model.optimizer.iterations, tf.int64)
-            first_bad.assign(tf.where(tf.logical_or(finite, first_bad >= 0), first_bad, iterations))
+            first = tf.logical_and(tf.logical_not(finite), first_bad < 0)
+            bad_what.assign(tf.where(first, what, bad_what))
+            first_bad.assign(tf.where(first, iterations, first_bad))
             logs["lr"] = tf.cast(model.optimizer.learning_rate, tf.float32)
             return logs
 
-        return tf.function(step)
+        def step(iterator):
+            outputs = strategy.run(replica_step, args=(next(iterator),))
+            return update_flags({name: strategy.experimental_local_results(value)[0]
+                                 for name, value in outputs.items()})
+
+        if not self._collective_stop:
+            return tf.function(step)
+
+        def step_agreeing_to_stop(iterator, stop):
+            def replica_fn(batch, stop):
+                outputs = dict(replica_step(batch))
+                context = tf.distribute.get_replica_context()
+                outputs[_STOP] = context.all_reduce(tf.distribute.ReduceOp.SUM, stop / context.num_replicas_in_sync)
+                return outputs
+
+            outputs = strategy.run(replica_fn, args=(next(iterator), stop))
+            return update_flags({name: strategy.experimental_local_results(value)[0]
+                                 for name, value in outputs.items()})
+
+        return tf.function(step_agreeing_to_stop)
+
+    def _call_step(self):
+        """One step; with a multi-worker run, also updates `_stop_signal` from the workers' agreement (one host read
+        of a scalar per step: the price of stopping all workers after the same step)."""
+        if not self._collective_stop:
+            logs = self._step_fn(self.iterator)
+            self._stop_signal = self._signals.received
+            return logs
+        logs = self._step_fn(self.iterator, tf.constant(float(self._signals.received)))
+        if float(logs.pop(_STOP)) > 0:  # some worker got a signal before this step: every worker stops after it
+            self._stop_signal = self._signals.received or signal.SIGTERM
+        return logs
+
+    def _stop_requested(self) -> bool:
+        """Whether to stop now, between two steps. A multi-worker run only acts on the workers' agreement (from the
+        last step); one process acts on its own signal at once."""
+        return bool(self._stop_signal or (not self._collective_stop and self._signals.received))
+
+    def _trace_step(self):
+        args = (self.iterator,) + ((tf.constant(0.0),) if self._collective_stop else ())
+        self._step_fn.get_concrete_function(*args)
 
     @property
     def step(self) -> int:
@@ -203,22 +318,39 @@ class Trainer:
             logging.info("Resumed from %s at step %d.", latest, self.step)
         return self.step
 
+    def _non_finite_variables(self) -> list[str]:
+        """The paths of the model's weights and statistics that hold a NaN or an infinity now (host reads)."""
+        return [v.path for v in step_lib.state_variables(self.model) if not np.all(np.isfinite(np.asarray(v)))]
+
     def _check_finite(self, logs: dict) -> None:
-        """Raises NonFiniteLossError if any step so far gave a NaN or infinite metric (one host read)."""
+        """Raises NonFiniteLossError if any step so far gave a NaN or infinite metric, or left a NaN or an infinity
+        in the weights or BatchNorm statistics (one host read while all is well)."""
         bad_step = int(self._first_bad_step.numpy())
         if bad_step < 0:
             return
-        if logs.get("loss_scale", precision.MIN_LOSS_SCALE) < precision.MIN_LOSS_SCALE:
+        what = int(self._bad_what.numpy())
+        lr_advice = ("Try a lower learning rate (config.optimizer.lr_weights, lr_biases) or LARS trust coefficient "
+                     "(config.optimizer.eta), a longer warm-up (config.optimizer.warmup_epochs), or float32 instead "
+                     "of mixed precision.")
+        if what == _BAD_LOSS_SCALE or logs.get("loss_scale", precision.MIN_LOSS_SCALE) < precision.MIN_LOSS_SCALE:
             cause = (f"The gradients were not finite at every step until mixed_float16's loss scale fell to "
-                     f"{logs['loss_scale']:g} (step {bad_step}; {int(logs.get('skipped_steps', 0))} steps skipped, "
-                     "none of them trained)")
+                     f"{logs.get('loss_scale', 0.0):g} (step {bad_step}; {int(logs.get('skipped_steps', 0))} steps "
+                     "skipped, none of them trained)")
             advice = "Try float32 or mixed_bfloat16 (--config.precision) or a lower learning rate."
+        elif what == _BAD_WEIGHTS:
+            names = self._non_finite_variables()
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            cause = (f"The update of step {bad_step} made the weights non-finite (the loss was still finite; now NaN "
+                     f"or infinite: {shown or 'none any more'})")
+            advice = lr_advice
         else:
-            cause = f"The loss became {logs.get('loss', 'non-finite')} at step {bad_step}"
-            advice = ("Try a lower learning rate (config.optimizer.lr_weights), a longer warm-up, or float32 instead of "
-                      "mixed precision.")
-        raise NonFiniteLossError(f"{cause}. Training stopped; the last good checkpoint "
-                                 f"({self.manager.latest_checkpoint or 'none yet'}) is kept. {advice}")
+            loss = logs.get("loss")
+            cause = f"The loss became non-finite at step {bad_step}" + (
+                f" ({loss})" if isinstance(loss, float) and not np.isfinite(loss) else "")
+            advice = lr_advice
+        raise NonFiniteLossError(f"{cause}. Training stopped and saved nothing from step {bad_step} on; the last good "
+                                 f"checkpoint ({self.manager.latest_checkpoint or 'none yet'}) is kept, and the next "
+                                 f"start resumes from it. {advice}")
 
     def save(self, logs: dict | None = None) -> None:
         """Writes a checkpoint at the current step, after checking that no step since the last one went non-finite.
@@ -266,10 +398,16 @@ class Trainer:
         batch logs and are read back from the device only every `config.log_every_steps` steps (and at epoch ends),
         where the progress line (bt_keras.train.progress, a callback) and the NaN check use them.
         """
+        with self._signals:
+            return self._run_with_signals(extra_callbacks)
+
+    def _run_with_signals(self, extra_callbacks=()) -> dict:
+        """`_run` while SIGTERM and SIGINT are recorded (`_StopSignals`): on one, the step in flight finishes, its
+        checkpoint is written and `Interrupted` is raised (no epoch end, no report, no encoder: the run is not over)."""
         c = self.config
         start = self.start_step
         # Trace the step before the first file is written, so a config that cannot train leaves no ckpt-0 behind.
-        self._step_fn.get_concrete_function(self.iterator)
+        self._trace_step()
         if self.chief:
             resume.record_config(self.workdir, c, self.config_changes, start)
         if start == 0 and not self.manager.latest_checkpoint:
@@ -284,15 +422,30 @@ class Trainer:
         for epoch in range(start // self.steps_per_epoch, c.epochs):
             if self.model.stop_training:
                 break
+            if self._stop_requested():  # e.g. a signal during the last epoch's callbacks or save
+                self._interrupted(step, logs)
             logs = self._run_epoch(epoch, step, cbs)
             step = logs["step"]
+            if self._stop_requested():
+                self._interrupted(step, logs)
             cbs.on_epoch_end(epoch, logs)
             if (epoch + 1) % c.checkpoint_every_epochs == 0 or epoch + 1 == c.epochs or self.model.stop_training:
                 self.save(logs)
+        self._check_finite(logs)  # before the callbacks' end (reports, baselines) and the encoder are written
         cbs.on_train_end(logs)
-        self._check_finite(logs)
         self.save_encoder()
         return logs
+
+    def _interrupted(self, step: int, logs: dict):
+        """Writes the checkpoint of `step` (unless the epoch's end just did) after the all-finite check, then raises
+        Interrupted."""
+        latest = self.manager.latest_checkpoint
+        if latest is None or Path(latest).name != f"ckpt-{step}":
+            self.save(logs)
+        else:
+            self._check_finite(logs)
+        number = self._signals.received or self._stop_signal or signal.SIGTERM
+        raise Interrupted(number, step, self.manager.latest_checkpoint, own=bool(self._signals.received))
 
     def _run_epoch(self, epoch: int, step: int, cbs) -> dict:
         """The steps of one epoch from global step `step`; returns the epoch's logs (Python numbers)."""
@@ -302,11 +455,12 @@ class Trainer:
         for tracker in self.model.metrics:
             tracker.reset_state()
         tic, tic_step, logs = time.perf_counter(), step, {"step": step}
-        while step < end and not self.model.stop_training:
+        while step < end and not self.model.stop_training and not self._stop_requested():
             cbs.on_train_batch_begin(step - first)
-            logs = self._step_fn(self.iterator)
+            logs = self._call_step()
             step += 1
-            if step % c.log_every_steps == 0 or step == end:  # read this step's values back from the device
+            stopping = self._stop_requested()
+            if step % c.log_every_steps == 0 or step == end or stopping:  # read this step's values back
                 logs = {name: float(value) for name, value in logs.items()}
                 self._check_finite(logs)
                 logs["images/s"] = (step - tic_step) * c.batch_size / max(time.perf_counter() - tic, 1e-9)
@@ -329,6 +483,20 @@ class Trainer:
         })
         # The projector too, for exports that serve the projection (a BarlowTwins .keras holds both).
         artifacts.save_model(self.model, self.output_dir)
+
+
+_BAD_OUTPUTS, _BAD_WEIGHTS, _BAD_LOSS_SCALE = 1, 2, 3  # what `_bad_what` records
+_STOP = "stop_signal"  # the multi-worker step's output: the sum of the workers' stop signals
+
+
+def _workers(strategy) -> int:
+    """How many processes (workers) run `strategy`'s replicas: more than one only for a multi-worker
+    MultiWorkerMirroredStrategy (a TPU pod is driven by one process)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 1
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec() if resolver is not None else None
+    return max(1, sum(spec.num_tasks(job) for job in spec.jobs if job in ("chief", "worker"))) if spec else 1
 
 
 def summary(logs: dict) -> str:

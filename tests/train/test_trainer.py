@@ -24,7 +24,8 @@ import bt_keras  # noqa: F401  (registers the classes saved models need)
 from bt_keras import checkpoints, distribute, paths
 from bt_keras.train import resume
 from bt_keras.train.trainer import DiskFullError, NonFiniteLossError, Trainer
-from tests.helpers import REPO, last_error_line, run_cli, start_local_workers, tiny_config, train_command, trainer
+from tests.helpers import (REPO, last_error_line, resumed_step, run_cli, start_local_workers, tiny_config,
+                           train_command, trainer)
 
 
 def weights(path):
@@ -157,6 +158,175 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         Trainer(config, tmp_path, tf.distribute.get_strategy(), allow_config_change=True).run()
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")) == good
     tf.train.Checkpoint().read(good).expect_partial()  # still readable
+
+
+STOP_WHEN_BAD = """import keras, numpy as np
+
+
+class StopWhenBad(keras.callbacks.Callback):
+    \"\"\"Stops the run at the first step whose update left a non-finite weight (what EarlyStopping may do there).\"\"\"
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not all(np.all(np.isfinite(np.asarray(v))) for v in self.model.trainable_variables):
+            print("StopWhenBad: stopping at step", int(logs["step"]), flush=True)
+            self.model.stop_training = True
+
+
+def callback():
+    return StopWhenBad()
+"""
+
+
+def all_finite_checkpoint(path) -> bool:
+    reader = tf.train.load_checkpoint(path)
+    return all(np.all(np.isfinite(reader.get_tensor(name))) for name, dtype in reader.get_variable_to_dtype_map().items()
+               if dtype.is_floating)
+
+
+@pytest.mark.hostile
+def test_an_update_that_poisons_the_weights_right_before_a_save_is_never_saved(run_copy, tmp_path):
+    """The loss of a step is computed before its update: checking the losses alone lets the step whose update turns
+    the weights to NaN through when a save follows it at once (here a callback stops the run there; the end of an
+    epoch or of the run does the same). The weights' own all-finite check stops it: exit 3, one line, nothing written."""
+    (tmp_path / "stop_when_bad.py").write_text(STOP_WHEN_BAD)
+    before = {name: (run_copy / name).read_bytes() for name in ("encoder.keras", "encoder.json", "barlow_twins.keras")}
+    # No logging step reads the flag before the save: only the save's own check stands in the way.
+    result = run_cli(train_command(run_copy, "--config.optimizer.eta=1e8", "--allow_config_change",
+                                   "--config.log_every_steps=1000", "--callbacks=stop_when_bad:callback", epochs=6,
+                                   steps=3),
+                     env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-3000:]
+    line = last_error_line(result.stderr)
+    bad_step = int(re.search(r"The update of step (\d+) made the weights non-finite", line).group(1))
+    stopped = re.search(r"StopWhenBad: stopping at step (\d+)", result.stdout)
+    assert bad_step % 3 == 0 or int(stopped.group(1)) == bad_step, result.stdout  # an epoch's end, or the callback
+    assert (result.stdout + result.stderr).count("made the weights non-finite") == 1  # said once
+    # Nothing non-finite was written, the previous artefacts are byte for byte what they were, and the checkpoint the
+    # line names is the latest, from before the bad step, and where the next start resumes.
+    state = tf.train.get_checkpoint_state(str(run_copy / "checkpoints"))
+    good = state.model_checkpoint_path
+    good_step = int(good.rsplit("-", 1)[1])
+    assert "kernel" in line and f"checkpoint ({good})" in line and 6 <= good_step < bad_step, line
+    assert not list((run_copy / "checkpoints").glob(f"ckpt-{bad_step}*"))
+    assert all(all_finite_checkpoint(path) for path in state.all_model_checkpoint_paths)
+    assert {name: (run_copy / name).read_bytes() for name in before} == before
+    assert resumed_step(run_copy, allow_config_change=True) == good_step
+
+
+def test_a_non_finite_loss_is_named_as_the_loss(tmp_path):
+    config = tiny_config(epochs=1, steps_per_epoch=4, log_every_steps=1)
+    config.optimizer.lr_weights = config.optimizer.lr_biases = 1e30
+    with pytest.raises(NonFiniteLossError) as error:
+        Trainer(config, tmp_path, tf.distribute.get_strategy()).run()
+    message = str(error.value)
+    assert re.search(r"The (loss became non-finite|update of step \d+ made the weights non-finite)", message), message
+    assert "ckpt-0" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------- SIGTERM and SIGINT
+
+
+def start_training(workdir, *extra, epochs=4, steps=6, env=None):
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    return subprocess.Popen(train_command(workdir, *extra, epochs=epochs, steps=steps), cwd=REPO, env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_logged_step(process, workdir, step, timeout=180):
+    """Waits until metrics.jsonl has a train line at `step` or later; returns the step logged last."""
+    deadline = time.time() + timeout
+
+    def logged():
+        try:
+            lines = (Path(workdir) / paths.METRICS_FILE).read_text().splitlines()
+        except FileNotFoundError:
+            return -1
+        steps = [json.loads(line)["step"] for line in lines if '"train"' in line]
+        return max(steps, default=-1)
+
+    while logged() < step and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be signalled"
+    return logged()
+
+
+def latest_checkpoint_step(workdir) -> int:
+    latest = tf.train.latest_checkpoint(str(Path(workdir) / "checkpoints"))
+    return int(latest.rsplit("-", 1)[1]) if latest else -1
+
+
+@pytest.mark.slow
+@pytest.mark.hostile
+def test_sigterm_finishes_the_step_saves_it_and_resumes_bit_exactly(uninterrupted, tmp_path):
+    workdir = tmp_path / "preempted"
+    process = start_training(workdir)
+    wait_for_logged_step(process, workdir, 8)  # past the epoch-end checkpoint ckpt-6
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    said = [line for line in (out + err).splitlines() if "Interrupted" in line]
+    assert len(said) == 1, out + err
+    step = int(re.search(r"Interrupted \(SIGTERM\) at step (\d+): checkpoint ckpt-\1 saved; run the same command "
+                         r"to resume\.", said[0]).group(1))
+    assert latest_checkpoint_step(workdir) == step and 8 <= step < 24
+    assert not (workdir / "encoder.keras").exists()  # the run is not over
+
+    result = run_cli(train_command(workdir, epochs=4, steps=6))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming from {workdir / 'checkpoints' / f'ckpt-{step}'} at step {step}." in result.stdout
+    assert "Finished at step 24" in result.stdout
+    difference = max_difference(weights(uninterrupted / "barlow_twins.keras"), weights(workdir / "barlow_twins.keras"))
+    print(f"SIGTERM after step {step}; max |w_resumed - w_uninterrupted| = {difference}")
+    assert difference == 0.0
+
+
+@pytest.mark.hostile
+def test_sigint_saves_the_step_and_exits_130_without_a_traceback(tmp_path):
+    process = start_training(tmp_path, epochs=2, steps=40)
+    wait_for_logged_step(process, tmp_path, 4)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    step = int(re.search(r"Interrupted \(SIGINT\) at step (\d+): checkpoint ckpt-\1 saved", err).group(1))
+    assert latest_checkpoint_step(tmp_path) == step >= 4
+    assert all_finite_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "checkpoints")))
+
+
+SLOW_STEPS = """import time, keras
+
+
+class SlowSteps(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if int(logs["step"]) >= 2:
+            time.sleep(2)
+
+
+def callback():
+    return SlowSteps()
+"""
+
+
+@pytest.mark.hostile
+def test_a_second_sigint_exits_at_once_without_saving(tmp_path):
+    (tmp_path / "slow_steps.py").write_text(SLOW_STEPS)
+    workdir = tmp_path / "run"
+    process = start_training(workdir, "--callbacks=slow_steps:callback", epochs=2, steps=40,
+                             env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    wait_for_logged_step(process, workdir, 2)  # now in a 2 s batch end
+    process.send_signal(signal.SIGINT)
+    notice = ""
+    while "Ctrl-C again" not in notice and process.poll() is None:  # the first one is being handled
+        notice = process.stderr.readline()
+    assert "Ctrl-C again" in notice, "no notice of the first SIGINT"
+    process.send_signal(signal.SIGINT)
+    sent = time.time()
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGINT and time.time() - sent < 1.5, (process.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    assert latest_checkpoint_step(workdir) == 0  # only the initialisation: nothing of the interrupted step
+    assert not list((workdir / "checkpoints").glob("*temp*")) and not (workdir / "encoder.keras").exists()
 
 
 # ------------------------------------------------------------------------------------ the Keras callback protocol

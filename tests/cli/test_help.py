@@ -1,0 +1,51 @@
+"""Every command the README names answers `--help` with its usage and its own flags: the `python -m` names (forwards
+to bt_keras.cli since the layout move, where absl listed no flags at first) and the installed `bt-keras-*` scripts."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+# command -> a flag (or usage word) its help must show
+MODULES = {
+    "bt_keras.train": "--workdir",
+    "bt_keras.report": "WORKDIR",
+    "bt_keras.convert": "--torch_checkpoint",
+    "bt_keras.data_service": "--dispatcher",
+    "bt_keras.evaluate.knn": "--temperature",
+    "bt_keras.evaluate.linear": "--C",
+    "bt_keras.evaluate.finetune": "--backbone_lr",
+    "export.savedmodel": "--export_dir",
+    "export.onnx": "--output",
+    "export.client": "--rest",
+}
+SCRIPTS = {"bt-keras-train": "--workdir", "bt-keras-export": "--export_dir", "bt-keras-export-onnx": "--output",
+           "bt-keras-convert": "--torch_checkpoint", "bt-keras-client": "--rest"}
+
+
+def _help(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([*command, "--help"], cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_python_m_help_shows_the_commands_flags(module):
+    result = _help([sys.executable, "-m", module])
+    text = result.stdout + result.stderr
+    assert MODULES[module] in text and "Traceback" not in text, text[-2000:]
+    assert "the command's name, kept" not in text  # the forward's own docstring is not the usage
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_installed_scripts_answer_help(script):
+    path = shutil.which(script, path=str(Path(sys.executable).parent)) or shutil.which(script)
+    assert path, f"{script} is not installed: run `pip install -e .` again (setup.py's console_scripts)"
+    result = _help([path])
+    text = result.stdout + result.stderr
+    assert SCRIPTS[script] in text and "Traceback" not in text, text[-2000:]

@@ -316,3 +316,17 @@ def flip_a_byte(folder):
     content[len(content) // 2] ^= 0xFF
     data.write_bytes(bytes(content))
     return data.name
+
+
+def finish_local_workers(processes, final_step: int, timeout: int = 300) -> list[tuple[str, str]]:
+    """Waits for `start_local_workers`' processes (killing any left), checks each exited 0 at `final_step`; returns
+    their (stdout, stderr)."""
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+        assert f"Finished at step {final_step}" in out
+    return outputs

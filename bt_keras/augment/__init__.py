@@ -10,26 +10,8 @@ from these modules on first use: `bt_keras.augment.eval_transform`, the name exp
 resolving.
 """
 
-import importlib
-import inspect
+from bt_keras.lazy_names import folder_names
 
-_HOMES = ("bt_keras.augment.ops", "bt_keras.augment.eval_transforms", "bt_keras.views")
-
-
-def _public(module) -> dict:
-    """The public names `module` defines (not what it imports: modules, other modules' classes and functions)."""
-    return {name: value for name, value in vars(module).items()
-            if not name.startswith("_") and not inspect.ismodule(value)
-            and getattr(value, "__module__", module.__name__) == module.__name__}
-
-
-def __getattr__(name):
-    for home in _HOMES:
-        public = _public(importlib.import_module(home))
-        if name in public:
-            return public[name]
-    raise AttributeError(f"module 'bt_keras.augment' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | {name for home in _HOMES for name in _public(importlib.import_module(home))})
+# Where the public names live, searched in this order.
+HOMES = ("bt_keras.augment.ops", "bt_keras.augment.eval_transforms", "bt_keras.views")
+__getattr__, __dir__ = folder_names(__name__, HOMES, lambda: globals())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from absl import flags
+from absl import app, flags
 
-from bt_keras.cli import console
+from bt_keras.cli import console, list_flags_in_help
 
 with console.quiet_start():  # TensorFlow loads here: its start-up lines filtered (bt_keras.cli.console)
     from bt_keras import paths
@@ -63,3 +63,10 @@ def cli_main(run: Callable, program: str) -> Callable:
             sys.exit(f"{program}: error: {error}")
 
     return main
+
+
+def run_command(define_flags: Callable, main: Callable, module_name: str, doc: str) -> None:
+    """`python -m bt_keras.evaluate.NAME`: the command's flags defined and listed by `--help`, then `main` run."""
+    define_flags()
+    list_flags_in_help(module_name, __name__, doc=doc)
+    app.run(main)

@@ -24,9 +24,9 @@ The library code: `bt_keras.evaluation.classifiers`.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
-from bt_keras.cli import evaluate as common, list_flags_in_help
+from bt_keras.cli import evaluate as common
 from bt_keras.evaluation import classifiers
 from bt_keras.evaluation.protocol import finish, PAPER_IMAGENET
 
@@ -82,11 +82,10 @@ def run(fv) -> dict:
 
 main = common.cli_main(run, "bt_keras.evaluate.linear")
 
+
 def command() -> None:
     """`python -m bt_keras.evaluate.linear`."""
-    define_flags()
-    list_flags_in_help(__name__, common.__name__, doc=__doc__)
-    app.run(main)
+    common.run_command(define_flags, main, __name__, __doc__)
 
 
 if __name__ == "__main__":

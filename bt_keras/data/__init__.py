@@ -9,26 +9,8 @@
 Public names (`bt_keras.data.pretrain_dataset`, `.dataset_info`, ...) resolve from these modules on first use.
 """
 
-import importlib
-import inspect
+from bt_keras.lazy_names import folder_names
 
-_HOMES = ("bt_keras.data.sources", "bt_keras.data.pretrain", "bt_keras.data.labelled")
-
-
-def _public(module) -> dict:
-    """The public names `module` defines (not what it imports: modules, other modules' classes and functions)."""
-    return {name: value for name, value in vars(module).items()
-            if not name.startswith("_") and not inspect.ismodule(value)
-            and getattr(value, "__module__", module.__name__) == module.__name__}
-
-
-def __getattr__(name):
-    for home in _HOMES:
-        public = _public(importlib.import_module(home))
-        if name in public:
-            return public[name]
-    raise AttributeError(f"module 'bt_keras.data' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | {name for home in _HOMES for name in _public(importlib.import_module(home))})
+# Where the public names live, searched in this order.
+HOMES = ("bt_keras.data.sources", "bt_keras.data.pretrain", "bt_keras.data.labelled")
+__getattr__, __dir__ = folder_names(__name__, HOMES, lambda: globals())

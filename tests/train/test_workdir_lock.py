@@ -16,8 +16,8 @@ import pytest
 from bt_keras import paths
 from bt_keras.train import workdir_lock
 from bt_keras.train.workdir_lock import WorkdirLock, WorkdirLockedError
-from tests.helpers import (REPO, SUBPROCESS_SCRIPTS, last_error_line, resumed_step, run_cli, start_local_workers,
-                           train_command, trainer)
+from tests.helpers import (REPO, SUBPROCESS_SCRIPTS, finish_local_workers, last_error_line, resumed_step, run_cli,
+                           start_local_workers, train_command, trainer)
 
 pytestmark = pytest.mark.hostile
 
@@ -121,13 +121,8 @@ def test_multi_worker_run_shares_its_workdir_and_still_keeps_others_out(tmp_path
             time.sleep(0.1)
         holder = json.loads((tmp_path / paths.LOCK_FILE).read_text())
         intruder = run_cli(train_command(tmp_path), timeout=120)
-        outputs = [p.communicate(timeout=300) for p in processes]
     finally:
-        for p in processes:
-            p.kill()
-    for p, (out, err) in zip(processes, outputs):
-        assert p.returncode == 0, err[-3000:]
-        assert "Finished at step 12" in out
+        finish_local_workers(processes, final_step=12)
     assert holder["pid"] == processes[0].pid  # the chief (worker 0) holds the lock, worker 1 does not need it
     assert intruder.returncode == 2 and f"pid {processes[0].pid}" in last_error_line(intruder.stderr)
     assert not (tmp_path / paths.LOCK_FILE).exists()

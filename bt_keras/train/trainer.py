@@ -258,38 +258,34 @@ class Trainer:
             logs["lr"] = tf.cast(model.optimizer.learning_rate, tf.float32)
             return logs
 
-        def step(iterator):
-            outputs = strategy.run(replica_step, args=(next(iterator),))
+        def replica_agreeing_to_stop(batch, stop):
+            outputs = dict(replica_step(batch))
+            context = tf.distribute.get_replica_context()
+            outputs[_STOP] = context.all_reduce(tf.distribute.ReduceOp.SUM, stop / context.num_replicas_in_sync)
+            return outputs
+
+        run_on_replicas = replica_agreeing_to_stop if self._collective_stop else replica_step
+
+        def step(iterator, *stop):  # `stop`: this worker's signal, on a multi-worker run only
+            outputs = strategy.run(run_on_replicas, args=(next(iterator), *stop))
             return update_flags({name: strategy.experimental_local_results(value)[0]
                                  for name, value in outputs.items()})
 
-        if not self._collective_stop:
-            return tf.function(step)
-
-        def step_agreeing_to_stop(iterator, stop):
-            def replica_fn(batch, stop):
-                outputs = dict(replica_step(batch))
-                context = tf.distribute.get_replica_context()
-                outputs[_STOP] = context.all_reduce(tf.distribute.ReduceOp.SUM, stop / context.num_replicas_in_sync)
-                return outputs
-
-            outputs = strategy.run(replica_fn, args=(next(iterator), stop))
-            return update_flags({name: strategy.experimental_local_results(value)[0]
-                                 for name, value in outputs.items()})
-
-        return tf.function(step_agreeing_to_stop)
+        return tf.function(step)
 
     def _call_step(self):
         """One step; with a multi-worker run, also updates `_stop_signal` from the workers' agreement (one host read
         of a scalar per step: the price of stopping all workers after the same step)."""
+        logs = self._step_fn(self.iterator, *self._stop_args(self._signals.received))
         if not self._collective_stop:
-            logs = self._step_fn(self.iterator)
             self._stop_signal = self._signals.received
-            return logs
-        logs = self._step_fn(self.iterator, tf.constant(float(self._signals.received)))
-        if float(logs.pop(_STOP)) > 0:  # some worker got a signal before this step: every worker stops after it
+        elif float(logs.pop(_STOP)) > 0:  # some worker got a signal before this step: every worker stops after it
             self._stop_signal = self._signals.received or signal.SIGTERM
         return logs
+
+    def _stop_args(self, received: int) -> tuple:
+        """The step's extra argument: this worker's signal as a float tensor, on a multi-worker run only."""
+        return (tf.constant(float(received)),) if self._collective_stop else ()
 
     def _stop_requested(self) -> bool:
         """Whether to stop now, between two steps. A multi-worker run only acts on the workers' agreement (from the
@@ -297,8 +293,7 @@ class Trainer:
         return bool(self._stop_signal or (not self._collective_stop and self._signals.received))
 
     def _trace_step(self):
-        args = (self.iterator,) + ((tf.constant(0.0),) if self._collective_stop else ())
-        self._step_fn.get_concrete_function(*args)
+        self._step_fn.get_concrete_function(self.iterator, *self._stop_args(0))
 
     @property
     def step(self) -> int:

@@ -66,6 +66,18 @@ def test_training_writes_checkpoints_logs_and_events_then_resumes(uninterrupted,
     assert json.loads((rerun / "encoder.json").read_text())["step"] == 30
 
 
+def _resume_to_the_end_and_compare(workdir, uninterrupted, label: str):
+    """Runs the 4 x 6-step command again in `workdir` and checks it ends equal to the uninterrupted run, bit for bit;
+    returns the resumed run's result."""
+    result = run_cli(train_command(workdir, epochs=4, steps=6))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Finished at step 24" in result.stdout
+    difference = max_difference(weights(uninterrupted / "barlow_twins.keras"), weights(workdir / "barlow_twins.keras"))
+    print(f"{label}; max |w_resumed - w_uninterrupted| = {difference}")
+    assert difference == 0.0
+    return result
+
+
 @pytest.mark.slow
 @pytest.mark.hostile
 def test_sigkill_mid_training_resumes_bit_exactly(uninterrupted, tmp_path):
@@ -90,12 +102,7 @@ def test_sigkill_mid_training_resumes_bit_exactly(uninterrupted, tmp_path):
     killed_at = int(state.model_checkpoint_path.rsplit("-", 1)[1])
     assert 6 <= killed_at < 24
 
-    result = run_cli(train_command(workdir, epochs=4, steps=6))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Finished at step 24" in result.stdout
-    difference = max_difference(weights(uninterrupted / "barlow_twins.keras"), weights(workdir / "barlow_twins.keras"))
-    print(f"killed after step {killed_at}; max |w_resumed - w_uninterrupted| = {difference}")
-    assert difference == 0.0
+    _resume_to_the_end_and_compare(workdir, uninterrupted, f"killed after step {killed_at}")
 
 
 @pytest.mark.slow
@@ -264,13 +271,8 @@ def test_sigterm_finishes_the_step_saves_it_and_resumes_bit_exactly(uninterrupte
     assert latest_checkpoint_step(workdir) == step and 8 <= step < 24
     assert not (workdir / "encoder.keras").exists()  # the run is not over
 
-    result = run_cli(train_command(workdir, epochs=4, steps=6))
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _resume_to_the_end_and_compare(workdir, uninterrupted, f"SIGTERM after step {step}")
     assert f"Resuming from {workdir / 'checkpoints' / f'ckpt-{step}'} at step {step}." in result.stdout
-    assert "Finished at step 24" in result.stdout
-    difference = max_difference(weights(uninterrupted / "barlow_twins.keras"), weights(workdir / "barlow_twins.keras"))
-    print(f"SIGTERM after step {step}; max |w_resumed - w_uninterrupted| = {difference}")
-    assert difference == 0.0
 
 
 @pytest.mark.hostile

@@ -111,15 +111,23 @@ def test_without_flock_a_dead_holder_is_stale_and_a_live_one_is_not(tmp_path, mo
         live.wait()
 
 
+def _wait_for_holder(path, timeout=120):
+    """The lock file's JSON once the chief has written it (it creates the file, locks it, then writes)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            time.sleep(0.1)
+    raise AssertionError(f"no holder was written to {path} in {timeout} s")
+
+
 @pytest.mark.slow
 def test_multi_worker_run_shares_its_workdir_and_still_keeps_others_out(tmp_path):
     """Two workers of one run share the workdir (only the chief locks it); a third trainer is kept out."""
     processes = start_local_workers(tmp_path, epochs=2, steps=6)
     try:
-        deadline = time.time() + 120
-        while not (tmp_path / paths.LOCK_FILE).exists() and time.time() < deadline:
-            time.sleep(0.1)
-        holder = json.loads((tmp_path / paths.LOCK_FILE).read_text())
+        holder = _wait_for_holder(tmp_path / paths.LOCK_FILE)
         intruder = run_cli(train_command(tmp_path), timeout=120)
     finally:
         finish_local_workers(processes, final_step=12)

@@ -196,6 +196,42 @@ def numpy_solo_lars(params, grads_per_step, lrs, momentum, eta, wd, eps, clip_lr
     return params, branches
 
 
+def numpy_topk_accuracy(scores, labels, ks=(1, 5)):
+    """(top-k fractions for each k, margin) of class scores [N, classes] in float64: a row is a top-k hit when fewer
+    than k classes score above its label's (ties: the lower class index first, as tf.math.top_k). `margin` is the
+    smallest gap, over rows and ks, between a row's label score and the k-th highest score of the other classes: the
+    one difference that decides that hit. Accuracies from the same scores computed in float32 elsewhere equal these
+    exactly when the margin is above their round-off."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).reshape(-1)
+    rows = np.arange(len(labels))
+    own = scores[rows, labels][:, None]
+    classes = np.arange(scores.shape[1])[None, :]
+    rank = ((scores > own) | ((scores == own) & (classes < labels[:, None]))).sum(axis=1)
+    others = -np.sort(-np.where(classes == labels[:, None], -np.inf, scores), axis=1)[:, :-1]  # descending
+    gaps = [np.abs(own[:, 0] - others[:, k - 1]) for k in ks if k <= others.shape[1]]
+    margin = float(np.min(gaps)) if gaps else np.inf
+    return tuple(float(np.mean(rank < k)) for k in ks), margin
+
+
+def numpy_knn(train_x, train_y, test_x, k, temperature, num_classes):
+    """The weighted kNN votes of Wu et al. 2018 [N, classes], one query at a time, ties broken by index (stable)."""
+    train = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    votes = np.zeros([len(test_x), num_classes])
+    for row, query in enumerate(test_x):
+        similarity = train @ (query / np.linalg.norm(query))
+        for i in np.argsort(-similarity, kind="stable")[:k]:
+            votes[row, train_y[i]] += np.exp(similarity[i] / temperature)
+    return votes
+
+
+def numpy_knn_topk(votes, labels):
+    """Top-1 / top-5 of kNN votes; a class no neighbour voted for is never a hit (it is not predicted)."""
+    ranking = np.argsort(-votes, axis=1, kind="stable")
+    voted = votes[np.arange(len(labels)), labels] > 0
+    return (float(np.mean((ranking[:, 0] == labels) & voted)),
+            float(np.mean([y in r[:5] and v for y, r, v in zip(labels, ranking, voted)])))
+
+
 # ------------------------------------------------------------------------------------------ augmentation statistics
 
 OFF = dict(flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
@@ -270,15 +306,17 @@ def _free_ports(n):
     return ports
 
 
-def start_local_workers(workdir, count=2, **train_args) -> list[subprocess.Popen]:
-    """`count` trainers of one multi-worker run on 127.0.0.1 (TF_CONFIG per task), all writing to `workdir`."""
+def start_local_workers(workdir, count=2, extra=(), **train_args) -> list[subprocess.Popen]:
+    """`count` trainers of one multi-worker run on 127.0.0.1 (TF_CONFIG per task), all writing to `workdir`; `extra`:
+    more command-line arguments."""
     workers = [f"127.0.0.1:{port}" for port in _free_ports(count)]
     processes = []
     for index in range(count):
         tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": tf_config}
-        processes.append(subprocess.Popen(train_command(workdir, "--strategy=multi_worker", **train_args), cwd=REPO,
-                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        command = train_command(workdir, "--strategy=multi_worker", *extra, **train_args)
+        processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
     return processes
 
 

@@ -9,6 +9,7 @@ import tensorflow as tf
 from scipy import ndimage
 
 from bt_keras import augment
+from bt_keras.augment import ops
 from bt_keras.views import ViewConfig
 from tests.helpers import OFF, RAW, assert_rate
 
@@ -72,9 +73,25 @@ def test_rotation_rate_and_angles_from_output():
     assert abs(angles.mean() - 15.0) < 0.05 and abs(angles.std() - 10 / np.sqrt(12)) < 0.05  # U[10, 20]
 
 
-def test_rotation_off_draws_the_same_views_as_before():
+def test_rotation_off_draws_the_same_views_as_before(monkeypatch):
+    """"Before": the views with the rotation stage removed from the pipeline (both the one-call `augment_batch` and
+    the host stage `geometric_batch`). Rotation off (p = 0), or on with only angle 0, must give exactly those views;
+    on with real angles, other views (so the comparison can fail)."""
     images = (pattern(8) * 255).astype(np.uint8)
     base = augment.cifar_views(SIZE)[0]
-    with_field = dataclasses.replace(base, rotation_prob=0.0, rotation_degrees=(-45.0, 45.0))
-    np.testing.assert_array_equal(augment.augment_batch(images, base, 3).numpy(),
-                                  augment.augment_batch(images, with_field, 3).numpy())
+    seed = tf.constant([3, 0], tf.int64)
+
+    def views(config):
+        return augment.augment_batch(images, config, seed).numpy(), augment.geometric_batch(images, config, seed).numpy()
+
+    off = views(dataclasses.replace(base, rotation_prob=0.0, rotation_degrees=(-45.0, 45.0)))
+    angle_zero = views(dataclasses.replace(base, rotation_prob=1.0, rotation_degrees=(0.0, 0.0)))
+    turned = views(dataclasses.replace(base, rotation_prob=1.0, rotation_degrees=(10.0, 45.0)))
+    with monkeypatch.context() as m:
+        m.setattr(ops, "rotate_batch", lambda images, config, seed: images)  # the pipeline without the stage
+        before = views(dataclasses.replace(base, rotation_prob=1.0, rotation_degrees=(10.0, 45.0)))
+    for got in (off, angle_zero):
+        for a, b in zip(got, before):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(turned, before):  # every image turned by >= 10 degrees differs
+        assert (np.abs(a.astype(np.float64) - b).max(axis=(1, 2, 3)) > 0).all()

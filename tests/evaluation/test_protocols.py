@@ -21,7 +21,7 @@ from bt_keras.cli import evaluate_linear as linear_cli
 from bt_keras.data import sources
 from bt_keras.evaluation import classifiers, features, knn, preprocessing, protocol
 from bt_keras.nets import backbones
-from tests.helpers import TFDS_DIR
+from tests.helpers import TFDS_DIR, numpy_knn, numpy_knn_topk, numpy_topk_accuracy
 
 needs_cifar = pytest.mark.skipif(not (TFDS_DIR / "cifar10").is_dir(),
                                  reason=f"CIFAR-10 in TFDS format not found at {TFDS_DIR}")
@@ -55,25 +55,6 @@ def run(module, *args):
 # ------------------------------------------------------------------------------------------------------ kNN maths
 
 
-def numpy_knn(train_x, train_y, test_x, k, temperature, num_classes):
-    """The weighted kNN of Wu et al. 2018, one query at a time, ties broken by index (stable sorts)."""
-    train = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
-    votes = np.zeros([len(test_x), num_classes])
-    for row, query in enumerate(test_x):
-        similarity = train @ (query / np.linalg.norm(query))
-        for i in np.argsort(-similarity, kind="stable")[:k]:
-            votes[row, train_y[i]] += np.exp(similarity[i] / temperature)
-    return votes
-
-
-def numpy_topk(votes, labels):
-    """Top-1 / top-5 of the votes; a class no neighbour voted for is never a hit (it is not predicted)."""
-    ranking = np.argsort(-votes, axis=1, kind="stable")
-    voted = votes[np.arange(len(labels)), labels] > 0
-    return (float(np.mean((ranking[:, 0] == labels) & voted)),
-            float(np.mean([y in r[:5] and v for y, r, v in zip(labels, ranking, voted)])))
-
-
 def test_knn_matches_numpy_reference():
     rng = np.random.default_rng(0)
     train_x, test_x = rng.normal(size=(120, 6)), rng.normal(size=(40, 6))
@@ -81,7 +62,7 @@ def test_knn_matches_numpy_reference():
     votes = numpy_knn(train_x, train_y, test_x, k=15, temperature=0.1, num_classes=9)
     scores = knn.knn_scores(train_x, train_y, test_x, k=15, temperature=0.1, num_classes=9)
     np.testing.assert_allclose(scores * np.exp(1 / 0.1), votes, rtol=1e-10)  # same votes, scaled by exp(-1/T)
-    expected = numpy_topk(votes, test_y)
+    expected = numpy_knn_topk(votes, test_y)
     assert 0 < expected[0] < expected[1] < 1  # a case where top-1 and top-5 differ
     assert knn.knn_accuracy(train_x, train_y, test_x, test_y, k=15, temperature=0.1, num_classes=9) == expected
     assert knn.knn_accuracy(train_x, train_y, test_x, test_y, k=15, temperature=0.1, num_classes=9,
@@ -91,7 +72,7 @@ def test_knn_matches_numpy_reference():
                             num_classes=9) == expected
     # k larger than the training set: every training example votes
     assert knn.knn_accuracy(train_x, train_y, test_x, test_y, k=1000, num_classes=9) == \
-        numpy_topk(numpy_knn(train_x, train_y, test_x, 1000, 0.1, 9), test_y)
+        numpy_knn_topk(numpy_knn(train_x, train_y, test_x, 1000, 0.1, 9), test_y)
 
 
 def test_knn_with_one_training_example_predicts_its_class_only():
@@ -118,7 +99,7 @@ def test_knn_ties_are_broken_by_index_like_the_reference():
     assert top1_k2 == 0
     for k in (1, 2, 3, 6):
         assert knn.knn_accuracy(train_x, train_y, test_x, test_y, k=k, num_classes=6) == \
-            numpy_topk(numpy_knn(train_x, train_y, test_x, k, 0.1, 6), test_y), k
+            numpy_knn_topk(numpy_knn(train_x, train_y, test_x, k, 0.1, 6), test_y), k
     # k=6: votes e^10 (classes 0, 2), e^6 (4), e^0 (1 and 5, tied), e^-10 (3): ranking 0, 2, 4, 1, 5, 3.
     assert knn.knn_accuracy(train_x, train_y, test_x[:1], np.array([5]), k=6, num_classes=6) == (0.0, 1.0)
     assert knn.knn_accuracy(train_x, train_y, test_x[:1], np.array([3]), k=6, num_classes=6) == (0.0, 0.0)
@@ -211,7 +192,15 @@ def test_finetuning_changes_the_encoder_including_batchnorm_statistics():
     # and a ~1e-10 one at step 2, below float32's resolution at 1.0: those two gammas may stay put.
     assert all(k.endswith("block1_bn1/gamma") for k in unchanged), unchanged
     assert len(unchanged) <= 2
-    assert 0.0 <= result["top1"] <= result["top5"] <= 1.0 and result["num_train_examples"] == 32
+    assert result["num_train_examples"] == 32 and result["num_test_examples"] == 32
+    # The accuracies, recomputed in NumPy from the fine-tuned encoder's features and the returned head (3 classes:
+    # top-5 is 1). Exact: no label score is within 1e-4 of another class's (float32 round-off is ~1e-6 here).
+    images, labels = (np.concatenate(parts) for parts in zip(*[(x.numpy(), y.numpy()) for x, y in batches]))
+    logits = encoder(images, training=False).numpy().astype(np.float64) @ result["head"].kernel.numpy() \
+        + result["head"].bias.numpy()
+    (top1, top5), margin = numpy_topk_accuracy(logits, labels)
+    assert (result["top1"], result["top5"]) == (top1, top5) and margin > 1e-4, (result["top1"], top1, margin)
+    assert 0.0 < top1 < 1.0 and top5 == 1.0  # neither 0 nor all: an off-by-one or a swapped k would show
     assert [h["lr_backbone"] for h in result["history"]] == pytest.approx([0.005, 0.0025])  # cosine per epoch
     assert [h["lr_head"] for h in result["history"]] == pytest.approx([0.5, 0.25])
 
@@ -290,7 +279,11 @@ def test_knn_cli_in_a_subprocess(encoder_dir, tmp_path):
 
 
 @needs_cifar
-def test_linear_cli_both_modes(encoder_dir):
+def test_linear_cli_both_modes(encoder_dir, monkeypatch):
+    probed = []  # full mode's (encoder, test batches, result), for the NumPy recount below
+    linear_probe = classifiers.linear_probe
+    monkeypatch.setattr(classifiers, "linear_probe", lambda encoder, train, test, *a, **k: probed.append(
+        (encoder, test, linear_probe(encoder, train, test, *a, **k))) or probed[-1][-1])
     record = run(linear_cli, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--C=0.1,1", *QUICK)
     assert record["protocol"] == "linear_features" and record["C"] in (0.1, 1.0)
     assert Path(record["output"]) == encoder_dir / "eval_linear_features_tfds_cifar10.json"  # beside the encoder
@@ -299,7 +292,18 @@ def test_linear_cli_both_modes(encoder_dir):
                  "--batch_size=64", "--limit_train=128", "--limit_test=64", "--verbose=0")
     assert record["protocol"] == "linear_full" and record["num_train_examples"] == 128
     assert [h["lr_head"] for h in record["history"]] == pytest.approx([0.3, 0.15])
-    assert 0.0 <= record["top1"] <= record["top5"] <= 1.0 and record["num_test_examples"] == 64
+    assert record["num_test_examples"] == 64
+    # The record's accuracies, recounted in NumPy from the frozen encoder's features of the test batches and the
+    # trained head. Exact: no label score is within 1e-4 of another class's (float32 round-off is ~1e-6 here).
+    (encoder, test, result), = probed
+    model = classifiers.as_callable(encoder)
+    features, labels = (np.concatenate(parts) for parts in zip(*[(model(x, training=False).numpy(), y.numpy())
+                                                                   for x, y in test]))
+    logits = features.astype(np.float64) @ result["head"].kernel.numpy() + result["head"].bias.numpy()
+    (top1, top5), margin = numpy_topk_accuracy(logits, labels)
+    assert len(labels) == 64 and margin > 1e-4, margin
+    assert (record["top1"], record["top5"]) == (top1, top5), (record["top1"], record["top5"], top1, top5)
+    assert top1 < top5 < 1.0  # 10 classes, an untrained encoder: a swapped k or an off-by-one would show
 
 
 @needs_cifar

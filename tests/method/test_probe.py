@@ -12,7 +12,7 @@ from bt_keras.method.optim import LARS
 from bt_keras.method.probe import OnlineProbe
 from bt_keras.nets import backbones, heads
 from bt_keras.views import ViewConfig
-from tests.helpers import cpu_strategy, tiny_config
+from tests.helpers import cpu_strategy, numpy_topk_accuracy, tiny_config
 
 CLASSES = 4
 
@@ -186,6 +186,7 @@ def test_trainer_logs_the_probe_and_resumes_it(tmp_path):
     on the test split, and a resumed run restores the probe's weights and optimizer."""
     import json
 
+    from bt_keras.train import callbacks
     from bt_keras.train.trainer import Trainer
 
     def config(epochs):
@@ -196,13 +197,41 @@ def test_trainer_logs_the_probe_and_resumes_it(tmp_path):
 
     first = Trainer(config(2), tmp_path, tf.distribute.get_strategy())
     assert first.model.online_probe is not None
+    # Step 1's online_top1, recounted in NumPy before the run: the probe's initial weights on the encoder's training-
+    # mode features of the first batch (a second iterator of the same seeded pipeline), both views. The encoder's
+    # BatchNorm statistics that this call moves are put back, so the run itself is untouched.
+    model = first.model
+    view1, view2, labels = next(iter(first.dataset))
+    moving = [v.numpy() for v in model.encoder.non_trainable_variables]
+    features = [model.encoder(view, training=True).numpy() for view in (view1, view2)]
+    for variable, value in zip(model.encoder.non_trainable_variables, moving):
+        variable.assign(value)
+    kernel, bias = (v.numpy().astype(np.float64) for v in (model.online_probe.classifier.kernel,
+                                                             model.online_probe.classifier.bias))
+    step_1 = [numpy_topk_accuracy(f.astype(np.float64) @ kernel + bias, labels.numpy(), ks=(1,)) for f in features]
+    assert min(margin for _, margin in step_1) > 1e-4  # no near-tie: float32 round-off cannot flip a prediction
+    step_1_top1 = sum(top1 for (top1,), _ in step_1) / 2
     first.run()
     probe_state = [v.numpy() for v in first.model.online_probe.weights + first.model.online_probe.optimizer.variables]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [line for line in lines if line["kind"] == "train"]
     assert len(train) == 6 and all(0.0 <= line["online_top1"] <= 1.0 and "online_loss" in line for line in train)
+    # (hits of view 1 + hits of view 2) / (2 x 32): exact in float32 and in metrics.jsonl's 6 decimals.
+    assert train[0]["step"] == 1 and train[0]["online_top1"] == pytest.approx(step_1_top1, abs=1e-7), \
+        (train[0]["online_top1"], step_1_top1)
     epochs = [line for line in lines if line["kind"] == "epoch"]
     assert len(epochs) == 2 and all(0.0 <= line["online_val_top1"] <= 1.0 for line in epochs)
+    # The last epoch's online_val_top1, recounted in NumPy: the final probe on the frozen encoder's features of the
+    # monitor's split (the library's stream; the count is what is checked). No near-tie, so the same count; the log
+    # keeps 6 decimals, so to 5e-7 (one example of the split is ~3e-3).
+    monitor = callbacks.online_probe_monitor_from_config(first.config, first.run_data)
+    features, labels = (np.concatenate(parts) for parts in zip(*[(model.encoder(x, training=False).numpy(),
+                                                                    y.numpy()) for x, y in monitor.test_data]))
+    kernel, bias = (v.numpy().astype(np.float64) for v in (model.online_probe.classifier.kernel,
+                                                             model.online_probe.classifier.bias))
+    ((val_top1,), margin) = numpy_topk_accuracy(features.astype(np.float64) @ kernel + bias, labels, ks=(1,))
+    assert margin > 1e-4 and epochs[-1]["online_val_top1"] == pytest.approx(val_top1, abs=5e-7), \
+        (epochs[-1]["online_val_top1"], val_top1)
 
     resumed = Trainer(config(3), tmp_path, tf.distribute.get_strategy())
     assert resumed.start_step == 6

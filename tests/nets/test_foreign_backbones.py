@@ -3,7 +3,10 @@ built from a config, its BatchNorm made bt_keras's (synchronised), one training 
 2 replicas in float64, the one-line errors, and a CLI run that trains, evaluates and exports.
 
 Families: MobileNetV3Small (squeeze-excitation, hard-swish, a Rescaling layer; alpha 0.75, minimalistic, 0.27 M
-parameters) and ResNet50V2 (pre-activation residual blocks, 23.6 M parameters), both at 32 px, which they accept.
+parameters) and MobileNetV2 (inverted residual blocks with ReLU6, 52 BatchNorm layers; alpha 0.35, 0.41 M
+parameters), both at 32 px, which they accept. (ResNet50V2, 23.6 M parameters, was the second family until its step
+took 80 s of the suite's time; what the test judges, BatchNorm made synchronised inside residual graphs, MobileNetV2
+has too.)
 EfficientNetV2 is left out of the exactness test: its public callables fix stochastic depth at 0.2, so a training step
 draws random drops (different ones per replica) and no two runs are equal.
 """
@@ -23,7 +26,7 @@ from bt_keras.train import preflight
 from tests.helpers import cpu_strategy, run_cli, tiny_config, train_command, view_pair
 
 MOBILENET = ("keras.applications:MobileNetV3Small", {"alpha": 0.75, "minimalistic": True})
-RESNET_V2 = ("keras.applications:ResNet50V2", {})
+MOBILENET_V2 = ("keras.applications:MobileNetV2", {"alpha": 0.35})
 SIZE, BATCH = 32, 8
 
 
@@ -71,7 +74,10 @@ def _one_step(config, replicas, initial, views):
         with strategy.scope():
             model = builders.build_model(config)
             model.set_weights(initial)
-            model.compile(optimizer=LARS(0.5, momentum=0.9, eta=0.02, weight_decay=1e-3))
+            # Eagerly: the same ops without tracing ~150 layers' training step (measured on the busy 2 cores:
+            # 32 s for the two strategies against 82 s traced; the weights agree with the traced step's to 2e-13).
+            # The traced step under replicas is what tests/train/test_step.py judges for bt_keras's own networks.
+            model.compile(optimizer=LARS(0.5, momentum=0.9, eta=0.02, weight_decay=1e-3), run_eagerly=True)
     finally:
         keras.config.set_dtype_policy("float32")
     history = model.fit(tf.data.Dataset.from_tensors(views), epochs=1, verbose=0)
@@ -82,10 +88,9 @@ def _difference(a, b) -> float:
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
 
 
-# Slow: tracing a keras.applications network's training step in float64 takes about 30 s per strategy on 2 cores
-# (MobileNetV3Small: 96 s for the three runs below; ResNet50V2 about 150 s).
+# Slow: a keras.applications network's float64 step, eagerly, takes 5-25 s per strategy on 2 cores.
 @pytest.mark.slow
-@pytest.mark.parametrize("family", [MOBILENET, RESNET_V2], ids=["MobileNetV3Small", "ResNet50V2"])
+@pytest.mark.parametrize("family", [MOBILENET, MOBILENET_V2], ids=["MobileNetV3Small", "MobileNetV2"])
 def test_two_replicas_train_exactly_as_one_device(family):
     config = config_for(*family)
     keras.utils.set_random_seed(0)

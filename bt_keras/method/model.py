@@ -229,10 +229,18 @@ class BarlowTwins(keras.Model):
         return self._update_metrics(terms)
 
     def _update_metrics(self, terms):
-        """Updates the trackers of the terms present (the probe's only with labels) and returns their results."""
+        """Updates the trackers of the terms present (the probe's only with labels) and returns their results.
+
+        Every update waits for every value. A `Mean` of a scalar adds 1 to its count, an op that reads no data: in a
+        traced step the executor may run it before the batch arrives, and when there is no batch (the call of
+        `fit`/`evaluate` that finds a dataset of unknown length exhausted ends in OutOfRangeError) the count has
+        grown by a step that never happened, on some replicas and not others, at random; `fit`'s epoch result
+        (total / count summed over replicas) then reads 1/2 or 2/3 of the loss, with correct weights.
+        """
         trackers = {name: tracker for name, tracker in self._trackers.items() if name in terms}
-        for name, tracker in trackers.items():
-            tracker.update_state(terms[name])
+        with tf.control_dependencies([terms[name] for name in trackers]):  # no-op when eager
+            for name, tracker in trackers.items():
+                tracker.update_state(terms[name])
         return {name: tracker.result() for name, tracker in trackers.items()}
 
     def fit(self, x=None, y=None, batch_size=None, **kwargs):

@@ -111,3 +111,36 @@ def test_global_batch_not_divisible_by_replicas_is_refused():
     dataset = tf.data.Dataset.from_tensor_slices(view_pair(12)).batch(6, drop_remainder=True)
     with pytest.raises(ValueError, match="not divisible by the number of replicas"):
         model.fit(dataset, epochs=1, verbose=0)
+
+
+def test_logged_loss_is_the_global_loss_on_data_of_unknown_length():
+    """`fit`'s loss at each epoch's end, and `evaluate`'s, are the trackers' total / count (summed over replicas):
+    on one device and under 2 replicas they must equal the loss of a one-device run on data of known length. On a
+    dataset of unknown length (here a `filter`) `fit` and `evaluate` learn of its end from a last call that fails
+    with OutOfRangeError; a scalar `Mean`'s count (+1, reading no data) must not grow in that call. It did before
+    `BarlowTwins._update_metrics` made the updates wait for the values: on one device always (loss / 2), under
+    replicas on some replicas at random (1/2 or 2/3 of the loss), with the weights right."""
+    epochs = 3
+    initial = tiny_model().get_weights()
+    views = tuple(v.astype("float64") for v in view_pair(GLOBAL_BATCH))
+    known = tf.data.Dataset.from_tensors(views)
+    unknown = known.filter(lambda *_: True)
+    assert int(unknown.cardinality()) == tf.data.UNKNOWN_CARDINALITY
+    logged = {}
+    for replicas, dataset in ((1, known), (1, unknown), (2, unknown)):
+        strategy = cpu_strategy(replicas)
+        keras.config.set_dtype_policy("float64")  # exact: the runs agree to round-off, a wrong count is O(1)
+        try:
+            with strategy.scope():
+                model = tiny_model()
+                model.set_weights(initial)
+                model.compile(optimizer=LARS(0.5, momentum=0.9, eta=0.02, weight_decay=1e-3))
+        finally:
+            keras.config.set_dtype_policy("float32")
+        history = model.fit(dataset, epochs=epochs, verbose=0).history["loss"]
+        logged[replicas, dataset is known] = history + [model.evaluate(dataset, verbose=0, return_dict=True)["loss"]]
+    reference = logged[1, True]
+    assert len(set(reference)) == len(reference)  # every epoch trained: the values differ
+    ratios = {key: np.round(np.asarray(values) / reference, 7).tolist() for key, values in logged.items()}
+    print("logged / reference, per (replicas, known length):", ratios)
+    assert all(np.allclose(r, 1.0, rtol=0, atol=1e-6) for r in ratios.values()), ratios

@@ -12,6 +12,7 @@ draws random drops (different ones per replica) and no two runs are equal.
 """
 
 import json
+import sys
 
 import keras
 import numpy as np
@@ -122,9 +123,9 @@ def test_cli_trains_evaluates_and_exports_a_keras_application(tmp_path):
     assert trained.returncode == 0, trained.stderr[-3000:]
     metadata = json.loads((workdir / "encoder.json").read_text())
     assert metadata["backbone"] == MOBILENET[0] and metadata["feature_dim"] == 576
-    knn = run_cli(["python", "-m", "bt_keras.evaluate.knn", f"--encoder={workdir}", "--dataset=digits",
+    knn = run_cli([sys.executable, "-m", "bt_keras.evaluate.knn", f"--encoder={workdir}", "--dataset=digits",
                    "--limit_train=200", "--limit_test=100"])
     assert knn.returncode == 0, knn.stderr[-3000:]
-    exported = run_cli(["python", "-m", "export.savedmodel", f"--checkpoint={workdir}", f"--export_dir={export_dir}"])
+    exported = run_cli([sys.executable, "-m", "export.savedmodel", f"--checkpoint={workdir}", f"--export_dir={export_dir}"])
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert list(export_dir.glob("*/saved_model.pb"))

@@ -72,6 +72,7 @@ setup(
             "bt-keras-client = bt_keras.cli.client:run",
             "bt-keras-export-onnx = bt_keras.cli.onnx:run",
             "bt-keras-convert = bt_keras.cli.convert:run",
+            "bt-keras-data-check = bt_keras.cli.data_check:run",
         ],
     },
 )

@@ -11,16 +11,25 @@ TensorFlow's own checks are weaker than a resumed run or an evaluation needs:
   evaluation, where optimizer state and projector may be ignored); both fail with counts per part and
   TensorFlow's first line, not a wall of warnings.
 
+A checkpoint says nothing of the model it was written from, and evaluating one rebuilds that model from the run's
+config.json, which a user may have edited since: an encoder built at another image size restores fine and gives wrong
+numbers. So the trainer writes the run's config beside each checkpoint (`write_config_record`), and
+`config_record_differences` names the encoder fields config.json changed before anything is built.
+
 Counting variables per part reads the checkpoint's object graph (the `TrackableObjectGraph` proto TensorFlow
 stores in every object-based checkpoint), so it needs no model.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import tensorflow as tf
+
+from bt_keras import files, paths
+from bt_keras.config import complete
 
 _OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
@@ -161,3 +170,45 @@ def restore_encoder(encoder, prefix, fix: str) -> None:
     finally:
         if status is not None:
             status.expect_partial()  # optimizer and projector values are deliberately left unread
+
+
+# ------------------------------------------------------------------------------------- the config beside a checkpoint
+
+# The fields that shape the encoder a checkpoint holds, or the images it is fed: a checkpoint's evaluation builds the
+# encoder from them, so they must be what they were when the checkpoint was written. (The projector, the optimizer
+# and the data stream do not change the encoder's features; normalisation is compared through the dataset.)
+ENCODER_FIELDS = ("backbone", "backbone_options", "stem", "width_multiplier", "blocks", "image_size")
+
+
+def write_config_record(prefix, config: dict) -> Path:
+    """Writes `config` (the run's complete config, as a dict) as `prefix.config.json`, atomically; returns its path.
+    Called before the checkpoint itself is written, so every complete checkpoint has its record."""
+    path = paths.checkpoint_config(prefix)
+    files.atomic_write_json(path, config)
+    return path
+
+
+def read_config_record(prefix) -> dict | None:
+    """The config recorded beside checkpoint `prefix`, every field completed with its default; None for a checkpoint
+    written before records existed (or whose record is not a config)."""
+    path = paths.checkpoint_config(prefix)
+    if not path.is_file():
+        return None
+    try:
+        recorded = files.read_json(path, "The checkpoint's config record")
+    except ValueError as error:
+        raise CorruptCheckpointError(str(error)) from None
+    return _plain(complete(recorded).to_dict()) if isinstance(recorded, dict) else None
+
+
+def config_record_differences(recorded: dict, config: dict, fields=ENCODER_FIELDS) -> list[tuple[str, object, object]]:
+    """(field, recorded value, value in `config`) for each of `fields` that differs, in `fields`' order. Both are
+    complete configs; lists and tuples compare equal, as they do once written as JSON."""
+    config = _plain(config)
+    return [(field, recorded.get(field), config.get(field)) for field in fields
+            if recorded.get(field) != config.get(field)]
+
+
+def _plain(tree: dict) -> dict:
+    """`tree` as JSON would give it back (tuples as lists, other objects as strings), so values compare as written."""
+    return json.loads(json.dumps(tree, default=str))

@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = ""  # recipe name, recorded with the encoder
 
-    # Data (bt_keras.data names: tfds:NAME, folder:PATH, digits).
+    # Data (bt_keras.data names: tfds:NAME, folder:PATH, digits, cluttered_digits).
     c.dataset = "digits"
     c.split = "train"
     c.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir
@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
     # tf.data service (bt_keras.data.service): "grpc://HOST:PORT" of a dispatcher runs the pre-training pipeline on its
     # workers; "" reads locally. See bt_keras/data/service.py for what resuming guarantees then.
     c.data_service = ""
+    # With data_service: a step that has not finished after this many seconds while the dispatcher no longer answers
+    # ends the run (one line naming the address, exit code 4; bt_keras.train.watchdog), instead of waiting forever.
+    c.data_service_stall_s = 30.0
 
     # Networks.
     # bt_keras.nets.backbones registry, or any Keras network as MODULE:CALLABLE (e.g. "keras.applications:ResNet50V2":
@@ -118,7 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Checkpoints and monitoring.
     c.checkpoint_every_epochs = 1
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3  # the newest checkpoints kept; ckpt-0 (the initialisation) is kept besides them
     c.log_every_steps = 10
     c.picture_every_epochs = 1
     c.knn = ml_collections.ConfigDict()

@@ -6,7 +6,8 @@ A training workdir (written by `bt_keras.cli.train`):
 
     workdir/
       config.json              the recipe the run used (the ml_collections config, as JSON)
-      checkpoints/             tf.train.Checkpoint of model, optimizer and step; the N latest kept
+      checkpoints/             tf.train.Checkpoint of model, optimizer and step; the N latest and ckpt-0 kept
+        ckpt-STEP.config.json  the config that wrote each one (evaluating it compares config.json with it)
       encoder.keras            the final encoder alone, for evaluation and export
       encoder.json             its metadata: backbone, image_size, mean, std, dataset, step, feature_dim
       barlow_twins.keras       encoder + projector (for exports that serve the projection)
@@ -62,6 +63,12 @@ ENCODER_FORMS = (f"a training workdir (holding {ENCODER_FILE}), an {ENCODER_FILE
 def is_checkpoint(path) -> bool:
     """True for a tf.train checkpoint prefix (`.../ckpt-STEP`, whose `.index` file exists)."""
     return Path(f"{path}.index").is_file()
+
+
+def checkpoint_config(prefix) -> Path:
+    """`ckpt-STEP.config.json` beside checkpoint `prefix`: the config of the run when it wrote that checkpoint
+    (`bt_keras.checkpoints.write_config_record`). Checkpoints written before it existed have none."""
+    return Path(f"{prefix}.config.json")
 
 
 def latest_checkpoints(workdir) -> list[Path]:

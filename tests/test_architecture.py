@@ -19,8 +19,8 @@ PACKAGE = REPO / "bt_keras"
 # one layer; the modules at the top of the package are the base every layer uses, or the kept names of commands.
 LAYERS = ("base", "kernels", "nets", "augment", "data", "method", "assembly", "evaluation", "interop", "serving",
           "train", "cli")
-COMMAND_NAMES = {"bt_keras.report", "bt_keras.convert", "bt_keras.data_service", "bt_keras.evaluate",
-                 "bt_keras.evaluate.knn", "bt_keras.evaluate.linear", "bt_keras.evaluate.finetune",
+COMMAND_NAMES = {"bt_keras.report", "bt_keras.convert", "bt_keras.data_service", "bt_keras.data_check",
+                 "bt_keras.evaluate", "bt_keras.evaluate.knn", "bt_keras.evaluate.linear", "bt_keras.evaluate.finetune",
                  "bt_keras.train.__main__"}  # `python -m` names users type, forwarding to bt_keras.cli
 MAX_TOP_LEVEL_MODULES = 12
 

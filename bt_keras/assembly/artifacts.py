@@ -34,8 +34,8 @@ from bt_keras.method import precision
 from bt_keras.method.model import BarlowTwins
 from bt_keras.nets import batch_norm
 from bt_keras.paths import (ASSETS_EXTRA, CONFIG_FILE, EMBEDDING_OUTPUT, ENCODER_FILE, ENCODER_FORMS, ENCODER_METADATA,
-                            EXPORT_METADATA, INPUT_KEYS, MODEL_FILE, SIGNATURE_NORMALIZED, is_checkpoint,
-                            latest_checkpoints)
+                            EXPORT_METADATA, INPUT_KEYS, MODEL_FILE, SIGNATURE_NORMALIZED, checkpoint_config,
+                            is_checkpoint, latest_checkpoints)
 
 
 # ------------------------------------------------------------------------------------------------------ writing
@@ -239,7 +239,10 @@ def _encoder_from_checkpoint(prefix: Path) -> tuple[keras.Model, dict]:
                          f"written by the run, or evaluate its {ENCODER_FILE} instead.")
     try:
         config = run_config.complete(saved)
+        _check_config_record(prefix, config, config_path)
         encoder, _ = builders.build_networks(config)
+    except (checkpoints.CheckpointMismatchError, checkpoints.CorruptCheckpointError):
+        raise  # the record's own one-line errors
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise ValueError(f"The run's config {config_path} does not build a model ({' '.join(str(error).split())}); "
                          f"restore the file written by the run, or evaluate its {ENCODER_FILE} instead.") from None
@@ -252,6 +255,26 @@ def _encoder_from_checkpoint(prefix: Path) -> tuple[keras.Model, dict]:
     return encoder, {"backbone": config.backbone, "image_size": config.image_size, "mean": list(mean),
                      "std": list(std), "dataset": config.dataset, "step": int(step) if step.isdigit() else None,
                      "feature_dim": int(encoder.output_shape[-1]), "checkpoint": str(prefix)}
+
+
+def _check_config_record(prefix: Path, config, config_path: Path) -> None:
+    """Raises CheckpointMismatchError, naming each field and both values, when `config` (the run's config.json) would
+    build or feed another encoder than the one checkpoint `prefix` was written with (the config recorded beside it):
+    before anything is built, so the answer is one line rather than wrong numbers or TensorFlow's warnings. A
+    checkpoint without a record (written by an older version) is not checked here."""
+    recorded = checkpoints.read_config_record(prefix)
+    if recorded is None:
+        return
+    current = config.to_dict()
+    differences = checkpoints.config_record_differences(recorded, current)
+    if sources.normalization_stats(recorded["dataset"]) != sources.normalization_stats(current["dataset"]):
+        differences.append(("dataset", recorded["dataset"], current["dataset"]))  # its normalisation mean and std
+    if differences:
+        shown = ", ".join(f"{field}={old!r} (config.json has {new!r})" for field, old, new in differences)
+        raise checkpoints.CheckpointMismatchError(
+            f"Checkpoint {prefix} was written with {shown}: {config_path} no longer describes its encoder. Put those "
+            f"values back in {config_path} ({checkpoint_config(prefix).name} beside the checkpoint holds the whole "
+            f"config that wrote it), or evaluate the run's {ENCODER_FILE} instead.")
 
 
 def _open_savedmodel(directory: Path) -> Encoder:

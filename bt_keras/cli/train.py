@@ -21,8 +21,9 @@ Flags:
                     (otherwise an error lists the changed fields; changes are recorded in config_changes.jsonl)
 
 Exit codes: 0 done, 2 a mistake in the flags, config, data or workdir (or a full disk), 3 the loss or the weights went
-  non-finite (nothing non-finite is saved; the last good checkpoint stays the latest), 143 SIGTERM and 130 SIGINT
-  (Ctrl-C): the step in flight finishes and its checkpoint is written, then one line says so; running the same command
+  non-finite (nothing non-finite is saved; the last good checkpoint stays the latest), 4 the tf.data service
+  dispatcher stopped answering while a step waited for it (config.data_service_stall_s; the last checkpoint is kept),
+  143 SIGTERM and 130 SIGINT (Ctrl-C): the step in flight finishes and its checkpoint is written, then one line says so; running the same command
   resumes from it exactly. A second SIGTERM or Ctrl-C ends the process at once, writing nothing more (the last
   complete checkpoint is kept). On a multi-worker run a signal to any worker stops every worker after the same step.
   --verbose         show every log line (TensorFlow's C++ start-up and INFO logs too); quiet by default

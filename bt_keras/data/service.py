@@ -30,7 +30,9 @@ Resume guarantees in this mode (weaker than local reading, where the stream is a
 * A worker that dies loses the batches it had prepared and the rest of its current epoch (the dispatcher does not
   reassign a split that was handed out); training continues on the other workers (measured in
   tests/data/test_service.py: a 0.1-0.2 s stall at one step on this machine). A dispatcher that dies stops the run (its state is not
-  fault-tolerant here unless started with --work_dir and --fault_tolerant).
+  fault-tolerant here unless started with --work_dir and --fault_tolerant): TensorFlow would retry it forever inside
+  the step, so the trainer's watchdog (`bt_keras.train.watchdog`) ends the run once a step has waited
+  `config.data_service_stall_s` seconds and the dispatcher no longer answers: one line naming it, exit code 4.
 
 An unreachable dispatcher is an error within `probe_timeout` seconds naming the address (TensorFlow itself would retry
 forever): `check_reachable` opens a TCP connection first.
@@ -86,6 +88,13 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
     problem = _dispatcher_problem(host, port, max(1.0, deadline - time.monotonic()))
     if problem:
         raise ConnectionError(f"{address} does not answer as a tf.data service dispatcher ({problem}); {start_one}")
+
+
+def dispatcher_problem(address: str, timeout: float = 5.0) -> str | None:
+    """None while the dispatcher at `address` ('grpc://HOST:PORT') answers its GetVersion call within `timeout`
+    seconds, else what went wrong, on one line: the trainer's watchdog asks this of a run whose step is stalled."""
+    host, port = parse_address(address)
+    return _dispatcher_problem(host, port, timeout)
 
 
 def _dispatcher_problem(host: str, port: int, timeout: float) -> str | None:

@@ -1,4 +1,4 @@
-"""Datasets by name, opened as (image, label) streams: TFDS, image folders and the bundled digits.
+"""Datasets by name, opened as (image, label) streams: TFDS, image folders, the bundled digits and cluttered digits.
 
 The pipelines built on them: `bt_keras.data.pretrain` (pairs of views) and `bt_keras.data.labelled` (probes).
 
@@ -13,22 +13,27 @@ Dataset names:
   ``digits``  scikit-learn's bundled 8x8 handwritten digits (1797 images), pixel values 0..16
       scaled to 0..255, upsampled bilinearly to 32x32 and repeated to RGB; works offline.
       Split ``test`` is every 5th image (index % 5 == 0, 360 images), ``train`` the other 1437.
+  ``cluttered_digits``  the same digits at random positions, sizes and rotations on noisy 32x32 canvases with
+      fragments of other digits (`bt_keras.data.cluttered_digits`, generated in memory, offline): ``train`` 2874
+      canvases of 1437 source digits, ``test`` 720 of the other 360.
 
 Normalisation mean/std per dataset (``dataset_info``): CIFAR-10 statistics for cifar10 and
-cifar100, the digits ``train`` statistics for digits, ImageNet statistics for everything else.
+cifar100, each ``train`` split's own statistics for digits and cluttered_digits, ImageNet statistics for everything
+else.
 
 Offline behaviour: with ``download=False`` nothing is ever downloaded; data that is not prepared
 raises ``DatasetNotFoundError`` at once, naming the data_dir searched and how to provide it.
 
-Corrupt files in folders: files with an image extension but no JPEG/PNG signature (first 8 bytes,
-checked up front) are skipped with one warning listing them; files whose header is fine but whose
-body does not decode (e.g. truncated) are dropped in the pipeline by ``ignore_errors``, which logs
-each one. Neither stops a run.
+Corrupt files in folders: every file with an image extension is decoded fully once, up front
+(`bt_keras.data.image_check`: not an image, truncated, garbage in the middle), and the bad ones are
+left out of the file list before the seeded shuffle, with one warning giving their count, so split
+sizes, steps per epoch and the stream (a pure function of seed and step) count only files that
+decode. A training run lists them in WORKDIR/bad_images.txt (`check_folder_images`);
+``python -m bt_keras.data_check PATH`` lists them before a run. Neither stops a run.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -40,17 +45,22 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bt_keras import views
+import bt_keras.data.cluttered_digits as cluttered_digits  # not `from bt_keras.data import`: see image_check
+import bt_keras.data.image_check as image_check  # not `from bt_keras.data import`: its lazy names import us
 from bt_keras.data.folder_walk import FolderWalk
 
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DIGITS_MEAN = (0.3052, 0.3052, 0.3052)  # digits `train` split at 32 px, see _digits_arrays
 DIGITS_STD = (0.3241, 0.3241, 0.3241)
+CLUTTERED_MEAN = (0.1551, 0.1551, 0.1551)  # cluttered_digits `train` split, see bt_keras.data.cluttered_digits
+CLUTTERED_STD = (0.2352, 0.2352, 0.2352)
+ARRAY_DATASETS = ("digits", "cluttered_digits")  # generated in memory from scikit-learn's digits
 _DIGITS_SIZE = 32
 _AUTO_CACHE_BYTES = 2 * 1024**3  # cache="auto" keeps datasets up to this size in memory
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
 NAME_FORMS = ("'tfds:NAME[/CONFIG]' (e.g. tfds:cifar10, tfds:imagenet2012_subset/1pct), "
-              "'folder:PATH' (PATH/CLASS/IMAGE.jpg|.png) or 'digits' (scikit-learn's digits)")
+              "'folder:PATH' (PATH/CLASS/IMAGE.jpg|.png), 'digits' (scikit-learn's digits) or 'cluttered_digits' "
+              "(those digits moved, scaled and rotated among clutter)")
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +79,7 @@ class DatasetInfo:
     splits: dict[str, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    bad_files: dict[str, int] = dataclasses.field(default_factory=dict)  # folder: per split, left out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +92,8 @@ class Source:
 
 
 def _parse(name: str) -> tuple[str, str]:
-    if name == "digits":
-        return "digits", ""
+    if name in ARRAY_DATASETS:
+        return name, ""
     kind, sep, rest = str(name).partition(":")
     if sep and rest and kind in ("tfds", "folder"):
         return kind, rest
@@ -94,6 +105,8 @@ def normalization_stats(name: str) -> tuple[tuple, tuple]:
     kind, rest = _parse(name)
     if kind == "digits":
         return DIGITS_MEAN, DIGITS_STD
+    if kind == "cluttered_digits":
+        return CLUTTERED_MEAN, CLUTTERED_STD
     if kind == "tfds" and rest.split("/")[0].split(":")[0] in ("cifar10", "cifar100"):
         return views.CIFAR10_MEAN, views.CIFAR10_STD
     return views.IMAGENET_MEAN, views.IMAGENET_STD
@@ -175,6 +188,16 @@ def _digits_split(split: str) -> np.ndarray:
     return index[(index % 5 == 0) == (split == "test")]
 
 
+def _array_split(kind: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [N, 32, 32, 3], int32 labels [N]) of an in-memory dataset's split (see ARRAY_DATASETS)."""
+    if kind == "digits":
+        images, labels = _digits_arrays()
+        index = _digits_split(split)
+        return images[index], labels[index]
+    canvases = cluttered_digits.generate(split)
+    return canvases.images, canvases.labels
+
+
 def _folder_root(path: str, split: str) -> Path:
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -186,24 +209,9 @@ def _folder_root(path: str, split: str) -> Path:
     raise DatasetNotFoundError(f"folder dataset {str(root)!r} has no split directory {str(root / split)!r}")
 
 
-def _is_image_file(path: str) -> tuple[bool, int]:
-    """(starts with a JPEG/PNG signature, size in bytes); unreadable files count as not images."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(8).startswith(_MAGIC), os.fstat(f.fileno()).st_size
-    except OSError:
-        return False, 0
-
-
 @functools.lru_cache(maxsize=8)
-def _scan_folder(root: Path) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...], int]:
-    """(paths, labels, class names, total bytes) of the images under root/CLASS/.
-
-    Every file with a JPEG/PNG extension is checked up front for a JPEG/PNG signature (8 bytes
-    read, in threads); files that fail are skipped with one warning giving their count and the
-    first few paths. Files with a valid header but a corrupt body are dropped later, in the
-    pipeline, by ``ignore_errors`` (TensorFlow logs each one).
-    """
+def _walk_folder(root: Path) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
+    """((path, label) of every file with an image extension under root/CLASS/, class names), in sorted order."""
     entries = sorted(os.listdir(root)) if root.is_dir() else []
     classes = [d for d in entries if not d.startswith(".") and (root / d).is_dir()]
     if not classes:
@@ -219,17 +227,79 @@ def _scan_folder(root: Path) -> tuple[tuple[str, ...], tuple[int, ...], tuple[st
     if not candidates:
         raise ValueError(f"folder dataset {str(root)!r}: no {'/'.join(IMAGE_EXTENSIONS)} files in its "
                          f"{len(classes)} class sub-folders")
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        checks = list(pool.map(_is_image_file, [p for p, _ in candidates]))
-    bad = [p for (p, _), (ok, _) in zip(candidates, checks) if not ok]
-    if bad:
-        log.warning("folder dataset %s: skipping %d file(s) that are not JPEG/PNG images: %s%s",
-                    root, len(bad), ", ".join(bad[:5]), " ..." if len(bad) > 5 else "")
-    good = [(p, label) for (p, label), (ok, _) in zip(candidates, checks) if ok]
-    if not good:
-        raise ValueError(f"folder dataset {str(root)!r}: none of its {len(candidates)} image files is a valid JPEG/PNG")
-    paths, labels = zip(*good)
-    return paths, labels, tuple(classes), sum(size for ok, size in checks if ok)
+    return tuple(candidates), tuple(classes)
+
+
+def _check_folder(root: Path, cache_folder=None) -> image_check.Check:
+    """Which of the folder's image files do not decode (`bt_keras.data.image_check`: decoded once per file list)."""
+    return image_check.check_files([path for path, _ in _walk_folder(root)[0]], cache_folder=cache_folder,
+                                   label=str(root))
+
+
+def _scan_folder(root: Path) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...], int]:
+    """(paths, labels, class names, total bytes) of the images that decode under root/CLASS/ (`_scan_folder_checked`)."""
+    return _scan_folder_checked(root)[:4]
+
+
+@functools.lru_cache(maxsize=8)
+def _scan_folder_checked(root: Path) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...], int, dict[str, str]]:
+    """(paths, labels, class names, total bytes, {bad path: reason}) of the images under root/CLASS/.
+
+    Every file with a JPEG/PNG extension is decoded fully once (`_check_folder`); the ones that are not images or do
+    not decode are left out, with one warning giving their count and the first few paths, so that everything after
+    (split sizes, steps per epoch, the seeded shuffle) sees only files that decode.
+    """
+    candidates, classes = _walk_folder(root)
+    check = _check_folder(root)
+    if check.bad:
+        not_images = [p for p, reason in check.bad.items() if reason.startswith(("not a JPEG", "empty file"))]
+        broken = [p for p in check.bad if p not in set(not_images)]
+        shown = ", ".join(f"{p} ({check.bad[p]})" for p in list(check.bad)[:5])
+        log.warning("folder dataset %s: skipping %d file(s) that are not JPEG/PNG images and %d that do not decode "
+                    "(`python -m bt_keras.data_check %s` lists them all): %s%s", root, len(not_images), len(broken),
+                    root, shown, " ..." if len(check.bad) > 5 else "")
+    good = [(p, label) for p, label in candidates if p not in check.bad]
+    paths, labels = zip(*good) if good else ((), ())
+    return paths, labels, classes, check.good_bytes, check.bad
+
+
+def _folder_splits(path: str) -> list[str]:
+    """The split directories of a folder dataset (train, val, validation, test), or ["train"] for PATH itself."""
+    base = Path(path).expanduser()
+    return [s for s in ("train", "val", "validation", "test") if (base / s).is_dir()] or ["train"]
+
+
+def check_folder_images(name: str, workdir=None, *, threads: int | None = None,
+                        progress: bool | None = None) -> "FolderImages":
+    """For a `folder:` dataset, each split's files decoded once (`bt_keras.data.image_check`), reusing a check
+    `workdir` kept from an earlier start; `.record()` then keeps it there and lists the bad files in
+    WORKDIR/bad_images.txt. Other datasets: nothing to check or record."""
+    kind, rest = _parse(name)
+    if kind != "folder":
+        return FolderImages(name, workdir, (), ())
+    roots = tuple(_folder_root(rest, s) for s in _folder_splits(rest))
+    checks = tuple(image_check.check_files([path for path, _ in _walk_folder(root)[0]], cache_folder=workdir,
+                                           threads=threads, progress=progress, label=str(root)) for root in roots)
+    return FolderImages(name, workdir, roots, checks)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderImages:
+    """The checks of a folder dataset's split folders (`check_folder_images`), to record in a workdir."""
+
+    name: str
+    workdir: object
+    roots: tuple  # the split folders checked
+    checks: tuple  # their image_check.Check, in the same order
+
+    def record(self) -> None:
+        """Keeps the checks in the workdir for the next start and lists the bad files (`image_check.record`)."""
+        if not self.checks or self.workdir is None:
+            return
+        listing = image_check.record(self.workdir, self.checks)
+        if listing is not None:
+            count = sum(len(check.bad) for check in self.checks)
+            log.warning("%s: %d file(s) that do not decode are left out; listed in %s", self.name, count, listing)
 
 
 def check_subset(subset) -> None:
@@ -256,11 +326,15 @@ def open_source(name, split, data_dir, download, *, shuffle=False, seed=None, sh
     kind, rest = _parse(name)
     if kind == "tfds":
         return _tfds_source(rest, split, data_dir, download, shuffle=shuffle, seed=seed, shard=shard, subset=subset)
-    if kind == "digits":
-        images, labels = _digits_arrays()
-        index = _digits_split(split)
+    if kind in ARRAY_DATASETS:
+        images, labels = _array_split(kind, split)
+        index = np.arange(len(labels))
     else:
-        paths, labels, _, nbytes = _scan_folder(_folder_root(rest, split))
+        root = _folder_root(rest, split)
+        paths, labels, _, nbytes, bad = _scan_folder_checked(root)
+        if not paths:
+            raise ValueError(f"folder dataset {str(root)!r}: none of its {len(bad)} image files decodes; "
+                             f"`python -m bt_keras.data_check {root}` lists why")
         index = np.arange(len(paths))
     labels = np.asarray(labels, np.int32)
     if subset is not None:
@@ -268,7 +342,7 @@ def open_source(name, split, data_dir, download, *, shuffle=False, seed=None, sh
     if shuffle:  # a seeded permutation, so that shards and uncached reads mix the classes
         index = np.random.default_rng(seed).permutation(index)
     index = index[shard[1]::shard[0]]
-    if kind == "digits":
+    if kind in ARRAY_DATASETS:
         return Source(tf.data.Dataset.from_tensor_slices((images[index], labels[index])),
                        images.shape[1:], images[index].nbytes)
     ds = tf.data.Dataset.from_tensor_slices((np.asarray(paths)[index], labels[index]))
@@ -307,8 +381,11 @@ def dataset_info(name: str, data_dir=None, download: bool = False) -> DatasetInf
     if kind == "digits":
         return DatasetInfo(name, 10, (_DIGITS_SIZE, _DIGITS_SIZE, 3),
                            {s: len(_digits_split(s)) for s in ("train", "test")}, mean, std)
-    base = Path(rest).expanduser()
-    splits = [s for s in ("train", "val", "validation", "test") if (base / s).is_dir()] or ["train"]
-    scans = {s: _scan_folder(_folder_root(rest, s)) for s in splits}
+    if kind == "cluttered_digits":
+        return DatasetInfo(name, 10, (cluttered_digits.CANVAS, cluttered_digits.CANVAS, 3),
+                           cluttered_digits.split_sizes(), mean, std)
+    splits = _folder_splits(rest)
+    scans = {s: _scan_folder_checked(_folder_root(rest, s)) for s in splits}
     classes = scans[splits[0]][2]
-    return DatasetInfo(name, len(classes), None, {s: len(scan[0]) for s, scan in scans.items()}, mean, std)
+    return DatasetInfo(name, len(classes), None, {s: len(scan[0]) for s, scan in scans.items()}, mean, std,
+                       {s: len(scan[4]) for s, scan in scans.items()})

@@ -81,6 +81,9 @@ def config_problems(config) -> list[str]:
     integer("seed", 0)
     if "knn" in config:
         integer("knn.every_epochs", 0, " (0: no kNN monitor)")
+    stall = config.data_service_stall_s
+    need(isinstance(stall, numbers.Real) and not isinstance(stall, bool) and stall > 0, "data_service_stall_s",
+         "must be a positive number of seconds (how long a step may wait while the dispatcher does not answer)")
     lambd = config.lambd
     need(isinstance(lambd, numbers.Real) and not isinstance(lambd, bool) and lambd > 0, "lambd",
          "must be a positive number (the off-diagonal weight; the paper uses 0.0051)")
@@ -118,13 +121,23 @@ def check_config(config) -> None:
 
 def check_data(config, run) -> None:
     """Raises ValueError unless the config's split holds at least one global batch of images; for `folder:`
-    datasets, of images that decode (files with a JPEG/PNG header but a corrupt body fail only when decoded).
+    datasets, of images that decode.
 
-    The folder check decodes files (in the dataset's seeded order, without shuffling) until one batch is full: a few
-    seconds for a 2048-image batch, once per start.
+    Folder files that do not decode were already found and left out (`bt_keras.data.image_check`, counted in
+    `run.info.bad_files`): the message then says how many and where they are listed. The folder check also decodes
+    files (in the dataset's seeded order, without shuffling) until one batch is full: a few seconds for a 2048-image
+    batch, once per start.
     """
     name, split, batch = config.dataset, config.split, config.batch_size
     examples = run.info.splits.get(split)
+    bad = getattr(run.info, "bad_files", {}).get(split, 0)
+    listed = (f"; `python -m bt_keras.data_check {name.partition(':')[2]}` names them, and a run that starts lists "
+              "them in WORKDIR/bad_images.txt")
+    if examples is not None and examples < batch and bad:
+        raise ValueError(
+            f"config.dataset={name!r} (split {split!r}): fewer than config.batch_size={batch} of its "
+            f"{examples + bad} image files decode ({bad} do not{listed}). Replace or remove the broken files, or "
+            "lower config.batch_size.")
     if examples is not None and examples < batch:
         raise ValueError(f"config.batch_size={batch} is larger than the {examples} images of config.dataset={name!r} "
                          f"(split {split!r}): lower config.batch_size or add images.")
@@ -138,5 +151,5 @@ def check_data(config, run) -> None:
     except StopIteration:
         raise ValueError(
             f"config.dataset={name!r} (split {split!r}): fewer than config.batch_size={batch} of its "
-            f"{examples} image files decode (the others are corrupt; TensorFlow's warnings above name them). "
+            f"{examples} image files decode (the others failed after the up-front check{listed}). "
             "Replace or remove the broken files, or lower config.batch_size.") from None

@@ -14,8 +14,10 @@ A resumed run must never start over silently, nor overwrite newer work. So, befo
    deleted) to `checkpoints/unusable/<time>/`, so the resumed run can neither read nor overwrite them; the index
    file is rewritten to list the complete checkpoints.
 
-Config files: `config.json` always describes the run's latest start; every change between starts (also the
-harmless ones, such as more epochs) is appended to `config_changes.jsonl` with the step it took effect at.
+Config files: `config.json` describes the run's latest start; every change between starts (also the harmless ones,
+such as more epochs) is appended to `config_changes.jsonl` with the step it took effect at. A start that saves no
+checkpoint before non-finite values stop it puts the previous config.json back (`undo_config_record`), so it stays
+the config of the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ INDEX_FILE = "checkpoint"  # tf.train.CheckpointManager's index of a checkpoint 
 # Every other field changes the model, the optimisation or the data stream.
 HARMLESS_FIELDS = frozenset({
     "name", "data_dir", "download", "epochs", "log_every_steps", "keep_checkpoints", "checkpoint_every_epochs",
-    "picture_every_epochs", "jit_compile", "fast_paths",
+    "picture_every_epochs", "jit_compile", "fast_paths", "data_service_stall_s",
 })
 HARMLESS_PREFIXES = ("knn.",)
 
@@ -124,7 +126,8 @@ def plan_resume(folder) -> ResumePlan:
             f"cannot resume and will not start over on its own. To start from step 0, move the folder away "
             f"(mv {folder} {folder}.broken); to resume, restore the files from a backup.")
     for prefix, reason in bad:
-        unusable += [(p, reason) for p in [Path(f"{prefix}.index"), *checkpoints.data_files(prefix)] if p.exists()]
+        unusable += [(p, reason) for p in [Path(f"{prefix}.index"), *checkpoints.data_files(prefix),
+                                           paths.checkpoint_config(prefix)] if p.exists()]
     kept = [p for p in complete if chosen is not None and _step(p) <= _step(chosen)]
     return ResumePlan(folder, chosen, kept, sorted(unusable), temp_folders, index_problem, index_names)
 
@@ -169,10 +172,37 @@ def apply_plan(plan: ResumePlan) -> None:
         for path in aside:
             os.replace(path, target / path.name)
     if plan.checkpoint is not None:
-        times = [Path(f"{p}.index").stat().st_mtime for p in plan.complete]
-        tf.compat.v1.train.update_checkpoint_state(
-            str(plan.folder), plan.checkpoint.name, all_model_checkpoint_paths=[p.name for p in plan.complete],
-            all_model_checkpoint_timestamps=times, last_preserved_timestamp=min(times) - 1.0)
+        write_index(plan.folder, plan.checkpoint, plan.complete)
+
+
+def write_index(folder: Path, latest: Path, listed: list[Path]) -> None:
+    """Rewrites `folder/checkpoint` (TensorFlow's index, atomically) to name `latest` and list `listed`, oldest
+    first, so a `tf.train.CheckpointManager` built on the folder afterwards manages exactly those checkpoints."""
+    times = [Path(f"{p}.index").stat().st_mtime for p in listed]
+    tf.compat.v1.train.update_checkpoint_state(
+        str(folder), latest.name, all_model_checkpoint_paths=[p.name for p in listed],
+        all_model_checkpoint_timestamps=times, last_preserved_timestamp=min(times) - 1.0)
+
+
+def prune_checkpoints(folder, keep: int, latest) -> list[Path]:
+    """Deletes the complete checkpoints of `folder` other than `ckpt-0` and the `keep` newest (`latest`, the one
+    just written, among them); returns the deleted prefixes.
+
+    Why not CheckpointManager's `max_to_keep`: it deletes `ckpt-0` too, the random initialisation that evaluations
+    and the baselines compare with. The index is rewritten first (listing only what stays), so a kill half-way
+    leaves at worst a checkpoint's files the index no longer names, never an index naming deleted files."""
+    folder, latest = Path(folder), Path(latest)
+    complete = [p for p in paths.latest_checkpoints(folder.parent) if p.name != latest.name] + [folder / latest.name]
+    newest = complete[-keep:]
+    kept = [p for p in complete if p in newest or _step(p) == 0]
+    dropped = [p for p in complete if p not in kept]
+    if not dropped:
+        return []
+    write_index(folder, latest, kept)
+    for prefix in dropped:
+        for path in folder.glob(f"{prefix.name}.*"):  # .index, .data-*, and the config record beside them
+            path.unlink(missing_ok=True)
+    return dropped
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -266,9 +296,30 @@ def _check_precision(changes, workdir) -> None:
 def record_config(workdir, config, changes, step: int) -> None:
     """Writes `workdir/config.json` (atomically) and appends `changes` to `config_changes.jsonl`."""
     workdir = Path(workdir)
-    if changes:
-        line = {"step": int(step), "time": round(time.time(), 3),
-                "changes": {field: {"old": old, "new": new} for field, old, new in changes}}
-        with open(workdir / paths.CONFIG_CHANGES_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line, default=str) + "\n")
+    _append_changes(workdir, {field: {"old": old, "new": new} for field, old, new in changes}, step)
     files.atomic_write_json(workdir / paths.CONFIG_FILE, config.to_dict())
+
+
+def _append_changes(workdir: Path, changes: dict, step: int, **extra) -> None:
+    """One line of `config_changes.jsonl`: the step the changes took effect at, the time, `changes`, `extra`."""
+    if not changes:
+        return
+    line = {"step": int(step), "time": round(time.time(), 3), "changes": changes, **extra}
+    with open(workdir / paths.CONFIG_CHANGES_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line, default=str) + "\n")
+
+
+def undo_config_record(workdir, previous: bytes, changes, step: int, checkpoint) -> str:
+    """Puts back `previous` (the bytes of config.json before `record_config`) after a start that saved no checkpoint
+    with its new config, e.g. one stopped by non-finite values; appends the reverse of `changes` to
+    config_changes.jsonl. Returns the sentence that says so, for the error that stopped the run.
+
+    Why: config.json must stay the config of the latest checkpoint, or the recipe that wrote it would be refused as a
+    changed config on the next start (and the evaluation of the checkpoint compared against the wrong recipe)."""
+    workdir = Path(workdir)
+    files.atomic_write(workdir / paths.CONFIG_FILE, lambda tmp: Path(tmp).write_bytes(previous))
+    _append_changes(workdir, {field: {"old": new, "new": old} for field, old, new in changes}, step,
+                    reverted=f"no checkpoint was saved with these values; {paths.CONFIG_FILE} is again the config of "
+                             f"{Path(checkpoint).name}")
+    return (f"{workdir / paths.CONFIG_FILE} is again the config that wrote {Path(checkpoint).name}, so the run's "
+            "previous command resumes it unchanged.")

@@ -18,6 +18,7 @@ sees exactly the batches the uninterrupted run would have: resuming is bit-exact
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -36,10 +37,10 @@ from absl import logging
 from bt_keras import checkpoints, fast_paths, files, paths
 from bt_keras.assembly import artifacts, builders
 from bt_keras.config import complete
-from bt_keras.data import pretrain
+from bt_keras.data import pretrain, sources
 from bt_keras.distribute import check_global_batch, is_chief
 from bt_keras.method import precision
-from bt_keras.train import callbacks, preflight, resume, step as step_lib
+from bt_keras.train import callbacks, preflight, resume, step as step_lib, watchdog
 from bt_keras.train.workdir_lock import WorkdirLock
 
 
@@ -103,6 +104,10 @@ class _StopSignals:
     def __exit__(self, *exc):
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+
+
+# The exit code of a run whose tf.data service dispatcher stopped answering mid-step (bt_keras.train.watchdog).
+DISPATCHER_LOST_EXIT_CODE = 4
 
 
 class DiskFullError(RuntimeError):
@@ -176,11 +181,14 @@ class Trainer:
                                                   allow_change=allow_config_change)
         resume.apply_plan(plan)  # temp folders, unusable files, the index: after the config was accepted
         self.resume_from = plan.checkpoint
+        # folder: data: every file decoded once (a check this workdir kept is reused), the bad ones left out
+        folder_images = sources.check_folder_images(config.dataset, self.output_dir)
         self.run_data = builders.run_data(config)  # the dataset's facts, once: passed to whatever needs them
         self.steps_per_epoch = self.run_data.steps_per_epoch
         self.total_steps = config.epochs * self.steps_per_epoch
         self.views = self.run_data.views
         preflight.check_data(config, self.run_data)
+        folder_images.record()  # workdir/bad_images.txt, and the check kept for the next start
 
         if not config.fast_paths:
             fast_paths.set_enabled(False)
@@ -189,8 +197,7 @@ class Trainer:
             self.model = builders.build_training_model(config, self.run_data)
 
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, str(checkpoint_dir),
-                                                  max_to_keep=config.keep_checkpoints)
+        self.manager = self._checkpoint_manager()
         self.start_step = self.restore()
         # The input stream is a pure function of (seed, step), so it restarts exactly where the checkpoint left off
         # (tf.distribute's iterators cannot be checkpointed, and re-reading skipped batches would cost an epoch).
@@ -202,9 +209,19 @@ class Trainer:
         self._first_bad_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name="first_non_finite_step")
         self._bad_what = tf.Variable(0, dtype=tf.int32, trainable=False, name="first_non_finite_what")
         self._signals = _StopSignals()
+        self._config_before = None  # config.json's bytes before this start rewrote it (chief; None: there was none)
+        self._watchdog = (watchdog.DispatcherWatchdog(config.data_service, config.data_service_stall_s,
+                                                      self._dispatcher_lost)
+                          if config.data_service else contextlib.nullcontext())
         self._stop_signal = 0  # the signal the run stops for (on a multi-worker run: the workers' agreed one)
         self._collective_stop = _workers(strategy) > 1
         self._step_fn = self._make_step_fn()
+
+    def _checkpoint_manager(self) -> tf.train.CheckpointManager:
+        """A manager of the checkpoint folder as its index lists it. It deletes nothing (`max_to_keep=None`): the
+        trainer prunes after each save (`resume.prune_checkpoints`), keeping ckpt-0 whatever `keep_checkpoints` is."""
+        folder = self.output_dir / paths.CHECKPOINT_DIR
+        return tf.train.CheckpointManager(self.checkpoint, str(folder), max_to_keep=None)
 
     def _task_id(self) -> int:
         resolver = getattr(self.strategy, "cluster_resolver", None)
@@ -349,19 +366,48 @@ class Trainer:
 
     def save(self, logs: dict | None = None) -> None:
         """Writes a checkpoint at the current step, after checking that no step since the last one went non-finite.
-        A save that fails (a full disk) leaves none of its files behind: the previous checkpoint stays the latest."""
+        A save that fails (a full disk) leaves none of its files behind: the previous checkpoint stays the latest.
+        Then all but ckpt-0 and the `config.keep_checkpoints` newest are deleted."""
         self._check_finite(logs or {})
         step = self.step
-        try:
-            self.manager.save(checkpoint_number=step)
+        folder = self.output_dir / paths.CHECKPOINT_DIR
+        try:  # the config first: every complete checkpoint has the record its evaluation checks config.json against
+            checkpoints.write_config_record(folder / f"ckpt-{step}", self.config.to_dict())
+            saved = self.manager.save(checkpoint_number=step)
         except BaseException:
-            folder = self.output_dir / paths.CHECKPOINT_DIR
             for partial in folder.glob(f"ckpt-{step}_temp*"):
                 shutil.rmtree(partial, ignore_errors=True)
             if not any(Path(p).name == f"ckpt-{step}" for p in self.manager.checkpoints):
                 for partial in folder.glob(f"ckpt-{step}.*"):
                     partial.unlink(missing_ok=True)
             raise
+        if resume.prune_checkpoints(folder, self.config.keep_checkpoints, saved):
+            self.manager = self._checkpoint_manager()  # re-read the pruned index: it manages what is left
+
+    def _undo_config_record(self) -> str:
+        """After a stop on non-finite values: when this start changed the config but saved no checkpoint with it, puts
+        the previous config.json back (it wrote the latest checkpoint) and returns the sentence saying so; else "".
+        """
+        latest = self.manager.latest_checkpoint
+        if (not self.chief or self._config_before is None or not self.config_changes
+                or latest is None or self.resume_from is None or Path(latest).name != self.resume_from.name):
+            return ""
+        return resume.undo_config_record(self.workdir, self._config_before, self.config_changes, self.start_step,
+                                         latest)
+
+    def _step_watched(self, in_flight: bool) -> None:
+        """Tells the dispatcher watchdog (a run on a tf.data service) that a step starts or has finished."""
+        if isinstance(self._watchdog, watchdog.DispatcherWatchdog):
+            self._watchdog.step_started() if in_flight else self._watchdog.step_finished()
+
+    def _dispatcher_lost(self, message: str) -> None:
+        """Called by the watchdog's thread while the main thread is stuck inside a step that TensorFlow retries
+        forever: prints the one line, releases the workdir lock and ends the process (DISPATCHER_LOST_EXIT_CODE).
+        Nothing is being saved then, so the last checkpoint is whole."""
+        print(f"ERROR: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        self.close()
+        os._exit(DISPATCHER_LOST_EXIT_CODE)
 
     def _disk_full_message(self, error: BaseException) -> str:
         return (f"No space left on the disk of --workdir={self.workdir} ({checkpoints.one_line(error, 160)}). The last "
@@ -377,6 +423,11 @@ class Trainer:
             self._lock.acquire()
         try:
             return self._run(extra_callbacks)
+        except NonFiniteLossError as error:
+            note = self._undo_config_record()
+            if note:
+                error.args = (f"{error.args[0]} {note}",)
+            raise
         except Exception as error:
             if files.is_disk_full(error):
                 raise DiskFullError(self._disk_full_message(error)) from error
@@ -393,7 +444,7 @@ class Trainer:
         batch logs and are read back from the device only every `config.log_every_steps` steps (and at epoch ends),
         where the progress line (bt_keras.train.progress, a callback) and the NaN check use them.
         """
-        with self._signals:
+        with self._signals, self._watchdog:
             return self._run_with_signals(extra_callbacks)
 
     def _run_with_signals(self, extra_callbacks=()) -> dict:
@@ -404,6 +455,8 @@ class Trainer:
         # Trace the step before the first file is written, so a config that cannot train leaves no ckpt-0 behind.
         self._trace_step()
         if self.chief:
+            config_file = self.workdir / paths.CONFIG_FILE
+            self._config_before = config_file.read_bytes() if config_file.is_file() else None
             resume.record_config(self.workdir, c, self.config_changes, start)
         if start == 0 and not self.manager.latest_checkpoint:
             self.save()  # ckpt-0: the random initialisation, the baseline every evaluation is compared with
@@ -452,7 +505,9 @@ class Trainer:
         tic, tic_step, logs = time.perf_counter(), step, {"step": step}
         while step < end and not self.model.stop_training and not self._stop_requested():
             cbs.on_train_batch_begin(step - first)
+            self._step_watched(True)
             logs = self._call_step()
+            self._step_watched(False)
             step += 1
             stopping = self._stop_requested()
             if step % c.log_every_steps == 0 or step == end or stopping:  # read this step's values back

@@ -17,6 +17,7 @@ MODULES = {
     "bt_keras.report": "WORKDIR",
     "bt_keras.convert": "--torch_checkpoint",
     "bt_keras.data_service": "--dispatcher",
+    "bt_keras.data_check": "--workdir",
     "bt_keras.evaluate.knn": "--temperature",
     "bt_keras.evaluate.linear": "--C",
     "bt_keras.evaluate.finetune": "--backbone_lr",
@@ -25,7 +26,7 @@ MODULES = {
     "export.client": "--rest",
 }
 SCRIPTS = {"bt-keras-train": "--workdir", "bt-keras-export": "--export_dir", "bt-keras-export-onnx": "--output",
-           "bt-keras-convert": "--torch_checkpoint", "bt-keras-client": "--rest"}
+           "bt-keras-convert": "--torch_checkpoint", "bt-keras-client": "--rest", "bt-keras-data-check": "--workdir"}
 
 
 def _help(command: list[str]) -> subprocess.CompletedProcess:

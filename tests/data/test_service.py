@@ -273,3 +273,44 @@ def test_an_http_server_as_dispatcher_through_the_cli_is_one_line_and_leaves_no_
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
     assert len(errors) == 1 and f"{address} does not answer as a tf.data service dispatcher" in errors[0], errors
     assert not (tmp_path / "run" / "train.lock").exists() and "Traceback" not in result.stderr
+
+
+@pytest.mark.hostile
+@pytest.mark.slow
+def test_a_dispatcher_that_dies_mid_run_ends_it_with_one_line_naming_it_and_no_lock(tmp_path):
+    """TensorFlow retries a dead dispatcher forever inside the step; the trainer's watchdog ends the run within the
+    stall deadline (config.data_service_stall_s) with one line naming the address and exit code 4, the workdir lock
+    released and the last checkpoint whole. The dispatcher's host goes down: dispatcher and worker are killed."""
+    from bt_keras import checkpoints, paths
+
+    cluster = Cluster(workers=1)
+    workdir = tmp_path / "run"
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bt_keras.train", f"--config={QUICKSTART}", f"--workdir={workdir}",
+             f"--data_service={cluster.address}", *TINY, "--config.epochs=50", "--config.steps_per_epoch=4",
+             "--config.log_every_steps=1", "--config.data_service_stall_s=5"],
+            cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        metrics = workdir / paths.METRICS_FILE
+        while (not metrics.exists() or '"train"' not in metrics.read_text()) and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            time.sleep(0.1)
+        assert metrics.exists(), "no step was logged in time"
+        cluster.close()  # dispatcher and worker die mid-run
+        killed = time.monotonic()
+        try:
+            _, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail("the run still hangs 60 s after its dispatcher died")
+    finally:
+        cluster.close()
+    assert time.monotonic() - killed < 60
+    assert process.returncode == 4, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1 and f"dispatcher {cluster.address} stopped answering" in errors[0], stderr[-3000:]
+    assert not (workdir / paths.LOCK_FILE).exists()
+    latest = paths.latest_checkpoints(workdir)[-1]
+    checkpoints.verify(latest)  # whole: every value reads back

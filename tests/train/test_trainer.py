@@ -24,8 +24,7 @@ import bt_keras  # noqa: F401  (registers the classes saved models need)
 from bt_keras import checkpoints, distribute, paths
 from bt_keras.train import resume
 from bt_keras.train.trainer import DiskFullError, NonFiniteLossError, Trainer
-from tests.helpers import (REPO, finish_local_workers, last_error_line, resumed_step, run_cli, start_local_workers,
-                           tiny_config, train_command, trainer)
+from tests.helpers import REPO, last_error_line, resumed_step, run_cli, tiny_config, train_command, trainer
 
 
 def weights(path):
@@ -105,22 +104,6 @@ def test_sigkill_mid_training_resumes_bit_exactly(uninterrupted, tmp_path):
     _resume_to_the_end_and_compare(workdir, uninterrupted, f"killed after step {killed_at}")
 
 
-@pytest.mark.slow
-def test_mirrored_strategy_through_the_cli(tmp_path):
-    result = run_cli(train_command(tmp_path, "--strategy=mirrored", "--cpu_devices=2"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "with 2 replica(s)" in result.stderr + result.stdout
-    assert "Finished at step 6" in result.stdout
-
-
-@pytest.mark.slow
-def test_multi_worker_with_two_local_workers(tmp_path):
-    finish_local_workers(start_local_workers(tmp_path), final_step=6)
-    chief = weights(tmp_path / "barlow_twins.keras")
-    other = weights(tmp_path / ".scratch" / "task1" / "barlow_twins.keras")
-    assert max_difference(chief, other) == 0.0
-
-
 def test_unknown_strategy_is_a_clear_flag_error(tmp_path):
     result = run_cli(train_command(tmp_path, "--strategy=horovod"), timeout=120)
     assert result.returncode != 0
@@ -138,6 +121,17 @@ def test_batch_not_divisible_by_replicas_fails_before_building(tmp_path):
         Trainer(tiny_config(batch_size=32), tmp_path, strategy)
     assert not (tmp_path / "checkpoints").exists()
 
+
+def test_keep_checkpoints_keeps_ckpt_0_the_initialisation(tmp_path):
+    """keep_checkpoints counts the newest checkpoints; ckpt-0 (the random-initialisation baseline) is kept besides
+    them, on disk and in the index, and the run still resumes from its newest."""
+    trainer(tmp_path, epochs=3, keep_checkpoints=1).run()
+    assert [p.name for p in paths.latest_checkpoints(tmp_path)] == ["ckpt-0", "ckpt-9"]
+    state = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
+    assert [Path(p).name for p in state.all_model_checkpoint_paths] == ["ckpt-0", "ckpt-9"]
+    assert Path(state.model_checkpoint_path).name == "ckpt-9"
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(("ckpt-3", "ckpt-6"))]
+    assert resumed_step(tmp_path, epochs=4, keep_checkpoints=1) == 9
 
 @pytest.mark.hostile
 def test_unwritable_workdir(tmp_path):
@@ -158,6 +152,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")) == good
     tf.train.Checkpoint().read(good).expect_partial()  # still readable
 
+
+
+def test_a_non_finite_stop_under_allow_config_change_leaves_the_recipe_of_the_last_good_checkpoint(tmp_path):
+    """A start with changed values that diverges before saving anything puts config.json back as the config of the
+    last good checkpoint, so the original recipe resumes it (not refused as a changed config)."""
+    trainer(tmp_path, epochs=1).run()
+    before = (tmp_path / "config.json").read_bytes()
+    diverging = tiny_config(epochs=3)
+    diverging.optimizer.lr_weights = diverging.optimizer.lr_biases = 1e30
+    with pytest.raises(NonFiniteLossError) as raised:
+        Trainer(diverging, tmp_path, tf.distribute.get_strategy(), allow_config_change=True).run()
+    assert resumed_step(tmp_path, epochs=1) == 3  # the original recipe, no --allow_config_change
+    assert "is again the config that wrote ckpt-3" in str(raised.value) and "\n" not in str(raised.value)
+    assert (tmp_path / "config.json").read_bytes() == before
+    recorded, reverted = [json.loads(line) for line in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
+    assert reverted["changes"]["optimizer.lr_weights"] == {"old": 1e30, "new": recorded["changes"][
+        "optimizer.lr_weights"]["old"]} and "ckpt-3" in reverted["reverted"]
 
 STOP_WHEN_BAD = """import keras, numpy as np
 

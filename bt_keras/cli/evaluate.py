@@ -17,8 +17,9 @@ with console.quiet_start():  # TensorFlow loads here: its start-up lines filtere
 def define_common_flags(fv) -> None:
     """The flags every evaluation CLI takes (defined into the absl FlagValues `fv`)."""
     flags.DEFINE_string("encoder", None, f"What to evaluate: {paths.ENCODER_FORMS}.", flag_values=fv)
-    flags.DEFINE_string("dataset", None, "Labelled dataset: tfds:NAME[/CONFIG], folder:PATH or digits (default: the "
-                        "dataset the encoder was trained on, from its metadata).", flag_values=fv)
+    flags.DEFINE_string("dataset", None, "Labelled dataset: tfds:NAME[/CONFIG], folder:PATH, digits or "
+                        "cluttered_digits (default: the dataset the encoder was trained on, from its metadata).",
+                        flag_values=fv)
     flags.DEFINE_string("data_dir", None, "TFDS data directory.", flag_values=fv)
     flags.DEFINE_bool("download", False, "Let TFDS download the dataset (off: never a hanging download).",
                       flag_values=fv)

@@ -1,6 +1,9 @@
 """Data, layer 4: datasets by name and the tf.data streams built on them.
 
-  `sources`      `tfds:NAME`, `folder:PATH` and `digits` opened as (image, label) streams; `dataset_info`
+  `sources`      `tfds:NAME`, `folder:PATH`, `digits` and `cluttered_digits` opened as (image, label) streams;
+                 `dataset_info`
+  `cluttered_digits`  those digits moved, scaled and rotated among clutter on 32x32 canvases, generated
+                 deterministically
   `folder_walk`  a walk of an image folder that meets each real file once
   `pretrain`     `pretrain_dataset` / `pair_batches`: seeded, shardable, resumable (view1, view2) batches
   `labelled`     `labelled_dataset`: normalised (image, label) batches for the probes

@@ -32,7 +32,8 @@ def check_labelled(info: DatasetInfo) -> None:
     if not info.num_classes:
         raise ValueError(f"{info.name} has no labels (no 'label' feature): kNN, linear and fine-tuning evaluation "
                          "need a labelled dataset, e.g. tfds:cifar10, tfds:imagenet2012, a folder:PATH of class "
-                         "sub-folders, or digits. Pre-train on unlabelled data, then evaluate on a labelled one.")
+                         "sub-folders, digits or cluttered_digits. Pre-train on unlabelled data, then evaluate on a "
+                         "labelled one.")
 
 
 def check_split(info: DatasetInfo, split: str) -> None:

@@ -2,18 +2,24 @@
 encoder's features next to two baselines, the same network at its random initialisation and the raw pixels.
 
 A kNN number alone does not tell a newcomer much: on an easy dataset raw pixels already score high, and a random
-network is often far from chance. So with `config.knn.baselines` (and the kNN monitor on) the run ends with
+network is often far from chance. So with `config.knn.baselines` (and the kNN monitor on) the run ends with a table
+such as
 
-                          kNN top-1 (k=200)  linear top-1
-    random initialisation             0.903         0.944
-    raw pixels (8x8)                  0.972         0.961
-    Barlow Twins                      0.975         0.978
+                           kNN top-1 (k=20)  linear top-1  kNN, 1 label/class  kNN, 5 labels/class
+    random initialisation             0.512         0.601               0.193                0.287
+    raw pixels                        0.350         0.420               0.141                0.184
+    Barlow Twins                      0.800         0.850               0.400                0.600
 
-printed and written to `workdir/baselines.json`. Both protocols are the library's own: weighted kNN
-(`bt_keras.evaluation.knn`, the recipe's k and temperature) and the L-BFGS logistic regression on standardised
+(illustrative numbers) printed and written to `workdir/baselines.json`. The protocols are the library's own: weighted
+kNN (`bt_keras.evaluation.knn`, the recipe's k and temperature) and the L-BFGS logistic regression on standardised
 features with C chosen on a held-out 20% (`bt_keras.evaluation.classifiers.linear_probe_features`), on the kNN
 monitor's splits (`config.knn.train_split` / `test_split`, its example limits). Features are extracted in inference
 mode from the evaluation images (no augmentation).
+
+The last two columns are the few-label regime of the paper's semi-supervised claim (what a representation is worth
+when labels are scarce): the same weighted kNN with only 1 or 5 labelled training images per class (k = the number
+labelled, when fewer than the recipe's k), the mean top-1 over FEW_LABEL_DRAWS seeded draws of those images. The
+draws depend only on the labels (`labelled_draws`), so all three rows are scored on the same labelled images.
 
 Raw pixels are those normalised images, area-resized to `config.knn.raw_pixel_size` px when that is set (the
 digits' 32 px images are 8 x 8 scans upsampled, so 8 px are their raw pixels) and reduced to one channel when all
@@ -39,6 +45,8 @@ from bt_keras.evaluation.features import inference_function
 from bt_keras.evaluation.knn import knn_accuracy
 
 ROWS = ("random initialisation", "raw pixels", "Barlow Twins")
+FEW_LABELS = (1, 5)  # labelled training images per class in the few-label columns
+FEW_LABEL_DRAWS = 5  # seeded draws of those images, averaged
 
 
 def labelled_arrays(ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -65,22 +73,59 @@ def encoder_features(encoder, images: np.ndarray) -> np.ndarray:
                            for i in range(0, len(images), 256)])
 
 
+def few_label_key(per_class: int) -> str:
+    """The baselines.json key of the few-label column with `per_class` labelled images per class."""
+    return f"knn_top1_{per_class}_per_class"
+
+
+def labelled_draws(labels: np.ndarray, per_class: int, draws: int = FEW_LABEL_DRAWS) -> list[np.ndarray]:
+    """`draws` sorted index sets of `per_class` examples of every class (all of a class that has fewer), seeded by
+    `per_class` and the draw's number only: the same sets for every representation of the same labels."""
+    labels = np.asarray(labels).reshape(-1)
+    sets = []
+    for draw in range(draws):
+        rng = np.random.default_rng([per_class, draw])
+        sets.append(np.sort(np.concatenate([
+            rng.choice(members, size=min(per_class, len(members)), replace=False)
+            for members in (np.flatnonzero(labels == label) for label in np.unique(labels))])))
+    return sets
+
+
+def few_label_accuracy(train_x, train_y, test_x, test_y, *, per_class: int, k: int, temperature: float,
+                       num_classes: int, draws: int = FEW_LABEL_DRAWS) -> float:
+    """Mean kNN top-1 over `draws` draws of `per_class` labelled training examples per class (see the module
+    docstring)."""
+    train_y = np.asarray(train_y).reshape(-1)
+    accuracies = [knn_accuracy(train_x[chosen], train_y[chosen], test_x, test_y, k=min(k, len(chosen)),
+                               temperature=temperature, num_classes=num_classes)[0]
+                  for chosen in labelled_draws(train_y, per_class, draws)]
+    return float(np.mean(accuracies))
+
+
 def score(train_x, train_y, test_x, test_y, *, k: int, temperature: float, num_classes: int) -> dict:
-    """{"knn_top1", "knn_top5", "linear_top1", "linear_top5"} of one feature set (fractions)."""
+    """{"knn_top1", "knn_top5", "linear_top1", "linear_top5", and `few_label_key(n)` for n in FEW_LABELS} of one
+    feature set (fractions)."""
     knn1, knn5 = knn_accuracy(train_x, train_y, test_x, test_y, k=k, temperature=temperature,
                               num_classes=num_classes)
     with np.errstate(divide="ignore"), warnings.catch_warnings():  # log(0) for classes of probability 0: harmless
         warnings.simplefilter("ignore", RuntimeWarning)
         linear = linear_probe_features(train_x, train_y, test_x, test_y, num_classes=num_classes)
-    return {"knn_top1": knn1, "knn_top5": knn5, "linear_top1": linear["top1"], "linear_top5": linear["top5"]}
+    few = {few_label_key(n): few_label_accuracy(train_x, train_y, test_x, test_y, per_class=n, k=k,
+                                                temperature=temperature, num_classes=num_classes)
+           for n in FEW_LABELS}
+    return {"knn_top1": knn1, "knn_top5": knn5, "linear_top1": linear["top1"], "linear_top5": linear["top5"], **few}
 
 
 def format_table(rows: list[dict], k: int | None = None) -> str:
-    """The rows as a small aligned text table (top-1 of kNN and of the linear probe)."""
-    knn_title = f"kNN top-1 (k={k})" if k else "kNN top-1"
+    """The rows as a small aligned text table: top-1 of kNN and of the linear probe, then the few-label columns
+    that every row has (rows saved by an older version have none)."""
+    columns = [(f"kNN top-1 (k={k})" if k else "kNN top-1", "knn_top1"), ("linear top-1", "linear_top1")]
+    columns += [(f"kNN, {n} label{'s' if n > 1 else ''}/class", few_label_key(n)) for n in FEW_LABELS
+                if all(few_label_key(n) in r for r in rows)]
     width = max(len(r["name"]) for r in rows)
-    lines = [f"{'':<{width}}  {knn_title:>17}  {'linear top-1':>12}"]
-    lines += [f"{r['name']:<{width}}  {r['knn_top1']:>17.3f}  {r['linear_top1']:>12.3f}" for r in rows]
+    lines = [f"{'':<{width}}" + "".join(f"  {title:>{max(12, len(title))}}" for title, _ in columns)]
+    lines += [f"{r['name']:<{width}}" + "".join(f"  {r[key]:>{max(12, len(title))}.3f}" for title, key in columns)
+              for r in rows]
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -255,6 +256,19 @@ def run_module(*args, cwd=None, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd or REPO, env=env,
                           timeout=timeout)
+
+
+# A line of TensorFlow's C++ logging at INFO or WARNING level ("I0000 00:00:..." / "W1207 ..."): the quiet console of
+# bt_keras's commands filters them (bt_keras.cli.console).
+CPP_INFO_OR_WARNING = re.compile(r"^[IW]\d{4} ", re.M)
+
+
+def assert_quiet_console(output: str) -> None:
+    """A command's stdout + stderr shows none of TensorFlow's start-up chatter, and says "No GPU found" once."""
+    assert not CPP_INFO_OR_WARNING.search(output), CPP_INFO_OR_WARNING.findall(output)[:5]
+    assert "retracing" not in output and "absl::InitializeLog" not in output and "cuInit" not in output, output
+    assert "is deprecated" not in output, output  # TensorFlow's deprecation notices are for us, not for users
+    assert output.count("No GPU found: training on CPU.") == 1
 
 
 def last_error_line(stderr: str) -> str:

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from tests.helpers import REPO
+from tests.helpers import REPO, assert_quiet_console
 
 pytestmark = pytest.mark.slow  # end-to-end runs
 
@@ -35,6 +35,8 @@ def test_quickstart_learns_and_resumes(tmp_path):
     result = run(command, tmp_path)
     elapsed = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-3000:]
+    assert_quiet_console(result.stdout + result.stderr)  # the console a new user sees first
+    assert re.search(r"^epoch 30/30 ━+ 22/22 .*kNN top-1 0\.\d+$", result.stdout, re.M), result.stdout
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     knn = [line["knn_top1"] for line in lines if "knn_top1" in line]
     print(f"quickstart: {elapsed:.0f} s; kNN top-1 from {knn[0]:.3f} (random init) to {knn[-1]:.3f}")

@@ -179,9 +179,15 @@ def write_index(folder: Path, latest: Path, listed: list[Path]) -> None:
     """Rewrites `folder/checkpoint` (TensorFlow's index, atomically) to name `latest` and list `listed`, oldest
     first, so a `tf.train.CheckpointManager` built on the folder afterwards manages exactly those checkpoints."""
     times = [Path(f"{p}.index").stat().st_mtime for p in listed]
-    tf.compat.v1.train.update_checkpoint_state(
-        str(folder), latest.name, all_model_checkpoint_paths=[p.name for p in listed],
-        all_model_checkpoint_timestamps=times, last_preserved_timestamp=min(times) - 1.0)
+    logger = tf.get_logger()  # TensorFlow's only public writer of the index warns it is deprecated, on every console
+    level = logger.level
+    logger.setLevel("ERROR")
+    try:
+        tf.compat.v1.train.update_checkpoint_state(
+            str(folder), latest.name, all_model_checkpoint_paths=[p.name for p in listed],
+            all_model_checkpoint_timestamps=times, last_preserved_timestamp=min(times) - 1.0)
+    finally:
+        logger.setLevel(level)
 
 
 def prune_checkpoints(folder, keep: int, latest) -> list[Path]:

@@ -14,7 +14,8 @@ with the same shapes, threads and kernels, round-robin (one call of each part pe
 
 and, as references measured in the same process:
 
-  matmul         fp32 4096 x 4096 matmul rate (GFLOP/s), as benchmarks.train_step measures it (harness.matmul_fn):
+  matmul         fp32 4096 x 4096 matmul rate (GFLOP/s; $BT_KERAS_BENCHMARK_MATMUL_SIZE for another size, as the tests
+                 of the benchmarks do), as benchmarks.train_step measures it (harness.matmul_fn):
                  the denominator of every "% matmul"
   skinny matmul  the projector's widest product, [2 x batch, D] x [D, D], forward only: what a layer of the
                  projector can reach at this batch
@@ -174,6 +175,7 @@ def measure(config: dict, repeats: int) -> dict:
         "sum_of_parts_s": parts_s,
         "ceiling_fraction_of_matmul": total_gflop / parts_s / rate,
         "matmul_gflops": rate,
+        "matmul_size": matmul.size,
         "skinny_matmul": {"shape": [2 * batch, dim, dim], "s": skinny_s,
                           "gflops": 2 * 2 * batch * dim * dim / skinny_s / 1e9},
         "stream_gb_per_s": 2 * huge.shape[0] * 4 / stream_s / 1e9,
@@ -201,7 +203,7 @@ def format_report(r: dict) -> str:
     table = harness.markdown_table(header, rows)
     skinny, optimizer = r["skinny_matmul"], r["optimizer"]
     notes = [
-        f"matmul (4096^3): {rate:.0f} GFLOP/s; skinny matmul {skinny['shape']}: {skinny['gflops']:.0f} GFLOP/s "
+        f"matmul ({r.get('matmul_size', 4096)}^3): {rate:.0f} GFLOP/s; skinny matmul {skinny['shape']}: {skinny['gflops']:.0f} GFLOP/s "
         f"({100 * skinny['gflops'] / rate:.0f}%)",
         f"optimizer: {optimizer['parameters'] / 1e6:.1f} M parameters, {optimizer['bytes_moved'] / 1e9:.2f} GB moved "
         f"at {optimizer['gb_per_s']:.1f} GB/s; streaming (x + 1 on 256 MiB: read + write) runs at "

@@ -263,6 +263,7 @@ def run_child(config: dict) -> dict:
         "page_faults_per_step": statistics.median(t["faults"] for t in timed),
         "peak_rss_gib": harness.rusage()[1] / 2**30,
         "rss_after_gib": harness.current_rss() / 2**30,
+        "matmul_size": matmul.size,
         "matmul_gflops": {"before": rate_before, "after": rate_after, "per_step": [t["matmul"] for t in timed],
                           "median": statistics.median(rates)},
         **flops,

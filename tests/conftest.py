@@ -58,3 +58,16 @@ def run_copy(finished_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def converted_resnet50(tmp_path_factory):
+    """The torch fixture's ResNet-50 converted once per session (bt_keras.interop.convert, 64 px, in-process): the
+    encoder folder tests/assembly/test_plain_keras.py and tests/serving/test_onnx_export.py read. Read only. (The
+    command-line conversion is tests/interop/test_convert.py's own.)"""
+    from bt_keras.interop.convert import convert_torchvision_checkpoint
+    from tests.helpers import TORCHVISION_FIXTURE
+
+    folder = tmp_path_factory.mktemp("converted") / "r50"
+    convert_torchvision_checkpoint(TORCHVISION_FIXTURE / "resnet50_random.pth", folder, image_size=64)
+    return folder

@@ -14,7 +14,6 @@ import pytest
 
 from bt_keras import paths
 from bt_keras.assembly import artifacts
-from bt_keras.interop.convert import convert_torchvision_checkpoint
 from tests.helpers import REPO, TORCHVISION_FIXTURE, trainer
 
 # A Python where `import bt_keras` fails: loads the encoder with Keras alone and writes its embeddings.
@@ -77,9 +76,9 @@ def test_the_encoder_runs_under_another_keras_backend(workdir, tmp_path, backend
 
 
 @pytest.mark.skipif(not (TORCHVISION_FIXTURE / "MANIFEST.json").is_file(), reason=f"no {TORCHVISION_FIXTURE}")
-def test_a_converted_torchvision_resnet50_loads_in_keras_without_bt_keras(tmp_path):
-    path, metadata = convert_torchvision_checkpoint(TORCHVISION_FIXTURE / "resnet50_random.pth", tmp_path / "r50")
-    encoder, _ = artifacts.load_encoder(path.parent)
+def test_a_converted_torchvision_resnet50_loads_in_keras_without_bt_keras(converted_resnet50, tmp_path):
+    path = converted_resnet50 / paths.ENCODER_FILE
+    encoder, _ = artifacts.load_encoder(converted_resnet50)
     images = _images(64, n=2)  # any size: the network pools globally
     reference = np.asarray(encoder(images, training=False))
     plain = plain_keras_embeddings(path, images, tmp_path)

@@ -13,7 +13,8 @@ import sys
 import pytest
 from tests.helpers import REPO
 
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
+# A small reference matmul: these tests check how the numbers add up, not the numbers (benchmarks.harness).
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO), "BT_KERAS_BENCHMARK_MATMUL_SIZE": "512"}
 
 
 def test_loss_bytes_measures_extrapolates_and_matches_the_cost_model(tmp_path):

@@ -22,7 +22,7 @@ def budget(tmp_path_factory):
     output = tmp_path_factory.mktemp("budget") / "step_budget.json"
     cmd = [sys.executable, "-m", "benchmarks.step_budget", "--preset", "cifar", "--image-size", "16",
            "--batch-size", "4", "--projector", "64-32", "--repeats", "1", "--output", str(output)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "BT_KERAS_BENCHMARK_MATMUL_SIZE": "512"}  # a small reference
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(output.read_text()), proc.stdout

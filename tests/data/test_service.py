@@ -77,6 +77,17 @@ class Cluster:
 
 @pytest.fixture
 def cluster():
+    """A dispatcher and two workers of this test's own (it may kill one)."""
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def shared_cluster():
+    """A dispatcher and two workers shared by the tests that only read from them (each its own job)."""
     c = Cluster()
     try:
         yield c
@@ -115,7 +126,8 @@ class _SlowSteps(keras.callbacks.Callback):
 
 
 @pytest.mark.slow
-def test_training_through_the_service_uses_both_workers(cluster, tmp_path):
+def test_training_through_the_service_uses_both_workers(shared_cluster, tmp_path):
+    cluster = shared_cluster
     # 32 steps: the client buffers the first worker's early batches, so the second's arrive after those.
     config = tiny_config(data_service=cluster.address, augment_on="accelerator", epochs=4, steps_per_epoch=8)
     trainer = Trainer(config, tmp_path / "run", tf.distribute.get_strategy())
@@ -130,12 +142,12 @@ def test_training_through_the_service_uses_both_workers(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_workers_batches_have_distinct_seeds(cluster):
+def test_workers_batches_have_distinct_seeds(shared_cluster):
     """Each worker counts its batches from 0; with epoch_keyed (what the trainer uses with the service) the epoch is
     folded into the seeds, so no two batches from different workers share augmentation draws."""
     local = data.pretrain_dataset("digits", global_batch_size=64, seed=0, views=augment.cifar_views(32),
                                   augment_on="accelerator", epoch_keyed=True)
-    remote = data_service.distribute(local, cluster.address)
+    remote = data_service.distribute(local, shared_cluster.address)
     seeds, deadline = [], time.monotonic() + 60
     for batch in remote.take(60):
         seeds.append(tuple(batch["view1_params"]["hue"].numpy()))

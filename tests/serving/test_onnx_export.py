@@ -71,11 +71,8 @@ METADATA = {"image_size": 16, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]
 @pytest.mark.skipif(not (TORCHVISION_FIXTURE / "MANIFEST.json").is_file(),
                     reason=f"no fixture at {TORCHVISION_FIXTURE}")
 @pytest.mark.slow
-def test_converted_resnet50_in_onnxruntime_in_a_fresh_process(tmp_path):
-    from bt_keras.interop.convert import convert_torchvision_checkpoint
-
-    workdir = tmp_path / "r50"
-    convert_torchvision_checkpoint(TORCHVISION_FIXTURE / "resnet50_random.pth", workdir, image_size=64)
+def test_converted_resnet50_in_onnxruntime_in_a_fresh_process(converted_resnet50, tmp_path):
+    workdir = converted_resnet50
     encoder, _ = artifacts.load_encoder(workdir)
     fixture_inputs = np.ascontiguousarray(np.load(TORCHVISION_FIXTURE / "inputs.npy").transpose(0, 2, 3, 1), np.float32)
     rng = np.random.default_rng(0)

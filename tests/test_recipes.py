@@ -221,3 +221,33 @@ def test_online_probe_is_off_when_the_dataset_has_no_labels(caplog):
     with caplog.at_level(logging.WARNING, logger="absl"):
         assert builders.online_probe_classes(config, unlabelled) == 0
     assert "Online probe off" in caplog.text
+
+
+RECIPES = sorted(p.stem for p in EXPERIMENTS.glob("*.py") if "def get_config" in p.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_shipped_recipe_trains_two_steps(name, tmp_path):
+    """Each recipe in experiments/ as shipped (its views, optimizer and schedule, probe, loss scale, precision
+    fields), with a tiny network, batch 16 and two steps, trains through the Trainer with finite losses. The
+    recipes' own data where it is offline (CIFAR-10 from ../shared/tfds, the quickstart's canvases); the ImageNet
+    recipe at 32 px on CIFAR-10, ImageNet not being here."""
+    from bt_keras.train.trainer import Trainer
+    from tests.helpers import TFDS_DIR
+
+    config = recipe(name)
+    if config.dataset != "cluttered_digits" and not (TFDS_DIR / "cifar10").is_dir():
+        pytest.skip(f"no CIFAR-10 at {TFDS_DIR}")
+    if config.dataset.startswith("tfds:"):
+        config.dataset, config.data_dir, config.download = "tfds:cifar10", str(TFDS_DIR), False
+        config.image_size = 32
+    config.width_multiplier = 1 / 16
+    if config.backbone.startswith("resnet"):
+        config.blocks = (1, 1)
+    config.projector = "-".join(["64"] * len(config.projector.split("-")))  # the recipe's depth, 64 wide
+    config.batch_size, config.epochs, config.steps_per_epoch = 16, 1, 2
+    config.knn.every_epochs, config.knn.baselines = 0, False
+    trainer = Trainer(config, tmp_path / name, tf.distribute.get_strategy())
+    logs = trainer.run()
+    assert trainer.step == 2 and np.isfinite(logs["loss"]), logs

@@ -46,7 +46,7 @@ ONNX_REQUIRES = ["tf2onnx>=1.17", "onnx>=1.17"]
 EXTRAS_REQUIRE = {
     # tensorflow-serving-api: the warm-up record and gRPC tests compare against the official protos.
     # onnxruntime (+ the ONNX exporter): tests/serving/test_onnx_export.py runs the exported model.
-    "test": ["pytest>=8.0", "tensorflow-serving-api>=2.18", "onnxruntime>=1.20", *ONNX_REQUIRES],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "tensorflow-serving-api>=2.18", "onnxruntime>=1.20", *ONNX_REQUIRES],
     "onnx": ONNX_REQUIRES,
     "serving": ["tensorflow-serving-api>=2.18"],
 }

@@ -22,6 +22,18 @@ tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceCon
 
 
 
+# The files that take longest (CI's --durations), started first: the two xdist workers take whole files in collection
+# order, and the quickstart's three minutes, collected near the end, ran alone while the other worker sat idle.
+LONGEST_FIRST = ("tests/test_quickstart.py", "tests/benchmarks/test_scaling.py", "tests/data/test_service.py",
+                 "tests/benchmarks/test_accelerator.py", "tests/train/test_trainer.py", "tests/train/test_sharding.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Moves LONGEST_FIRST's files to the front, in that order (a stable sort: the rest keep pytest's order)."""
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
 def pytest_configure(config):
     """With BT_KERAS_REQUIRE_SHARED=1 a missing CIFAR-10 (TFDS format) or torch fixture is a red run (pytest's usage
     error, exit 4), not green skips."""

@@ -14,12 +14,17 @@ here (the sums run in another order on 2 replicas).
 
 import json
 import math
+import re
+import signal
+import time
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from bt_keras import paths
+from bt_keras.train.trainer import Trainer
 from tests.helpers import (finish_local_workers, run_cli, start_local_workers, tiny_config, train_command, train_lines,
                            trainer)
 
@@ -51,9 +56,13 @@ def joined_batches(workdir, pipelines: int, replicas: int, steps: int) -> list:
         reader.close()
 
 
-def one_device_replay(workdir, batches, epochs: int):
-    """An in-process one-device trainer of tiny_config(epochs) trained on `batches` (one per step); its workdir."""
-    replay = trainer(workdir, epochs=epochs, log_every_steps=1)
+def one_device_replay(workdir, batches, epochs: int, warmup_epochs=None, **overrides):
+    """An in-process one-device trainer of tiny_config(epochs, **overrides) trained on `batches` (one per step); its
+    workdir."""
+    config = tiny_config(epochs=epochs, log_every_steps=1, **overrides)
+    if warmup_epochs is not None:
+        config.optimizer.warmup_epochs = warmup_epochs
+    replay = Trainer(config, workdir, tf.distribute.get_strategy())
     assert len(batches) == replay.total_steps
     stacked = tf.nest.map_structure(lambda *xs: tf.stack(xs), *batches)
     replay.iterator = iter(tf.data.Dataset.from_tensor_slices(stacked))
@@ -61,9 +70,10 @@ def one_device_replay(workdir, batches, epochs: int):
     return workdir
 
 
-def assert_same_steps(distributed, replay):
-    """Equal logged losses step by step (one train line per step) and equal final weights, to float32 round-off."""
-    ran, replayed = train_lines(distributed), train_lines(replay)
+def assert_same_steps(distributed, replay, kinds=("train", "epoch")):
+    """Equal logged losses step by step (one train line per step; the epoch lines of `kinds` too) and equal final
+    weights, to float32 round-off."""
+    ran, replayed = ([line for line in train_lines(d) if line["kind"] in kinds] for d in (distributed, replay))
     assert [(line["kind"], line["step"]) for line in ran] == [(line["kind"], line["step"]) for line in replayed]
     losses = np.array([line["loss"] for line in ran]), np.array([line["loss"] for line in replayed])
     worst = float(np.max(np.abs(losses[0] - losses[1]) / np.abs(losses[1])))
@@ -97,13 +107,47 @@ def test_mirrored_run_and_its_resume_take_the_steps_of_one_device(tmp_path):
     assert_same_steps(run, one_device_replay(tmp_path / "replay", batches, epochs=3))
 
 
-def test_multi_worker_run_takes_the_steps_of_one_device(tmp_path):
-    """Two local workers, one input pipeline each: their 6 steps equal one device's on the joined shards, and the
-    second worker ends with the chief's weights."""
+def _logged_step(workdir) -> int:
+    try:
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return -1
+    return max((json.loads(line)["step"] for line in lines if '"train"' in line), default=-1)
+
+
+def test_multi_worker_run_preempted_on_one_worker_stops_together_and_resumes_as_one_device(tmp_path):
+    """Two local workers, one input pipeline each. SIGTERM to worker 1 alone (a scheduler preempting one machine):
+    both stop after the same step with exit 143, one line each, the chief's checkpoint of that step written. The same
+    command resumes both; the 9 steps, before and after the stop, equal one device's on the joined shards, and worker
+    1 ends with the chief's weights. (One step per epoch, so each logged running mean is one step's loss on both
+    sides of the resume.)"""
     run = tmp_path / "workers"
-    finish_local_workers(start_local_workers(run, extra=STEP_BY_STEP), final_step=6)
-    batches = joined_batches(tmp_path / "reader", pipelines=2, replicas=2, steps=6)
-    assert_same_steps(run, one_device_replay(tmp_path / "replay", batches, epochs=2))
+    # One step per epoch, the learning rate warming up over all 9 (over 2, the float32 round-off of 2 workers grows
+    # to 1.7% by step 8, measured: too near the 3-20% of the bugs this test is for).
+    shape = dict(extra=(*STEP_BY_STEP, "--config.optimizer.warmup_epochs=9"), epochs=9, steps=1)
+    processes = start_local_workers(run, **shape)
+    deadline = time.time() + 240
+    while _logged_step(run) < 3 and all(p.poll() is None for p in processes) and time.time() < deadline:
+        time.sleep(0.05)
+    assert all(p.poll() is None for p in processes), "the run ended before it could be preempted"
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=180) for p in processes]
+    said = []
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 143 and "Traceback" not in err, err[-3000:]
+        said += [line for line in (out + err).splitlines() if line.startswith("Interrupted")]
+    assert len(said) == 2 and "on another worker" in said[0] and "on another worker" not in said[1], said
+    steps = {int(re.search(r"at step (\d+)", line).group(1)) for line in said}
+    assert len(steps) == 1, said  # the same step on both workers
+    stopped = steps.pop()
+    assert 3 <= stopped < 9 and paths.latest_checkpoints(run)[-1].name == f"ckpt-{stopped}"
+    assert not (run / "encoder.keras").exists()
+
+    finish_local_workers(start_local_workers(run, **shape), final_step=9)
+    batches = joined_batches(tmp_path / "reader", pipelines=2, replicas=2, steps=9)
+    # Train lines only: a stop between a step and its epoch's end writes no epoch line for that epoch.
+    assert_same_steps(run, one_device_replay(tmp_path / "replay", batches, epochs=9, warmup_epochs=9, steps_per_epoch=1),
+                      kinds=("train",))
     chief = keras.models.load_model(run / "barlow_twins.keras").get_weights()
     other = keras.models.load_model(run / ".scratch" / "task1" / "barlow_twins.keras").get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(chief, other))

@@ -46,9 +46,15 @@ ONNX_REQUIRES = ["tf2onnx>=1.17", "onnx>=1.17"]
 EXTRAS_REQUIRE = {
     # tensorflow-serving-api: the warm-up record and gRPC tests compare against the official protos.
     # onnxruntime (+ the ONNX exporter): tests/serving/test_onnx_export.py runs the exported model.
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "tensorflow-serving-api>=2.18", "onnxruntime>=1.20", *ONNX_REQUIRES],
+    # keras-hub: tests/nets/test_vit.py builds and trains the ViT recipe's network (they skip without it).
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "tensorflow-serving-api>=2.18", "onnxruntime>=1.20",
+             "keras-hub>=0.32", *ONNX_REQUIRES],
     "onnx": ONNX_REQUIRES,
     "serving": ["tensorflow-serving-api>=2.18"],
+    # KerasHub's ViTBackbone for the ViT-S/16 recipe (bt_keras.nets.vit, experiments/imagenet_vit_small.py). 0.32.0
+    # installs beside TensorFlow 2.21 / Keras 3.15 without changing them (it adds tensorflow-text 2.21, sentencepiece,
+    # tokenizers, kagglehub, huggingface_hub).
+    "hub": ["keras-hub>=0.32"],
 }
 
 setup(

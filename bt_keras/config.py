@@ -80,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.epochs = 100
     c.steps_per_epoch = ml_collections.FieldReference(None, field_type=int)  # default: examples // batch_size
     c.optimizer = ml_collections.ConfigDict()
+    # "lars" (bt_keras.method.optim, every field below), or "adamw": Keras's AdamW (betas 0.9/0.999, PyTorch's defaults)
+    # with the same warm-up + cosine schedule peaking at lr_weights (x batch/256 if scale_by_batch), decoupled
+    # weight_decay on every variable and `epsilon`; lr_biases, momentum, eta, trust_ratio and clip_lr are LARS's only.
+    c.optimizer.name = "lars"
     c.optimizer.lr_weights = 0.2
     c.optimizer.lr_biases = 0.0048
     c.optimizer.scale_by_batch = True  # multiply both by batch_size / 256 (the paper)
@@ -93,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
     # "official", or "solo_learn": eta ||w|| / (||g|| + wd ||w|| + epsilon) (bt_keras.method.optim)
     c.optimizer.trust_ratio = "official"
     c.optimizer.clip_lr = False  # min(trust ratio / lr, 1) (solo-learn)
-    c.optimizer.epsilon = 1e-8  # the "solo_learn" ratio's epsilon
+    c.optimizer.epsilon = 1e-8  # the "solo_learn" ratio's epsilon; AdamW's epsilon
     # R: the GPUs of the run whose hyperparameters the recipe states. The official code applies 1/R of the true
     # gradient; the builder takes the same step with weight_decay x R and lr_biases / R
     # (optim.reference_hyperparameters).
@@ -103,7 +107,8 @@ def base_config() -> ml_collections.ConfigDict:
     # during pre-training with its own optimizer, logged as online_top1; off when the dataset has no labels.
     c.online_probe = ml_collections.ConfigDict()
     c.online_probe.enabled = False
-    c.online_probe.optimizer = "sgd"  # "sgd" (momentum SGD) or "lars" (the main LARS rule: solo-learn's param group)
+    # "sgd" (momentum SGD), "lars" (the main LARS rule: solo-learn's param group) or "adamw" (solo-learn's ViT recipes)
+    c.online_probe.optimizer = "sgd"
     c.online_probe.lr = 0.1  # base lr, x batch/256 if optimizer.scale_by_batch; the main schedule's shape
     c.online_probe.momentum = 0.9
     c.online_probe.weight_decay = 0.0

@@ -205,6 +205,42 @@ def test_reference_replicas_refuses_the_solo_learn_form():
         builders.build_optimizer(config, steps_per_epoch=10)
 
 
+def test_vit_recipe_optimizer_as_built_takes_torch_adamws_step():
+    """The ViT-S recipe's AdamW (solo-learn's mocov3_vit.yaml: lr 3e-4 x 1024/256, wd 0.1 on every parameter, warm-up
+    from 3e-5 over 10 epochs, cosine to 0): its schedule, and one float64 step against torch.optim.AdamW's update."""
+    config = recipe("imagenet_vit_small")
+    opt = builders.build_optimizer(config, steps_per_epoch=100)
+    assert isinstance(opt, keras.optimizers.AdamW)
+    assert (opt.weight_decay, opt.beta_1, opt.beta_2, opt.epsilon) == (0.1, 0.9, 0.999, 1e-8)
+    schedule = opt._learning_rate
+    assert float(schedule(0)) == pytest.approx(3e-5)
+    assert float(schedule(999)) == pytest.approx(1.2e-3)  # 3e-4 x 1024 / 256 at the warm-up's last step
+    assert float(schedule(400 * 100)) == 0.0
+    probe = builders.build_probe_optimizer(config, steps_per_epoch=100)
+    assert isinstance(probe, keras.optimizers.AdamW) and probe.weight_decay == 0.0
+    assert float(probe._learning_rate(999)) == pytest.approx(1.2e-3)
+    rng = np.random.default_rng(0)
+    initial = [rng.normal(size=(3, 4)), rng.normal(size=(4,))]
+    grads = [rng.normal(size=w.shape) for w in initial]
+    variables = [keras.Variable(w) for w in initial]
+    lr = float(np.float32(float(schedule(0))))
+    opt.apply_gradients([(tf.constant(g), v) for g, v in zip(grads, variables)])
+    for v, w, g in zip(variables, initial, grads):  # torch.optim.AdamW, step 1: decay, then the bias-corrected step
+        m_hat, v_hat = 0.1 * g / (1 - 0.9), 0.001 * g * g / (1 - 0.999)
+        want = w * (1 - lr * 0.1) - lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+        # a step of ~3e-5 per element, equal to 3e-10 (Keras keeps the learning rate in float32)
+        np.testing.assert_allclose(v.numpy(), want, rtol=0, atol=1e-9)
+    config.optimizer.reference_replicas = 8
+    with pytest.raises(ValueError, match="reference_replicas=8 converts LARS hyperparameters only"):
+        builders.build_optimizer(config, steps_per_epoch=100)
+    config.optimizer.name = "sgd"
+    with pytest.raises(ValueError, match="must be 'lars' or 'adamw'"):
+        builders.build_optimizer(config, steps_per_epoch=100)
+    from bt_keras.train import preflight
+
+    assert [p for p in preflight.config_problems(config) if p.startswith("config.optimizer.name='sgd' must be")]
+
+
 def test_old_cifar_recipe_keeps_the_official_form():
     config = recipe("cifar10_resnet18")
     opt = builders.build_optimizer(config, steps_per_epoch=195)
@@ -243,6 +279,9 @@ def test_every_shipped_recipe_trains_two_steps(name, tmp_path):
         config.dataset, config.data_dir, config.download = "tfds:cifar10", str(TFDS_DIR), False
         config.image_size = 32
     config.width_multiplier = 1 / 16
+    if config.backbone == "bt_keras.nets.vit:vit_small_16":  # KerasHub's ViT, an optional extra: a tiny one
+        pytest.importorskip("keras_hub", reason='KerasHub is not installed (pip install -e ".[hub]")')
+        config.backbone_options = {"patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64}
     if config.backbone.startswith("resnet"):
         config.blocks = (1, 1)
     config.projector = "-".join(["64"] * len(config.projector.split("-")))  # the recipe's depth, 64 wide

@@ -152,6 +152,10 @@ def build_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     published hyperparameters converted to our true gradient (`optimizer_hyperparameters`), logged."""
     o = config.optimizer
     scale = _lr_scale(config)
+    if o.name == "adamw":
+        return _adamw(config, scale, steps_per_epoch)
+    if o.name != "lars":
+        raise ValueError(f"config.optimizer.name must be 'lars' or 'adamw', got {o.name!r}.")
     hyper = optimizer_hyperparameters(config)
     if hyper["replicas"] != 1:
         logging.info(
@@ -167,12 +171,28 @@ def build_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
                       weight_decay=hyper["weight_decay"], bias_lr_scale=hyper["lr_biases"] / o.lr_weights, **form)
 
 
+def _adamw(config, scale: float, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Keras's AdamW (PyTorch's torch.optim.AdamW defaults: betas 0.9/0.999; epsilon from the config, 1e-8 as
+    PyTorch's) on the warm-up + cosine schedule, one learning rate and decoupled weight decay for every variable
+    (solo-learn's ViT recipes: exclude_bias_n_norm_wd off). Adam divides the gradient by its own scale, so the official
+    code's 1/R gradient takes (up to epsilon) the same step: reference_replicas is LARS's only and must stay 1."""
+    o = config.optimizer
+    if o.reference_replicas != 1:
+        raise ValueError(f"config.optimizer.reference_replicas={o.reference_replicas} converts LARS hyperparameters "
+                         "only; with optimizer.name='adamw' set it to 1.")
+    logging.info("AdamW: lr %g, weight decay %g (every variable), betas 0.9/0.999, epsilon %g.",
+                 o.lr_weights * scale, o.weight_decay, o.epsilon)
+    return keras.optimizers.AdamW(_schedule(config, o.lr_weights * scale, steps_per_epoch),
+                                  weight_decay=float(o.weight_decay), beta_1=0.9, beta_2=0.999,
+                                  epsilon=float(o.epsilon), name="adamw")
+
+
 def build_probe_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """The online probe's own optimizer, with the main schedule's shape peaking at `online_probe.lr` (x batch/256
     when the recipe scales). "lars": the main LARS rule (form, eta) with the probe's momentum, weight decay and one
     learning rate for its kernel and bias, i.e. solo-learn's classifier parameter group (solo/methods/base.py:
     `{"params": classifier, "lr": classifier_lr, "weight_decay": 0}` in the same LARS and scheduler). "sgd": momentum
-    SGD (Keras's decoupled weight decay if any)."""
+    SGD (Keras's decoupled weight decay if any). "adamw": Keras's AdamW, the same group in solo-learn's ViT recipes."""
     p, o = config.online_probe, config.optimizer
     schedule = _schedule(config, p.lr * _lr_scale(config), steps_per_epoch)
     if p.optimizer == "lars":
@@ -181,7 +201,10 @@ def build_probe_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Opti
     if p.optimizer == "sgd":
         return keras.optimizers.SGD(schedule, momentum=p.momentum, weight_decay=p.weight_decay or None,
                                     name="online_probe_sgd")
-    raise ValueError(f"config.online_probe.optimizer must be 'sgd' or 'lars', got {p.optimizer!r}.")
+    if p.optimizer == "adamw":  # solo-learn's classifier group in its AdamW (ViT recipes): lr classifier_lr, wd 0
+        return keras.optimizers.AdamW(schedule, weight_decay=float(p.weight_decay), beta_1=0.9, beta_2=0.999,
+                                      epsilon=float(o.epsilon), name="online_probe_adamw")
+    raise ValueError(f"config.online_probe.optimizer must be 'sgd', 'lars' or 'adamw', got {p.optimizer!r}.")
 
 
 def steps_per_epoch(config, info: sources.DatasetInfo) -> int:

@@ -109,6 +109,10 @@ def float32_copy(model: keras.Model) -> keras.Model:
     def as_float32(layer):
         return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
 
-    copy = keras.models.clone_model(model, clone_function=as_float32, recursive=True)
+    try:
+        copy = keras.models.clone_model(model, clone_function=as_float32, recursive=True)
+    except (TypeError, ValueError):  # a nested model whose layers cannot be rebuilt from their own configs (KerasHub
+        # 0.32's ViTPatchingAndEmbedding): rebuild each nested model whole, from its constructor arguments
+        copy = keras.models.clone_model(model, clone_function=as_float32, recursive=False)
     copy.set_weights(model.get_weights())
     return copy

@@ -269,6 +269,9 @@ def foreign_backbone(name: str, *, input_shape, synchronized_bn: bool = True, **
     options = {**defaults, **options}
     try:
         model = factory(input_shape=tuple(input_shape), **options)
+    except ImportError as error:  # an optional dependency imported when called (bt_keras.nets.vit: KerasHub)
+        message = " ".join(str(error).split())
+        raise ValueError(f"config.backbone={name!r}: {message}") from None
     except (TypeError, ValueError) as error:
         message = " ".join(str(error).split())
         raise ValueError(f"config.backbone={name!r} with input_shape={tuple(input_shape)} and "

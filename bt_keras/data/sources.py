@@ -230,10 +230,12 @@ def _walk_folder(root: Path) -> tuple[tuple[tuple[str, int], ...], tuple[str, ..
     return tuple(candidates), tuple(classes)
 
 
-def _check_folder(root: Path, cache_folder=None) -> image_check.Check:
-    """Which of the folder's image files do not decode (`bt_keras.data.image_check`: decoded once per file list)."""
-    return image_check.check_files([path for path, _ in _walk_folder(root)[0]], cache_folder=cache_folder,
-                                   label=str(root))
+def _check_folder(root: Path, candidates=None, **options) -> image_check.Check:
+    """Which of the folder's image files do not decode (`bt_keras.data.image_check`: decoded once per file list).
+    `candidates`: the folder's `_walk_folder` entries when the caller has walked it already; `options`: check_files'."""
+    if candidates is None:
+        candidates = _walk_folder(root)[0]
+    return image_check.check_files([path for path, _ in candidates], label=str(root), **options)
 
 
 def _scan_folder(root: Path) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...], int]:
@@ -250,10 +252,10 @@ def _scan_folder_checked(root: Path) -> tuple[tuple[str, ...], tuple[int, ...], 
     (split sizes, steps per epoch, the seeded shuffle) sees only files that decode.
     """
     candidates, classes = _walk_folder(root)
-    check = _check_folder(root)
+    check = _check_folder(root, candidates)
     if check.bad:
-        not_images = [p for p, reason in check.bad.items() if reason.startswith(("not a JPEG", "empty file"))]
-        broken = [p for p in check.bad if p not in set(not_images)]
+        not_images = {p for p, reason in check.bad.items() if reason.startswith(("not a JPEG", "empty file"))}
+        broken = [p for p in check.bad if p not in not_images]
         shown = ", ".join(f"{p} ({check.bad[p]})" for p in list(check.bad)[:5])
         log.warning("folder dataset %s: skipping %d file(s) that are not JPEG/PNG images and %d that do not decode "
                     "(`python -m bt_keras.data_check %s` lists them all): %s%s", root, len(not_images), len(broken),
@@ -278,8 +280,7 @@ def check_folder_images(name: str, workdir=None, *, threads: int | None = None,
     if kind != "folder":
         return FolderImages(name, workdir, (), ())
     roots = tuple(_folder_root(rest, s) for s in _folder_splits(rest))
-    checks = tuple(image_check.check_files([path for path, _ in _walk_folder(root)[0]], cache_folder=workdir,
-                                           threads=threads, progress=progress, label=str(root)) for root in roots)
+    checks = tuple(_check_folder(root, cache_folder=workdir, threads=threads, progress=progress) for root in roots)
     return FolderImages(name, workdir, roots, checks)
 
 

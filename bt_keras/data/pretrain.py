@@ -22,6 +22,10 @@ from bt_keras.augment import device as device_augment, host_crop, ops
 from bt_keras.data.sources import AUTOTUNE, dataset_info, fold_seed, open_source, want_cache
 from bt_keras.views import cifar_views, imagenet_views, ViewConfig
 
+# The pipeline's map functions branch on Python flags only: AutoGraph has nothing to rewrite in them, and rewriting
+# them and every op they call cost about a second of each start.
+plain = tf.autograph.experimental.do_not_convert
+
 
 def _split_pair(seed: tf.Tensor) -> list[tf.Tensor]:
     return tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -113,7 +117,7 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
             crops = crops if label is None else crops + (label,)
             return (e, crops) if epoch_keyed else crops
 
-        ds = (ds.unbatch().enumerate(start=start_batch * batch_size).map(crop_pair, num_parallel_calls=AUTOTUNE)
+        ds = (ds.unbatch().enumerate(start=start_batch * batch_size).map(plain(crop_pair), num_parallel_calls=AUTOTUNE)
               .ignore_errors(log_warning=True).batch(batch_size, drop_remainder=True))
 
     def augment_pair(i, batch):  # stage 1 (uint8 crops) here; stage 2 here or in the model (device_augment)
@@ -138,7 +142,7 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
             return device_augment.host_batch(crops1, crops2, views, s1, s2, labels=batch_labels)
         return (ops.photometric_batch(crops1, view1, s1), ops.photometric_batch(crops2, view2, s2)) + extra
 
-    ds = ds.enumerate(start=start_batch).map(augment_pair, num_parallel_calls=AUTOTUNE)
+    ds = ds.enumerate(start=start_batch).map(plain(augment_pair), num_parallel_calls=AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.prefetch(AUTOTUNE).with_options(options)

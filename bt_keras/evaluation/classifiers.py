@@ -170,7 +170,7 @@ def train_classifier(encoder, head, train_data, *, epochs: int, head_lr: float, 
     variables = [v for group, _ in groups for v in group]
     sizes = [len(group) for group, _ in groups]
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)  # Python flags only: nothing for AutoGraph to rewrite
     def step(images, labels):
         with tf.GradientTape() as tape:
             features = model(images, training=not frozen)

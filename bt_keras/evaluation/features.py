@@ -36,7 +36,7 @@ def inference_function(model) -> Callable:
     except (KeyError, TypeError):
         pass
     ref = weakref.ref(model)
-    function = tf.function(lambda images: ref()(images, training=False), reduce_retracing=True)
+    function = tf.function(lambda images: ref()(images, training=False), reduce_retracing=True, autograph=False)
     _INFERENCE_FUNCTIONS[model] = function
     return function
 

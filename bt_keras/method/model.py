@@ -203,6 +203,7 @@ class BarlowTwins(keras.Model):
                 objective = self.optimizer.scale_loss(objective)
         return tape.gradient(objective, self.pretrain_variables), terms
 
+    @tf.autograph.experimental.do_not_convert  # no tensor-dependent Python control flow: nothing to rewrite
     def train_step(self, data):
         return self.train_step_on_views(self.augment_on_device(data))
 
@@ -219,6 +220,7 @@ class BarlowTwins(keras.Model):
             terms.update(self.online_probe.train_step(terms["features"], labels))
         return self._update_metrics(terms)
 
+    @tf.autograph.experimental.do_not_convert
     def test_step(self, data):
         if self.device_augment is not None:
             data = self.device_augment(data)

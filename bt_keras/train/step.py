@@ -54,7 +54,7 @@ def compiled(function, strategy, jit_compile: bool):
         return function
     logging.info("XLA: the training step is compiled (forward, loss, gradients and update); bt_keras's native CPU "
                  "kernels step aside inside it (XLA fuses TensorFlow ops itself).")
-    return tf.function(function, jit_compile=True, reduce_retracing=True)
+    return tf.function(function, jit_compile=True, reduce_retracing=True, autograph=False)  # as the Trainer's step
 
 
 STATE_FINITE = "state_finite"  # the key `replica_step(check_state=True)` adds to the step's outputs

@@ -36,11 +36,12 @@ def main(argv=None) -> int:
     else:
         if not args.dispatcher_address:
             parser.error("--worker needs --dispatcher_address=HOST:PORT")
+        address = args.worker_address or f"localhost:{args.port}"
         server = service.WorkerServer(service.WorkerConfig(
             dispatcher_address=args.dispatcher_address.removeprefix("grpc://"), port=args.port,
-            worker_address=args.worker_address or f"localhost:{args.port}", heartbeat_interval_ms=args.heartbeat_ms))
-        print(f"bt_keras.data_service: worker ready on port {args.port} for dispatcher {args.dispatcher_address}",
-              flush=True)
+            worker_address=address, heartbeat_interval_ms=args.heartbeat_ms))
+        print(f"bt_keras.data_service: worker ready on port {args.port}, reached at {address}, for dispatcher "
+              f"{args.dispatcher_address}", flush=True)
     server.join()
     return 0
 

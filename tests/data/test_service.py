@@ -43,20 +43,64 @@ def _read_line(proc, timeout):
     return line[0]
 
 
-class Cluster:
-    """A dispatcher and `workers` workers as subprocesses; `close()` kills every one of them."""
+class _Forwarder:
+    """A TCP port that relays every connection to `target_port`: what a worker behind a NAT or a port mapping looks
+    like. `connections` counts what came through, so a test sees whether a client used this address."""
 
-    def __init__(self, workers=2):
+    def __init__(self, target_port: int):
+        self.target_port, self.connections = target_port, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            except OSError:
+                return  # closed
+            server.settimeout(None)
+            self.connections += 1
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while chunk := source.recv(1 << 16):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                end.close()
+
+    def close(self):
+        self.listener.close()
+
+
+class Cluster:
+    """A dispatcher and `workers` workers as subprocesses; `close()` kills every one of them. With `forwarded`, the
+    last worker is started with `--worker_address` naming a `_Forwarder` to its port (`self.forwarder`): trainers
+    reach it only if the dispatcher hands out that address."""
+
+    def __init__(self, workers=2, forwarded=False):
         env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
         self.port = _free_port()
         self.address = f"grpc://127.0.0.1:{self.port}"
-        self.procs = []
+        self.procs, self.forwarder = [], None
         try:
             self.procs.append(self._start(["--dispatcher", f"--port={self.port}", "--worker_timeout_ms=2000"], env))
-            self.workers = [self._start(["--worker", f"--dispatcher_address=127.0.0.1:{self.port}",
-                                         f"--port={_free_port()}", "--heartbeat_ms=500"], env) for _ in range(workers)]
-            for proc in self.procs:
-                _read_line(proc, START_TIMEOUT)
+            ports = [_free_port() for _ in range(workers)]
+            addresses = [[] for _ in ports]
+            if forwarded:
+                self.forwarder = _Forwarder(ports[-1])
+                addresses[-1] = [f"--worker_address=127.0.0.1:{self.forwarder.port}"]
+            self.workers = [self._start(["--worker", f"--dispatcher_address=127.0.0.1:{self.port}", f"--port={port}",
+                                         "--heartbeat_ms=500", *address], env)
+                            for port, address in zip(ports, addresses)]
+            self.ready_lines = [_read_line(proc, START_TIMEOUT) for proc in self.procs]
         except BaseException:
             self.close()
             raise
@@ -73,6 +117,8 @@ class Cluster:
                 proc.kill()
         for proc in self.procs:
             proc.wait(timeout=30)
+        if self.forwarder:
+            self.forwarder.close()
 
 
 @pytest.fixture
@@ -87,8 +133,9 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def shared_cluster():
-    """A dispatcher and two workers shared by the tests that only read from them (each its own job)."""
-    c = Cluster()
+    """A dispatcher and two workers shared by the tests that only read from them (each its own job); the second is
+    reached through `--worker_address` (a forwarded port), as a worker on another machine would be."""
+    c = Cluster(forwarded=True)
     try:
         yield c
     finally:
@@ -156,6 +203,22 @@ def test_workers_batches_have_distinct_seeds(shared_cluster):
     served = data_service.served(remote.served_key)
     assert len(served) == 2, served
     assert len(set(seeds)) == len(seeds), "two batches got the same augmentation seed"
+
+
+@pytest.mark.slow
+def test_a_worker_is_reached_at_its_worker_address(shared_cluster):
+    """`--worker_address` is what the dispatcher hands trainers: the second worker's batches came through the
+    forwarded port it names (with the flag ignored, trainers would dial the worker's own port and the forwarder would
+    see nothing), and its ready line says where it is reached."""
+    forwarder = shared_cluster.forwarder
+    assert f"reached at 127.0.0.1:{forwarder.port}," in shared_cluster.ready_lines[-1], shared_cluster.ready_lines
+    remote = data_service.distribute(tf.data.Dataset.range(1000).batch(10), shared_cluster.address)
+    deadline = time.monotonic() + 60
+    for _ in remote:
+        if forwarder.connections or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert forwarder.connections >= 1, "no trainer connection came through the address given by --worker_address"
 
 
 def test_epoch_keyed_streams_are_seeded_and_distinct_per_epoch():

@@ -14,8 +14,10 @@ here (the sums run in another order on 2 replicas).
 
 import json
 import math
+import os
 import re
 import signal
+import subprocess
 import time
 
 import keras
@@ -25,8 +27,8 @@ import tensorflow as tf
 
 from bt_keras import paths
 from bt_keras.train.trainer import Trainer
-from tests.helpers import (finish_local_workers, run_cli, start_local_workers, tiny_config, train_command, train_lines,
-                           trainer)
+from tests.helpers import (REPO, finish_local_workers, run_cli, start_local_workers, tiny_config, train_command,
+                           train_lines, trainer)
 
 pytestmark = pytest.mark.slow  # a distributed run in subprocesses, and its one-device replay
 
@@ -74,6 +76,8 @@ def assert_same_steps(distributed, replay, kinds=("train", "epoch")):
     """Equal logged losses step by step (one train line per step; the epoch lines of `kinds` too) and equal final
     weights, to float32 round-off."""
     ran, replayed = ([line for line in train_lines(d) if line["kind"] in kinds] for d in (distributed, replay))
+    # A step logged again after a kill counts once, as the resumed run logged it.
+    ran = list({(line["kind"], line["step"]): line for line in ran}.values())
     assert [(line["kind"], line["step"]) for line in ran] == [(line["kind"], line["step"]) for line in replayed]
     losses = np.array([line["loss"] for line in ran]), np.array([line["loss"] for line in replayed])
     worst = float(np.max(np.abs(losses[0] - losses[1]) / np.abs(losses[1])))
@@ -92,17 +96,30 @@ def assert_same_steps(distributed, replay, kinds=("train", "epoch")):
 
 
 STEP_BY_STEP = ("--config.log_every_steps=1",)
+SLOW_STEPS = "--callbacks=tests.subprocess_scripts.slow_steps:make"  # 0.25 s a step: time to kill between two
 
 
-def test_mirrored_run_and_its_resume_take_the_steps_of_one_device(tmp_path):
-    """Two replicas from one input pipeline, stopped after 2 epochs and resumed for a third: the 9 steps equal one
-    device's on the joined batches (the resume must start the pipeline at batch 2 x 6)."""
+def test_mirrored_run_killed_and_resumed_takes_the_steps_of_one_device(tmp_path):
+    """Two replicas from one input pipeline, SIGKILLed after step 4 and resumed by the same command from its last
+    checkpoint: the 9 steps equal one device's on the joined batches (the resume must start the pipeline at batch
+    2 x the checkpoint's step), the steps the kill cut short logged again by the resumed run."""
     run = tmp_path / "mirrored"
-    for epochs in (2, 3):
-        result = run_cli(train_command(run, "--strategy=mirrored", "--cpu_devices=2", *STEP_BY_STEP, epochs=epochs))
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "with 2 replica(s)" in result.stderr + result.stdout
-        assert f"Finished at step {3 * epochs}" in result.stdout
+    command = train_command(run, "--strategy=mirrored", "--cpu_devices=2", *STEP_BY_STEP, SLOW_STEPS, epochs=3)
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while _logged_step(run) < 4 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(30) == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = int(paths.latest_checkpoints(run)[-1].name.removeprefix("ckpt-"))
+    assert 3 <= killed_at < 9 and not (run / "encoder.keras").exists()
+
+    result = run_cli(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "with 2 replica(s)" in result.stderr + result.stdout
+    assert re.search(rf"^Resuming from .*ckpt-{killed_at} at step {killed_at}\.$", result.stdout, re.M), result.stdout
+    assert "Finished at step 9" in result.stdout
     batches = joined_batches(tmp_path / "reader", pipelines=1, replicas=2, steps=9)
     assert_same_steps(run, one_device_replay(tmp_path / "replay", batches, epochs=3))
 

@@ -1,7 +1,7 @@
 """The README's main job, run exactly as a new user runs it: on the cluttered digits the quickstart trains to a kNN
 accuracy well above both baselines (random initialisation and raw pixels), also with 1 and 5 labels per class, prints
-its baseline table, writes what it promises (the report too), and resumes when run again; a rerun of the finished
-run prints its final metrics."""
+its baseline table and writes what it promises (the report too); a rerun of the finished run trains nothing and
+prints its final metrics."""
 
 import json
 import os
@@ -29,7 +29,7 @@ def run(args, workdir):
     return subprocess.run([sys.executable, *args[1:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_quickstart_learns_and_resumes(tmp_path):
+def test_quickstart_learns_and_a_rerun_prints_its_final_metrics(tmp_path):
     command = readme_train_command()
     start = time.perf_counter()
     result = run(command, tmp_path)
@@ -65,8 +65,5 @@ def test_quickstart_learns_and_resumes(tmp_path):
     rerun = run(command, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert re.search(r'Finished at step 660: \{.*"loss": [\d.]+, .*"knn_top1": 0\.\d', rerun.stdout), rerun.stdout
-
-    # Running again with one more epoch resumes at step 660 rather than starting over.
-    again = run(command + ["--config.epochs=31"], tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "Finished at step 682" in again.stdout
+    # (A longer schedule resuming a finished run: tests/train/test_trainer.py, on a tiny run rather than a third
+    # quickstart-sized one.)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -251,10 +252,25 @@ def assert_rate(hits, n, p, sigmas=4.5):
 # --------------------------------------------------------------------------------------- commands in subprocesses
 
 
+def installed_script(name: str) -> str:
+    """The path of the `bt-keras-*` console script `name` that `pip install -e .` put beside this Python: the tests
+    that use one run the command as users of an installed bt_keras type it (setup.py's console_scripts)."""
+    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    assert path, f"{name} is not installed: run `pip install -e .` again (setup.py's console_scripts)"
+    return path
+
+
 def run_module(*args, cwd=None, timeout=300):
     """`python -m ARGS` from the repository (PYTHONPATH on it), TensorFlow's C++ logging off."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd or REPO, env=env,
+                          timeout=timeout)
+
+
+def run_script(name, *args, timeout=300):
+    """The installed console script `name` with ARGS (`installed_script`), TensorFlow's C++ logging off."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([installed_script(name), *args], capture_output=True, text=True, cwd=REPO, env=env,
                           timeout=timeout)
 
 

@@ -19,7 +19,7 @@ import tensorflow as tf
 from bt_keras import augment, data
 from bt_keras.data import image_check, sources
 from bt_keras.train.trainer import Interrupted
-from tests.helpers import REPO, run_cli, trainer
+from tests.helpers import REPO, installed_script, run_cli, trainer
 
 pytestmark = pytest.mark.hostile
 
@@ -165,8 +165,8 @@ def test_a_run_stopped_and_resumed_equals_the_uninterrupted_run_bit_for_bit(fold
 
 
 def test_data_check_command_lists_the_bad_files_and_exits_1(folder, tmp_path):
-    result = run_cli([sys.executable, "-m", "bt_keras.data_check", str(folder), f"--workdir={tmp_path / 'w'}"],
-                     env={"PYTHONPATH": str(REPO)})
+    # The installed bt-keras-data-check script (the other cases use `python -m bt_keras.data_check`).
+    result = run_cli([installed_script("bt-keras-data-check"), str(folder), f"--workdir={tmp_path / 'w'}"])
     assert result.returncode == 1, result.stderr[-3000:]
     summary, *lines = result.stdout.splitlines()
     assert f"{len(BAD)} of {GOOD + len(BAD)} image files do not decode" in summary

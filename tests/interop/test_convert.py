@@ -20,7 +20,7 @@ from bt_keras.assembly import artifacts
 from bt_keras.interop import torch_file
 from bt_keras.interop.convert import convert_torchvision_checkpoint
 from bt_keras.interop.torchvision_resnet import build_encoder, ConversionError
-from tests.helpers import TORCHVISION_FIXTURE, numpy_knn, numpy_knn_topk, run_module
+from tests.helpers import TORCHVISION_FIXTURE, numpy_knn, numpy_knn_topk, run_module, run_script
 from tests.interop import torch_reference as ref
 
 needs_fixture = pytest.mark.skipif(not (TORCHVISION_FIXTURE / "MANIFEST.json").is_file(),
@@ -205,7 +205,8 @@ def test_image_size_0_is_refused_and_output_must_be_a_folder(tmp_path):
 @pytest.mark.slow
 def test_convert_then_evaluate_and_export_in_fresh_processes(tmp_path):
     out = tmp_path / "barlowtwins_r50"
-    done = run_module("bt_keras.convert", f"--torch_checkpoint={TORCHVISION_FIXTURE / 'resnet50_random.pth'}",
+    # The installed scripts, bt-keras-convert and bt-keras-export, where other tests use `python -m`.
+    done = run_script("bt-keras-convert", f"--torch_checkpoint={TORCHVISION_FIXTURE / 'resnet50_random.pth'}",
                       f"--output={out}", "--image_size=64")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resnet50, imagenet stem, 2048-d features" in done.stdout
@@ -239,7 +240,7 @@ def test_convert_then_evaluate_and_export_in_fresh_processes(tmp_path):
     assert (record["top1"], record["top5"]) == numpy_knn_topk(votes, test_y), (record, numpy_knn_topk(votes, test_y))
     assert record["top1"] < record["top5"]  # a swapped k would show
 
-    export = run_module("export.savedmodel", f"--checkpoint={out}", f"--export_dir={tmp_path / 'models'}",
+    export = run_script("bt-keras-export", f"--checkpoint={out}", f"--export_dir={tmp_path / 'models'}",
                         "--batch_warmup_sizes=1")
     assert export.returncode == 0, export.stderr[-3000:]
     import tensorflow as tf

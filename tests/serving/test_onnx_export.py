@@ -16,7 +16,7 @@ from bt_keras.nets import backbones
 ort = pytest.importorskip("onnxruntime", reason='onnxruntime is in the "test" extra')
 pytest.importorskip("tf2onnx", reason='tf2onnx is in the "onnx" extra')
 from bt_keras.serving import onnx_export  # noqa: E402
-from tests.helpers import REPO, TORCHVISION_FIXTURE
+from tests.helpers import REPO, TORCHVISION_FIXTURE, installed_script
 
 TOLERANCE = 1e-4  # max abs difference / max abs value
 
@@ -88,8 +88,8 @@ def test_converted_resnet50_in_onnxruntime_in_a_fresh_process(converted_resnet50
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
     model = tmp_path / "r50.onnx"
-    done = subprocess.run([sys.executable, "-m", "export.onnx", f"--checkpoint={workdir}", f"--output={model}"],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    done = subprocess.run([installed_script("bt-keras-export-onnx"), f"--checkpoint={workdir}", f"--output={model}"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)  # as installed
     assert done.returncode == 0, done.stderr[-3000:]
     assert "output `embedding` [batch, 2048]" in done.stdout
     check = subprocess.run([sys.executable, "-c", ONNXRUNTIME_CHECK, str(model), *x_paths, ",".join(y_paths),

@@ -32,12 +32,11 @@ from PIL import Image
 
 from bt_keras.assembly.artifacts import load_encoder, load_with_projector, save_encoder
 from bt_keras.augment import eval_transform
-from bt_keras.cli import client as cli_client
 from bt_keras.method.model import BarlowTwins
 from bt_keras.nets import backbones, heads
 from bt_keras.paths import MODEL_FILE, SIGNATURE_NORMALIZED
 from bt_keras.serving import client, savedmodel, signatures, warmup
-from tests.helpers import REPO, SUBPROCESS_SCRIPTS
+from tests.helpers import REPO, SUBPROCESS_SCRIPTS, run_script
 
 SIZE = 32
 METADATA = {"image_size": SIZE, "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "backbone": "resnet18",
@@ -397,7 +396,7 @@ class _RestStandIn(BaseHTTPRequestHandler):
 
 
 @pytest.mark.slow
-def test_rest_client_against_a_loopback_stand_in(loaded, inputs, probe, tmp_path, capsys):
+def test_rest_client_against_a_loopback_stand_in(loaded, inputs, probe, tmp_path):
     arrays, _ = probe
     handler = type("Handler", (_RestStandIn,), {"signatures": loaded.signatures, "model_name": MODEL_NAME})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -410,8 +409,9 @@ def test_rest_client_against_a_loopback_stand_in(loaded, inputs, probe, tmp_path
         _assert_close(np.array(outputs["projection"]), arrays["bytes17/projection"][:5], "REST client")
         image_file = tmp_path / "image.jpg"
         image_file.write_bytes(inputs["images"][1])
-        assert cli_client.main(["--rest", url, "--model", MODEL_NAME, str(image_file)]) == 0
-        printed = json.loads(capsys.readouterr().out)
+        done = run_script("bt-keras-client", "--rest", url, "--model", MODEL_NAME, str(image_file))  # as installed
+        assert done.returncode == 0, done.stderr[-3000:]
+        printed = json.loads(done.stdout)
         assert printed["image"] == str(image_file)
         _assert_close(np.array(printed["embedding"]), arrays["bytes17/embedding"][1], "client CLI")
         with pytest.raises(client.ServingError, match="(?s)HTTP 400.*empty string"):

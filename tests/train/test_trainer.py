@@ -24,7 +24,8 @@ import bt_keras  # noqa: F401  (registers the classes saved models need)
 from bt_keras import checkpoints, distribute, paths
 from bt_keras.train import resume
 from bt_keras.train.trainer import DiskFullError, NonFiniteLossError, Trainer
-from tests.helpers import REPO, last_error_line, resumed_step, run_cli, tiny_config, train_command, trainer
+from tests.helpers import (REPO, installed_script, last_error_line, resumed_step, run_cli, tiny_config, train_command,
+                           trainer)
 
 
 def weights(path):
@@ -38,7 +39,8 @@ def max_difference(a, b):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_cli(train_command(workdir, epochs=4, steps=6))
+    # The installed bt-keras-train script (the other runs here use `python -m bt_keras.train`): one real use of it.
+    result = run_cli([installed_script("bt-keras-train"), *train_command(workdir, epochs=4, steps=6)[3:]])
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 

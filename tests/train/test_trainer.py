@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -433,41 +434,38 @@ def test_disk_full_on_config_json_is_a_disk_full_error(run_copy, monkeypatch):
         t.run()
 
 
-def _mount_tmpfs(path, size) -> bool:
-    if os.geteuid() != 0:
-        return False
-    path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
-
-
 @pytest.mark.slow
 @pytest.mark.hostile
 def test_cli_on_a_really_full_disk_is_one_line_exit_2_and_resumes_after(finished_run, tmp_path):
-    """On a real full file system (a 2 MiB tmpfs; needs root): the run fails saving ckpt-9, says so in one line,
-    leaves ckpt-6 intact and nothing half-written, and resumes from ckpt-6 once space is freed."""
-    mount = tmp_path / "small_disk"
-    if not _mount_tmpfs(mount, "2m"):
-        pytest.skip("needs root and tmpfs to make a small file system")
-    try:
-        workdir = mount / "run"
-        shutil.copytree(finished_run, workdir)
-        free = shutil.disk_usage(mount).free
-        (mount / "filler").write_bytes(b"\0" * (free - 40 * 1024))  # leaves 40 KiB; a checkpoint needs ~95
-        result = run_cli(train_command(workdir, epochs=3), timeout=240)
-        assert result.returncode == 2, result.stderr[-3000:]
-        line = last_error_line(result.stderr)
-        assert f"--workdir={workdir}" in line and "No space left" in line and "ckpt-6, is intact" in line
-        folder = workdir / "checkpoints"
-        assert not list(folder.glob("ckpt-9*")), sorted(p.name for p in folder.iterdir())
-        assert tf.train.latest_checkpoint(str(folder)).endswith("ckpt-6")
-        checkpoints.verify(folder / "ckpt-6")
-        assert not list(workdir.glob(".*.tmp*"))  # no half-written artefact either
+    """On a real full file system, a 2 MiB tmpfs in a user+mount namespace (no root needed; see
+    tests/subprocess_scripts/full_disk.py): the run fails saving ckpt-9, says so in one line, leaves ckpt-6 intact and
+    nothing half-written, and resumes from ckpt-6 once space is freed."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux's unshare to mount a small file system without root")
+    mount, out = tmp_path / "small_disk", tmp_path / "states"
+    mount.mkdir()
+    workdir = mount / "run"
+    namespace = ["unshare", "--user", "--map-root-user", "--mount"]
+    probe = subprocess.run([*namespace, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:  # user namespaces turned off by the kernel's settings
+        pytest.skip(f"cannot make a user+mount namespace here: {probe.stderr.strip()}")
+    script = [sys.executable, str(REPO / "tests" / "subprocess_scripts" / "full_disk.py"), str(finished_run),
+              str(mount), str(out), "--", *train_command(workdir, epochs=3)]
+    done = subprocess.run([*namespace, *script], cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    failed, resumed = json.loads((out / "results.json").read_text())
 
-        (mount / "filler").unlink()
-        result = run_cli(train_command(workdir, epochs=3), timeout=240)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert re.search(r"^Resuming from .*ckpt-6 at step 6\.$", result.stdout, re.M), result.stdout
-        assert "Finished at step 9" in result.stdout
-    finally:
-        subprocess.run(["umount", str(mount)], capture_output=True)
+    assert failed["returncode"] == 2, failed["stderr"][-3000:]
+    line = last_error_line(failed["stderr"])
+    assert f"--workdir={workdir}" in line and "No space left" in line and "ckpt-6, is intact" in line
+    after = out / "after_failure"
+    assert [p.name for p in paths.latest_checkpoints(after)][-1] == "ckpt-6"
+    assert not list((after / "checkpoints").glob("ckpt-9*")), sorted(p.name for p in (after / "checkpoints").iterdir())
+    checkpoints.verify(after / "checkpoints" / "ckpt-6")
+    assert not list(after.glob(".*.tmp*"))  # no half-written artefact either
+
+    assert resumed["returncode"] == 0, resumed["stderr"][-3000:]
+    assert re.search(r"^Resuming from .*ckpt-6 at step 6\.$", resumed["stdout"], re.M), resumed["stdout"]
+    assert "Finished at step 9" in resumed["stdout"]
+    assert [p.name for p in paths.latest_checkpoints(out / "after_resume")][-1] == "ckpt-9"

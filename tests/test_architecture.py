@@ -166,6 +166,7 @@ def test_recipes_are_data_and_load_no_tensorflow(recipe):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_importing_the_package_loads_no_tensorflow_until_a_name_is_used():
     code = ("import sys, bt_keras, bt_keras.config, bt_keras.views, bt_keras.serving.client; "
             "assert 'tensorflow' not in sys.modules; bt_keras.LARS; assert 'tensorflow' in sys.modules")
@@ -173,6 +174,7 @@ def test_importing_the_package_loads_no_tensorflow_until_a_name_is_used():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_export_is_a_repository_folder_not_an_installed_package(tmp_path):
     outside = _fresh_python("import export", cwd=tmp_path, PYTHONPATH="")
     assert outside.returncode != 0 and "No module named 'export'" in outside.stderr

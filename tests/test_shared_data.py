@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
 
 
@@ -14,6 +16,7 @@ def _pytest(tmp_path, **env):
                           env={**os.environ, "BT_KERAS_SHARED_DIR": str(tmp_path / "nowhere"), **env})
 
 
+@pytest.mark.slow
 def test_a_missing_shared_folder_is_one_line_and_a_red_run_in_ci(tmp_path):
     required = _pytest(tmp_path, BT_KERAS_REQUIRE_SHARED="1")
     assert required.returncode == 4, required.stdout[-2000:] + required.stderr[-2000:]  # pytest: a usage error

@@ -64,6 +64,7 @@ def test_evaluating_a_checkpoint_whose_config_json_was_edited_names_the_field_be
     assert "Put those values back in" in message and "ckpt-6.config.json" in message
 
 
+@pytest.mark.slow
 def test_evaluate_cli_on_an_edited_config_json_is_one_line_without_tensorflow_warnings(run_copy):
     _edit_config(run_copy, image_size=48)
     result = run_cli([sys.executable, "-m", "bt_keras.evaluate.knn", f"--encoder={run_copy / 'checkpoints' / 'ckpt-6'}",

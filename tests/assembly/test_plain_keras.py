@@ -50,6 +50,7 @@ def _images(size, n=4):
     return np.random.default_rng(27).normal(size=(n, size, size, 3)).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_a_trained_encoder_loads_in_keras_without_bt_keras(workdir, tmp_path):
     encoder, metadata = artifacts.load_encoder(workdir)
     images = _images(metadata["image_size"])
@@ -75,6 +76,7 @@ def test_the_encoder_runs_under_another_keras_backend(workdir, tmp_path, backend
     np.testing.assert_allclose(other, reference, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (TORCHVISION_FIXTURE / "MANIFEST.json").is_file(), reason=f"no {TORCHVISION_FIXTURE}")
 def test_a_converted_torchvision_resnet50_loads_in_keras_without_bt_keras(converted_resnet50, tmp_path):
     path = converted_resnet50 / paths.ENCODER_FILE
@@ -86,6 +88,7 @@ def test_a_converted_torchvision_resnet50_loads_in_keras_without_bt_keras(conver
     np.testing.assert_allclose(plain, reference, rtol=0, atol=1e-6 * max(1.0, float(np.abs(reference).max())))
 
 
+@pytest.mark.slow
 def test_import_bt_keras_lets_keras_load_the_full_model(workdir, tmp_path):
     """barlow_twins.keras keeps bt_keras's classes; a bare `import bt_keras` registers them once Keras is imported.
     encoder.keras loads as well after `import bt_keras`."""

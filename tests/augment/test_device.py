@@ -51,6 +51,7 @@ def _both_modes(images, views, encoded, batches=2, **kwargs):
     return pairs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["equal-size uint8", "jpeg"])
 def test_host_and_accelerator_modes_give_identical_views(case):
     if case == "jpeg":
@@ -67,6 +68,7 @@ def test_host_and_accelerator_modes_give_identical_views(case):
     assert not np.allclose(pairs[0][0][0].numpy(), pairs[0][0][1].numpy())  # and so do the two views
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoded", [False, True])
 def test_rotated_views_with_labels_are_identical_in_both_modes(encoded):
     """The rotation (issue 16's digits recipe) is part of the host's uint8 stage in both modes, and the online
@@ -147,6 +149,7 @@ def test_dct_scaling_changes_pixels_only_slightly():
     assert 0.0 < np.mean(diffs) < 6.0, diffs  # grey levels (of 255)
 
 
+@pytest.mark.slow
 def test_model_gets_the_same_loss_from_either_mode_and_fits():
     views = augment.cifar_views(8)
     rng = np.random.default_rng(4)
@@ -177,6 +180,7 @@ def test_config_mode_is_checked_and_wired():
                           views=views, augment_on="tpu")
 
 
+@pytest.mark.slow
 def test_accelerator_mode_under_two_replicas_and_in_the_trainer(tmp_path):
     """The per-replica batches of a MirroredStrategy are dicts of uint8 crops + per-image draws, augmented in
     train_step on each replica: on the same batch, from the same weights, the global loss and the weights after one

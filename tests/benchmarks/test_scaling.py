@@ -17,6 +17,7 @@ from tests.helpers import REPO
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO), "BT_KERAS_BENCHMARK_MATMUL_SIZE": "512"}
 
 
+@pytest.mark.slow
 def test_loss_bytes_measures_extrapolates_and_matches_the_cost_model(tmp_path):
     from bt_keras.method import loss_forms
 

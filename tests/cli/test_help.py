@@ -58,6 +58,7 @@ def script_helps():
     return _helps({script: [path] for script, path in paths.items()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_python_m_help_shows_the_commands_flags(module, module_helps):
     text = module_helps[module]

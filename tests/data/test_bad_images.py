@@ -89,6 +89,7 @@ def test_the_garbage_jpeg_decodes_without_an_error(folder):
     assert image.shape == (64, 64, 3)
 
 
+@pytest.mark.slow
 def test_bad_files_are_counted_and_left_out_of_the_split_and_the_steps(folder):
     info = data.dataset_info(f"folder:{folder}")
     assert info.splits == {"train": GOOD}
@@ -98,6 +99,7 @@ def test_bad_files_are_counted_and_left_out_of_the_split_and_the_steps(folder):
     assert t.steps_per_epoch == GOOD // BATCH
 
 
+@pytest.mark.slow
 def test_the_stream_is_a_function_of_seed_and_step_with_bad_files_present(folder):
     """Batch k of a stream started at batch k equals batch k of the stream from the start (what resume relies on)."""
     def batches(start, count):
@@ -110,6 +112,7 @@ def test_the_stream_is_a_function_of_seed_and_step_with_bad_files_present(folder
         np.testing.assert_array_equal(batches(k, 1)[0], from_start[k])
 
 
+@pytest.mark.slow
 def test_a_run_names_each_bad_file_once_with_its_reason_in_the_workdir(folder, tmp_path, caplog):
     workdir = tmp_path / "run"
     t = trainer(workdir, dataset=f"folder:{folder}", batch_size=BATCH, steps_per_epoch=None, epochs=1)
@@ -120,6 +123,7 @@ def test_a_run_names_each_bad_file_once_with_its_reason_in_the_workdir(folder, t
         assert word in bad[str(folder / name)], (name, bad[str(folder / name)])
 
 
+@pytest.mark.slow
 def test_a_resumed_start_reuses_the_check_kept_in_the_workdir(folder, tmp_path, monkeypatch):
     workdir = tmp_path / "run"
     trainer(workdir, dataset=f"folder:{folder}", batch_size=BATCH, steps_per_epoch=None, epochs=1).close()
@@ -152,6 +156,7 @@ def _weights(workdir) -> list[np.ndarray]:
     return keras.models.load_model(Path(workdir) / "barlow_twins.keras").get_weights()
 
 
+@pytest.mark.slow
 def test_a_run_stopped_and_resumed_equals_the_uninterrupted_run_bit_for_bit(folder, tmp_path):
     overrides = dict(dataset=f"folder:{folder}", batch_size=BATCH, steps_per_epoch=None, epochs=2, seed=5)
     trainer(tmp_path / "whole", **overrides).run()
@@ -164,6 +169,7 @@ def test_a_run_stopped_and_resumed_equals_the_uninterrupted_run_bit_for_bit(fold
     assert difference == 0.0
 
 
+@pytest.mark.slow
 def test_data_check_command_lists_the_bad_files_and_exits_1(folder, tmp_path):
     # The installed bt-keras-data-check script (the other cases use `python -m bt_keras.data_check`).
     result = run_cli([installed_script("bt-keras-data-check"), str(folder), f"--workdir={tmp_path / 'w'}"])
@@ -175,6 +181,7 @@ def test_data_check_command_lists_the_bad_files_and_exits_1(folder, tmp_path):
     assert listed(tmp_path / "w") == entries  # --workdir: the list a run there would write
 
 
+@pytest.mark.slow
 def test_data_check_command_exits_0_on_a_clean_folder_and_2_on_a_missing_one(folder, tmp_path):
     clean = tmp_path / "clean"
     for name in ("cat", "dog"):

@@ -100,6 +100,7 @@ def test_a_drawn_digit_is_its_scan():
     assert window[:6].sum() == 0 and window[-6:].sum() == 0  # the 4 x 4 window only: 16 px, centred
 
 
+@pytest.mark.slow
 def test_registered_as_a_dataset():
     info = data.dataset_info("cluttered_digits")
     assert (info.num_classes, info.image_shape) == (10, (32, 32, 3))

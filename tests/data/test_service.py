@@ -261,6 +261,7 @@ def test_a_worker_killed_mid_run_does_not_stop_training(cluster, tmp_path):
     assert after.max() < 30  # a stall, if any, is bounded
 
 
+@pytest.mark.slow
 @pytest.mark.hostile
 def test_unreachable_dispatcher_is_a_clear_error_within_30_s():
     address = f"grpc://127.0.0.1:{_free_port()}"  # nothing listens there
@@ -301,6 +302,7 @@ class _Listener:
             self.socket.close()
 
 
+@pytest.mark.slow
 @pytest.mark.hostile
 @pytest.mark.parametrize("kind", ["http", "silent"])
 def test_a_port_that_is_no_dispatcher_is_a_clear_error_not_a_hang(kind):

@@ -30,6 +30,7 @@ def unnormalize(images, mean, std):
 # ---------------------------------------------------------------------------------- CIFAR-10
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_cifar10_pretrain_offline_and_seeded():
     def make(seed):
@@ -62,6 +63,7 @@ def test_cifar10_labelled_eval_is_identity_plus_normalisation():
     assert info.mean == augment.CIFAR10_MEAN
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_cifar10_class_balanced_subset_is_seeded():
     def subset(fraction_or_count, seed):
@@ -113,6 +115,7 @@ def test_shards_are_disjoint_and_cover_the_split(shards):
             assert not set(parts[a]) & set(parts[b]) - {row for row, n in Counter(whole).items() if n > 1}
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_tfds_shards_are_disjoint_and_cover_the_split():
     from collections import Counter
@@ -158,6 +161,7 @@ def image_tree(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_folder_loader_reads_jpeg_png_gray_rgba(image_tree):
     name = f"folder:{image_tree}"
     info = data.dataset_info(name)
@@ -180,6 +184,7 @@ def test_folder_split_directories(image_tree):
         data.labelled_dataset(f"folder:{image_tree}", split="test", batch_size=2, image_size=8)
 
 
+@pytest.mark.slow
 @pytest.mark.hostile
 def test_folder_skips_corrupt_files(image_tree, caplog):
     (image_tree / "cat" / "text.jpg").write_text("this is not a JPEG")  # caught by the header check
@@ -247,6 +252,7 @@ def test_bad_arguments():
         data.pretrain_dataset("digits", global_batch_size=2, cache="yes")
 
 
+@pytest.mark.slow
 def test_start_batch_resumes_the_seeded_stream_exactly():
     """Batch i of a stream started at batch k equals batch i of the full stream, across epoch boundaries."""
     views = augment.cifar_views(32)

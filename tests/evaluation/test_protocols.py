@@ -145,6 +145,7 @@ def separable_batches(n=96, image_size=8, num_classes=3, seed=0, batch=16):
     return tf.data.Dataset.from_tensor_slices((x.astype("float32"), y.astype("int32"))).batch(batch)
 
 
+@pytest.mark.slow
 def test_linear_sgd_and_finetuning_learn_separable_data():
     train, test = separable_batches(seed=0), separable_batches(seed=1)
     linear = classifiers.linear_probe(tiny_encoder(8), train, test, num_classes=3, epochs=15, lr=0.3)
@@ -233,6 +234,7 @@ def test_subset_is_class_balanced_and_seeded():
     np.testing.assert_array_equal(np.bincount(five, minlength=10), [5] * 10)
 
 
+@pytest.mark.slow
 def test_finetune_cli_trains_on_the_balanced_subset(encoder_dir, tmp_path):
     """Through the CLI: --subset=2 on digits trains on exactly 2 images per class (the encoder's CIFAR statistics
     differ from the digits', so the re-normalisation path runs too)."""
@@ -257,6 +259,7 @@ def test_limit_and_subset_together_are_refused(encoder_dir):
 # ------------------------------------------------------------------------------------------- CLIs end to end
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_knn_cli_in_a_subprocess(encoder_dir, tmp_path):
     out = tmp_path / "knn.json"
@@ -278,6 +281,7 @@ def test_knn_cli_in_a_subprocess(encoder_dir, tmp_path):
     assert knn.knn_accuracy(*train, *test, k=20, num_classes=10) == (record["top1"], record["top5"])
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_linear_cli_both_modes(encoder_dir, monkeypatch):
     probed = []  # full mode's (encoder, test batches, result), for the NumPy recount below
@@ -306,6 +310,7 @@ def test_linear_cli_both_modes(encoder_dir, monkeypatch):
     assert top1 < top5 < 1.0  # 10 classes, an untrained encoder: a swapped k or an off-by-one would show
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_finetune_cli_on_cifar(encoder_dir, tmp_path):
     record = run(finetune_cli, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--epochs=1", "--batch_size=32",
@@ -314,6 +319,7 @@ def test_finetune_cli_on_cifar(encoder_dir, tmp_path):
     assert sum(record["class_counts"]) == 64 and (tmp_path / "ft.json").is_file()
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_savedmodel_export_is_evaluated_like_its_keras_encoder(encoder_dir, tmp_path, monkeypatch):
     from bt_keras.serving import savedmodel as export

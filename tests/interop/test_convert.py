@@ -50,6 +50,7 @@ def nhwc(x):
 # --------------------------------------------------------------------------------------------- the torch file
 
 
+@pytest.mark.slow
 @needs_fixture
 def test_float32_file_reads_its_exact_bytes_and_matches_the_converted_stem(fixture_state, fixture_encoder):
     small = torch_file.read_torch_file(TORCHVISION_FIXTURE / "small_float32.pth")
@@ -250,6 +251,7 @@ def test_convert_then_evaluate_and_export_in_fresh_processes(tmp_path):
     assert relative_error(embedding, features) < 1e-5
 
 
+@pytest.mark.slow
 def test_an_official_style_full_checkpoint_converts_from_its_file(tmp_path):
     """{'epoch', 'model': DDP state_dict (module.backbone.* + module.projector.*), 'optimizer'} as the official
     checkpoint.pth, here with a CIFAR-stem ResNet-18: found, prefix stripped, projector left out, CIFAR defaults."""
@@ -270,6 +272,7 @@ def test_an_official_style_full_checkpoint_converts_from_its_file(tmp_path):
     assert relative_error(encoder.predict(nhwc(images), verbose=0), expected) < RTOL
 
 
+@pytest.mark.slow
 @pytest.mark.hostile
 @needs_fixture
 def test_cli_errors_are_one_line_with_exit_status_2(tmp_path):

@@ -105,6 +105,7 @@ def forbidden_zip(path, pickle_bytes):
     return ref.write_torch_file(path, None, pickle_bytes=pickle_bytes)
 
 
+@pytest.mark.slow
 @pytest.mark.hostile
 def test_a_pickled_os_system_is_refused_without_running(tmp_path):
     marker = tmp_path / "ran"
@@ -299,6 +300,7 @@ def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch):
         torch_file.read_torch_file(_small(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.hostile
 def test_the_cli_reports_a_damaged_archive_and_an_expanded_view_in_one_line_with_status_2(tmp_path):
     bad = _patched(tmp_path, "badcrc.pth", _flip_storage_byte)

@@ -61,6 +61,7 @@ def _single_device(dtype):
 
 # float64 separates the maths from round-off: any error in the replica scaling or a per-replica statistic would
 # show as an O(1) difference. float32 (what users train in) agrees to round-off relative to the gradients' size.
+@pytest.mark.slow
 @pytest.mark.parametrize("replicas, dtype, cross_device_ops", [
     (2, "float64", "collective"), (2, "float64", "one_device"),
     pytest.param(4, "float64", "collective", marks=pytest.mark.slow),
@@ -84,6 +85,7 @@ def test_mirrored_equals_single_device(replicas, dtype, cross_device_ops):
     assert max(float(np.abs(a - b).max()) for a, b in zip(initial, weights_1)) > 1e-3
 
 
+@pytest.mark.slow
 def test_gradient_without_replica_scaling_would_be_wrong():
     """Sanity check that the test can fail: a per-replica mean-loss gradient (summed) is R times too large."""
     initial, views, (_, grads_1, _) = _single_device("float32")
@@ -113,6 +115,7 @@ def test_global_batch_not_divisible_by_replicas_is_refused():
         model.fit(dataset, epochs=1, verbose=0)
 
 
+@pytest.mark.slow
 def test_logged_loss_is_the_global_loss_on_data_of_unknown_length():
     """`fit`'s loss at each epoch's end, and `evaluate`'s, are the trackers' total / count (summed over replicas):
     on one device and under 2 replicas they must equal the loss of a one-device run on data of known length. On a

@@ -20,6 +20,7 @@ def structured_views(n=256, size=8, classes=8, seed=0):
     return tuple(v.astype("float32") for v in views)
 
 
+@pytest.mark.slow
 def test_fit_lowers_loss_and_moves_away_from_collapse():
     model = tiny_model(projector="64-64")
     model.compile(optimizer=keras.optimizers.Adam(3e-3))

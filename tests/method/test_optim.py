@@ -95,6 +95,7 @@ def test_xla_steps_use_tensorflow_ops_and_native_true_says_why_not():
         tf.function(lambda g: forced.apply_gradients([(g, var)]), jit_compile=True)(tf.ones((8, 8)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "env, reason",
     [

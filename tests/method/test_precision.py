@@ -55,6 +55,7 @@ def _three_steps(policy, initial, batches):
     return losses, model.get_weights()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", POLICIES)
 def test_a_few_steps_are_finite_and_close_to_float32(policy):
     initial = tiny_model().get_weights()

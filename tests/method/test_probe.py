@@ -36,6 +36,7 @@ def make_model(probe: bool, seed=0, probe_optimizer=None):
     return BarlowTwins(encoder, projector, online_probe=online)
 
 
+@pytest.mark.slow
 def test_the_probe_learns_labels_well_above_chance():
     model = make_model(probe=True, probe_optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
     model.compile(optimizer=LARS(0.2, eta=0.02, weight_decay=1e-4))
@@ -52,6 +53,7 @@ def test_the_probe_learns_labels_well_above_chance():
     assert set(history) >= {"loss", "on_diagonal", "off_diagonal", "embedding_std", "online_loss", "online_top1"}
 
 
+@pytest.mark.slow
 def test_the_probe_never_changes_the_encoder_updates():
     """Three LARS steps with and without the probe: encoder, projector and their optimizer state bit-identical."""
     with_probe, without = make_model(probe=True), make_model(probe=False)
@@ -101,6 +103,7 @@ def test_negative_labels_are_left_out():
     assert float(top1) == pytest.approx(want_top1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replicas", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_the_probe_is_exact_under_replicas(replicas):
     """Its update with R replicas equals one device's on the same global batch (float64: maths, not round-off)."""
@@ -128,6 +131,7 @@ def test_the_probe_is_exact_under_replicas(replicas):
     assert np.abs(w1[0] - initial).max() > 1e-3  # it moved
 
 
+@pytest.mark.slow
 def test_the_probe_and_its_optimizer_are_saved_with_the_model(tmp_path):
     model = make_model(probe=True)
     model.compile(optimizer=LARS(0.2))

@@ -69,6 +69,7 @@ FORMAT_CASES = [
 ]
 
 
+@pytest.mark.slow
 def test_header_sizes_equal_pillow_and_tensorflow_for_random_sizes():
     rng = np.random.default_rng(15)
     checked = 0
@@ -186,6 +187,7 @@ def test_bmp_top_down_and_webp_and_unknown():
     assert header(webp) == ("WebP", 3, 16383, 3 * 16383)
 
 
+@pytest.mark.slow
 def test_every_truncated_prefix_gives_the_true_size_or_unknown():
     """A header cut anywhere is never misread: each prefix reports the full image's size, or -1."""
     images = {
@@ -202,6 +204,7 @@ def test_every_truncated_prefix_gives_the_true_size_or_unknown():
             assert pixels <= 60000, (name, cut)
 
 
+@pytest.mark.slow
 def test_header_walks_are_bounded_on_adversarial_structure():
     """1 MB of 2-byte GIF sub-blocks, of 3-byte GIF extensions, or of 4-byte JPEG comment segments: the walk's cost
     per byte is bounded (vectorised windows for GIF, a segment cap for JPEG), not per structure element."""
@@ -292,6 +295,7 @@ def probe_report(exported, tmp_path_factory):
     return json.loads((folder / "report.json").read_text()), cases
 
 
+@pytest.mark.slow
 def test_serving_refuses_hostile_images_before_decoding_in_bounded_time_and_memory(probe_report):
     report, cases = probe_report
     assert report["peak_reset"], "VmHWM could not be reset: the memory numbers would not be per request"

@@ -257,6 +257,7 @@ def test_one_pixel_image_matches_evaluation(workdir, probe):
     _assert_close(arrays["one_pixel/embedding"], _reference(encoder, projector, [one])["embedding"], "1x1 image")
 
 
+@pytest.mark.slow
 def test_saved_model_cli_lists_the_documented_signatures(export_dir):
     cli = Path(sys.executable).parent / "saved_model_cli"
     command = [str(cli)] if cli.exists() else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
@@ -339,6 +340,7 @@ def test_a_non_finite_input_row_gets_nan_outputs_not_a_plausible_vector(exported
     np.testing.assert_array_equal(out[2], clean[2])
 
 
+@pytest.mark.slow
 @pytest.mark.hostile
 def test_max_image_pixels_must_be_positive(tmp_path):
     encoder = backbones.resnet18(input_shape=(16, 16, 3), stem="cifar", width_multiplier=1 / 16, blocks=(1, 1))

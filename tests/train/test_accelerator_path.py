@@ -85,12 +85,14 @@ def reference():
     return initial, batches, _train(1, initial, batches, jit_compile=False)
 
 
+@pytest.mark.slow
 def test_the_reference_runs_tensorflow_ops_only(reference):
     *_, (_, _, _, types) = reference
     assert not any(t.startswith("BtKeras") for t in types), "a native kernel ran with the kernels turned off"
     assert "ResourceApplyMomentum" in types  # LARS's TensorFlow-ops update
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replicas, jit_compile", [
     (1, True), (2, False), (2, True), pytest.param(4, False, marks=pytest.mark.slow), (4, True)])
 def test_whole_steps_equal_one_device_in_float64(reference, replicas, jit_compile):

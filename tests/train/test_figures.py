@@ -35,6 +35,7 @@ def tiny_workdir(tmp_path: Path):
     return c
 
 
+@pytest.mark.slow
 def test_report_has_every_panel_and_shows_the_logged_c(tmp_path):
     c = tiny_workdir(tmp_path)
     logged = np.load(tmp_path / paths.CORRELATION_DATA)

@@ -13,6 +13,7 @@ from bt_keras.train import host
 from tests.helpers import REPO
 
 
+@pytest.mark.slow
 def test_configure_host_in_a_fresh_process():
     code = "import json; from bt_keras.train import host; print(json.dumps(host.configure_host()))"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

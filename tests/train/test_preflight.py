@@ -62,6 +62,7 @@ def test_every_recipe_passes_the_config_check():
             assert preflight.config_problems(module["get_config"]()) == [], recipe.name
 
 
+@pytest.mark.slow
 def test_a_small_image_size_trains(tmp_path):
     # image_size=7 was reported to fail inside the graph; the padded stride-2 layers take any size >= 1.
     for size in (preflight.MIN_IMAGE_SIZE, 7):
@@ -71,6 +72,7 @@ def test_a_small_image_size_trains(tmp_path):
         assert t._step_fn.experimental_get_tracing_count() == 1  # the trace before ckpt-0 is the one that runs
 
 
+@pytest.mark.slow
 def test_cli_image_size_0_is_one_line_exit_2_and_writes_nothing(tmp_path):
     result = run_cli(train_command(tmp_path / "run", "--config.image_size=0"), timeout=120)
     assert result.returncode == 2
@@ -119,6 +121,7 @@ def test_folder_data_without_a_decodable_batch_is_a_clear_error(tmp_path, good, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_cli_folder_of_undecodable_images_is_one_line_exit_2(tmp_path):
     data_root = _image_folder(tmp_path / "images", 0, 40)
     result = run_cli(train_command(tmp_path / "run", f"--config.dataset=folder:{data_root}"), timeout=180)

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.hostile
 # ------------------------------------------------------------------------------------------ resume: the index
 
 
+@pytest.mark.slow
 def test_missing_index_recovers_from_the_newest_complete_checkpoint(run_copy, caplog):
     (run_copy / "checkpoints" / "checkpoint").unlink()
     assert resumed_step(run_copy) == 6  # not 0: the run does not start over
@@ -30,6 +31,7 @@ def test_missing_index_recovers_from_the_newest_complete_checkpoint(run_copy, ca
     assert tf.train.latest_checkpoint(str(run_copy / "checkpoints")).endswith("ckpt-6")  # the index is rewritten
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("garbage", [b"\xfe\xff\x00binary garbage\x9c" * 20, b"hello world\n"], ids=["binary", "text"])
 def test_garbage_index_recovers_and_names_the_file(run_copy, caplog, garbage):
     index = run_copy / "checkpoints" / "checkpoint"
@@ -94,6 +96,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(run_copy, capl
     assert not list(folder.glob("ckpt-6*"))
 
 
+@pytest.mark.slow
 def test_training_on_after_a_fallback_keeps_the_corrupt_checkpoint(run_copy):
     bad_name = _truncate(run_copy / "checkpoints")
     t = trainer(run_copy)
@@ -154,6 +157,7 @@ def test_a_config_json_written_before_a_field_existed_resumes_as_the_same_run(ru
     assert resumed_step(run_copy) == 6
 
 
+@pytest.mark.slow
 def test_harmless_changes_resume_and_are_recorded(run_copy):
     old_k = json.loads((run_copy / "config.json").read_text())["knn"]["k"]
     t = trainer(run_copy, epochs=3, log_every_steps=5, knn=dict(every_epochs=0, k=old_k + 7))
@@ -167,6 +171,7 @@ def test_harmless_changes_resume_and_are_recorded(run_copy):
     assert record["changes"]["knn.k"] == {"old": old_k, "new": old_k + 7}
 
 
+@pytest.mark.slow
 def test_allow_config_change_resumes_with_a_new_stream_and_records_it(run_copy):
     saved = json.loads((run_copy / "config.json").read_text())
     t = trainer(run_copy, allow_config_change=True, seed=7)
@@ -190,6 +195,7 @@ def test_restoring_into_another_model_fails_naming_what_differs(run_copy, overri
     assert not (run_copy / paths.LOCK_FILE).exists()  # released on the way out
 
 
+@pytest.mark.slow
 def test_cli_resume_with_a_changed_projector_is_one_line_exit_2(run_copy):
     before = (run_copy / "config.json").read_bytes()
     result = run_cli(train_command(run_copy, "--config.projector=64-64-64"), timeout=180)

@@ -84,6 +84,7 @@ def plain():
     return initial, batches, (losses, grads, weights)
 
 
+@pytest.mark.slow
 def test_two_steps_with_the_fast_paths_on_one_device_equal_the_plain_formulation(plain):
     initial, batches, reference = plain
     fast_paths.set_enabled(True)
@@ -95,6 +96,7 @@ def test_two_steps_with_the_fast_paths_on_one_device_equal_the_plain_formulation
     assert [op.type for op in graph.get_operations()].count("BtKerasLarsUpdate") == len(sizes)  # native LARS ran
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replicas", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: ~20 s
 def test_two_steps_under_replicas_equal_the_plain_formulation_to_1e_10(plain, replicas):
     initial, batches, reference = plain

@@ -107,6 +107,7 @@ def test_sigkill_mid_training_resumes_bit_exactly(uninterrupted, tmp_path):
     _resume_to_the_end_and_compare(workdir, uninterrupted, f"killed after step {killed_at}")
 
 
+@pytest.mark.slow
 def test_unknown_strategy_is_a_clear_flag_error(tmp_path):
     result = run_cli(train_command(tmp_path, "--strategy=horovod"), timeout=120)
     assert result.returncode != 0
@@ -125,6 +126,7 @@ def test_batch_not_divisible_by_replicas_fails_before_building(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_keeps_ckpt_0_the_initialisation(tmp_path):
     """keep_checkpoints counts the newest checkpoints; ckpt-0 (the random-initialisation baseline) is kept besides
     them, on disk and in the index, and the run still resumes from its newest."""
@@ -144,6 +146,7 @@ def test_unwritable_workdir(tmp_path):
         Trainer(tiny_config(), blocker / "run", tf.distribute.get_strategy())
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     Trainer(tiny_config(epochs=1), tmp_path, tf.distribute.get_strategy()).run()
     good = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
@@ -157,6 +160,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_a_non_finite_stop_under_allow_config_change_leaves_the_recipe_of_the_last_good_checkpoint(tmp_path):
     """A start with changed values that diverges before saving anything puts config.json back as the config of the
     last good checkpoint, so the original recipe resumes it (not refused as a changed config)."""
@@ -196,6 +200,7 @@ def all_finite_checkpoint(path) -> bool:
                if dtype.is_floating)
 
 
+@pytest.mark.slow
 @pytest.mark.hostile
 def test_an_update_that_poisons_the_weights_right_before_a_save_is_never_saved(run_copy, tmp_path):
     """The loss of a step is computed before its update: checking the losses alone lets the step whose update turns
@@ -226,6 +231,7 @@ def test_an_update_that_poisons_the_weights_right_before_a_save_is_never_saved(r
     assert resumed_step(run_copy, allow_config_change=True) == good_step
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_is_named_as_the_loss(tmp_path):
     config = tiny_config(epochs=1, steps_per_epoch=4, log_every_steps=1)
     config.optimizer.lr_weights = config.optimizer.lr_biases = 1e30
@@ -289,6 +295,7 @@ def test_sigterm_finishes_the_step_saves_it_and_resumes_bit_exactly(uninterrupte
     assert f"Resuming from {workdir / 'checkpoints' / f'ckpt-{step}'} at step {step}." in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.hostile
 def test_sigint_saves_the_step_and_exits_130_without_a_traceback(tmp_path):
     process = start_training(tmp_path, epochs=2, steps=40)
@@ -316,6 +323,7 @@ def callback():
 """
 
 
+@pytest.mark.slow
 @pytest.mark.hostile
 def test_a_second_sigint_exits_at_once_without_saving(tmp_path):
     (tmp_path / "slow_steps.py").write_text(SLOW_STEPS)
@@ -353,6 +361,7 @@ class StepCounter(keras.callbacks.Callback):
         self.steps.append(int(logs["step"]))
 
 
+@pytest.mark.slow
 def test_batch_hooks_run_every_step_and_logs_record_every_metric(tmp_path):
     counter = StepCounter()
     Trainer(tiny_config(log_every_steps=2), tmp_path, tf.distribute.get_strategy()).run([counter])
@@ -363,6 +372,7 @@ def test_batch_hooks_run_every_step_and_logs_record_every_metric(tmp_path):
     assert {"loss", "on_diagonal", "off_diagonal", "embedding_std", "lr", "images/s"} <= set(train[0])
 
 
+@pytest.mark.slow
 def test_terminate_on_nan_stops_at_the_first_bad_step(tmp_path):
     """Without it the loop notices a NaN on the next logging step; with it, at once (model.stop_training)."""
     def nan_config():
@@ -401,6 +411,7 @@ def test_early_stopping_passed_on_the_command_line_stops_training(tmp_path):
 # ----------------------------------------------------------------------------------------------- a full disk
 
 
+@pytest.mark.slow
 @pytest.mark.hostile
 def test_disk_full_on_save_keeps_the_previous_checkpoint(run_copy, monkeypatch):
     """In-process: the checkpoint save fails as TensorFlow fails on a full disk, after leaving its temp folder."""

@@ -32,6 +32,7 @@ def _hold_lock(workdir):
     return process
 
 
+@pytest.mark.slow
 def test_a_second_trainer_stops_at_once_naming_the_holder(tmp_path, monkeypatch):
     holder = _hold_lock(tmp_path)
     try:
@@ -69,6 +70,7 @@ def test_a_planted_lock_symlink_or_folder_is_refused_and_nothing_is_overwritten(
         WorkdirLock(tmp_path / "b" / paths.LOCK_FILE).acquire()
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_trainer_is_taken_over(tmp_path, caplog):
     holder = _hold_lock(tmp_path)
     holder.send_signal(signal.SIGKILL)

@@ -42,6 +42,76 @@ def test_rest_body_format():
         client.rest_request_body([])
 
 
+# TF Serving's own REST documentation (tensorflow/serving, tensorflow_serving/g3doc/api_rest.md at 00e459f): its
+# literal examples, the reference this client is read against that is not our own reading of the format. Its binary
+# values example encodes b"image bytes" and b"awesome image bytes"; its predict example is half_plus_three's answer to
+# three instances; its error example is a 404 for an unknown model; its "JSON conformance" section allows NaN and
+# +-Infinity tokens in responses.
+DOCUMENTED_B64 = {b"image bytes": "aW1hZ2UgYnl0ZXM=", b"awesome image bytes": "YXdlc29tZSBpbWFnZSBieXRlcw=="}
+DOCUMENTED_PREDICTION = '{\n    "predictions": [3.5, 4.0, 5.5]\n}'
+DOCUMENTED_ERROR = '{ "error": "Servable not found for request: Latest(half)" }'
+
+
+def _canned_server(status: int, body: str):
+    """A local HTTP server that answers every POST with `status` and `body`, as TF Serving's docs show it; returns
+    (server, url, requests received)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            payload = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}", received
+
+
+def test_rest_requests_and_answers_are_those_of_tf_servings_documentation():
+    body = json.loads(client.rest_request_body(list(DOCUMENTED_B64)))
+    assert body["instances"] == [{"b64": encoded} for encoded in DOCUMENTED_B64.values()]
+
+    server, url, received = _canned_server(200, DOCUMENTED_PREDICTION)
+    try:
+        # One named output: TF Serving omits its name, and the rows are the values themselves.
+        assert client.predict_rest(url, "half_plus_three", [b"image bytes"]) == {"embedding": [3.5, 4.0, 5.5]}
+        assert received[0][0] == "/v1/models/half_plus_three:predict"  # the documented predict URL
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    server, url, _ = _canned_server(404, DOCUMENTED_ERROR)
+    try:
+        with pytest.raises(client.ServingError, match=r"HTTP 404: Servable not found for request: Latest\(half\)"):
+            client.predict_rest(url, "half", [b"image bytes"])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    server, url, _ = _canned_server(200, '{"predictions": [[1.0, NaN, Infinity, -Infinity]]}')
+    try:
+        got = client.predict_rest(url, "m", [b"image bytes"])["embedding"][0]
+        assert got[0] == 1.0 and got[1] != got[1] and got[2:] == [float("inf"), float("-inf")]
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The columnar answer: an object of named outputs, or the value alone for one output.
+    assert client.parse_rest_response({"outputs": {"embedding": [[1.0]], "projection": [[2.0]]}}) == {
+        "embedding": [[1.0]], "projection": [[2.0]]}
+    assert client.parse_rest_response({"outputs": [[1.0, 2.0]]}) == {"embedding": [[1.0, 2.0]]}
+
+
 def test_client_imports_no_tensorflow():
     code = "import sys, export.client; assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,

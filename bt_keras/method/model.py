@@ -102,6 +102,11 @@ class BarlowTwins(keras.Model):
     global batch; with a probe and labels, `online_loss` and `online_top1` as well.
     `model(images)` returns the encoder's features.
 
+    `train_step` and `test_step` run without AutoGraph (as the trainer's step and the input pipeline do): branch on
+    tensors with `keras.ops.cond` / `tf.cond`, as Keras 3 code written for every backend does anyway, not with a
+    Python `if` in a backbone, a projector or an overridden hook. Rewriting every function a step calls cost 2-3 s of
+    each start.
+
     Example:
       >>> model = BarlowTwins(backbones.resnet18(input_shape=(32, 32, 3), stem="cifar"), heads.projector("2048-2048-2048"))
       >>> model.compile(optimizer=optim.LARS(0.3, eta=0.02, weight_decay=1e-4))

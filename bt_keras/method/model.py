@@ -102,10 +102,9 @@ class BarlowTwins(keras.Model):
     global batch; with a probe and labels, `online_loss` and `online_top1` as well.
     `model(images)` returns the encoder's features.
 
-    `train_step` and `test_step` run without AutoGraph (as the trainer's step and the input pipeline do): branch on
-    tensors with `keras.ops.cond` / `tf.cond`, as Keras 3 code written for every backend does anyway, not with a
-    Python `if` in a backbone, a projector or an overridden hook. Rewriting every function a step calls cost 2-3 s of
-    each start.
+    The steps run without AutoGraph, under `fit` (Keras 3 calls `train_step` unconverted) and under the trainer
+    (its step is traced with `autograph=False`): branch on tensors with `keras.ops.cond` / `tf.cond`, as Keras 3 code
+    written for every backend does anyway, not with a Python `if` in an overridden hook such as `compute_loss_terms`.
 
     Example:
       >>> model = BarlowTwins(backbones.resnet18(input_shape=(32, 32, 3), stem="cifar"), heads.projector("2048-2048-2048"))
@@ -208,7 +207,6 @@ class BarlowTwins(keras.Model):
                 objective = self.optimizer.scale_loss(objective)
         return tape.gradient(objective, self.pretrain_variables), terms
 
-    @tf.autograph.experimental.do_not_convert  # no tensor-dependent Python control flow: nothing to rewrite
     def train_step(self, data):
         return self.train_step_on_views(self.augment_on_device(data))
 
@@ -225,7 +223,6 @@ class BarlowTwins(keras.Model):
             terms.update(self.online_probe.train_step(terms["features"], labels))
         return self._update_metrics(terms)
 
-    @tf.autograph.experimental.do_not_convert
     def test_step(self, data):
         if self.device_augment is not None:
             data = self.device_augment(data)

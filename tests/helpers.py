@@ -3,6 +3,7 @@ NumPy references, and the tiny training run (in-process and through `python -m b
 
 Test files import from here, never from each other."""
 
+import functools
 import itertools
 import json
 import math
@@ -252,11 +253,24 @@ def assert_rate(hits, n, p, sigmas=4.5):
 # --------------------------------------------------------------------------------------- commands in subprocesses
 
 
+@functools.lru_cache(maxsize=1)
+def _installed_package() -> Path:
+    """Where this Python's installed bt_keras lives (what the console scripts import), asked from outside REPO."""
+    done = subprocess.run([sys.executable, "-c", "import bt_keras; print(bt_keras.__file__)"], cwd="/",
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    return Path(done.stdout.strip()).resolve().parent if done.returncode == 0 else Path("/nowhere")
+
+
 def installed_script(name: str) -> str:
     """The path of the `bt-keras-*` console script `name` that `pip install -e .` put beside this Python: the tests
-    that use one run the command as users of an installed bt_keras type it (setup.py's console_scripts)."""
+    that use one run the command as users of an installed bt_keras type it (setup.py's console_scripts). Skips
+    where the installed bt_keras is another checkout's (a clone tested with a shared venv): the script would run
+    that code, not this checkout's."""
     path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     assert path, f"{name} is not installed: run `pip install -e .` again (setup.py's console_scripts)"
+    if _installed_package() != (REPO / "bt_keras").resolve():
+        pytest.skip(f"{name} runs the bt_keras installed at {_installed_package()}, not this checkout's: run "
+                    "`pip install -e .` here")
     return path
 
 

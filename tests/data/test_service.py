@@ -67,16 +67,20 @@ class _Forwarder:
 
     @staticmethod
     def _pump(source, sink):
+        """Copies one direction; at its end, half-closes `sink` (the other direction goes on until it ends too)."""
         try:
             while chunk := source.recv(1 << 16):
                 sink.sendall(chunk)
+            sink.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
-        finally:
-            for end in (source, sink):
+            for end in (source, sink):  # a reset: both directions are over
                 end.close()
 
     def close(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop (close alone does not, on Linux)
+        except OSError:
+            pass
         self.listener.close()
 
 
@@ -207,9 +211,9 @@ def test_workers_batches_have_distinct_seeds(shared_cluster):
 
 @pytest.mark.slow
 def test_a_worker_is_reached_at_its_worker_address(shared_cluster):
-    """`--worker_address` is what the dispatcher hands trainers: the second worker's batches came through the
-    forwarded port it names (with the flag ignored, trainers would dial the worker's own port and the forwarder would
-    see nothing), and its ready line says where it is reached."""
+    """`--worker_address` is what the dispatcher hands trainers: a trainer's connection to the second worker came
+    through the forwarded port it names (with the flag ignored, trainers would dial the worker's own port and the
+    forwarder would see no connection), and its ready line says where it is reached."""
     forwarder = shared_cluster.forwarder
     assert f"reached at 127.0.0.1:{forwarder.port}," in shared_cluster.ready_lines[-1], shared_cluster.ready_lines
     remote = data_service.distribute(tf.data.Dataset.range(1000).batch(10), shared_cluster.address)

@@ -457,14 +457,21 @@ def test_cli_on_a_really_full_disk_is_one_line_exit_2_and_resumes_after(finished
     mount.mkdir()
     workdir = mount / "run"
     namespace = ["unshare", "--user", "--map-root-user", "--mount"]
-    probe = subprocess.run([*namespace, "true"], capture_output=True, text=True)
-    if probe.returncode != 0:  # user namespaces turned off by the kernel's settings
-        pytest.skip(f"cannot make a user+mount namespace here: {probe.stderr.strip()}")
+    probe = subprocess.run([*namespace, "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:  # user namespaces, or mounting in them, turned off by the kernel or a container
+        pytest.skip(f"cannot mount a tmpfs in a user+mount namespace here: {probe.stderr.strip()}")
     script = [sys.executable, str(REPO / "tests" / "subprocess_scripts" / "full_disk.py"), str(finished_run),
               str(mount), str(out), "--", *train_command(workdir, epochs=3)]
-    done = subprocess.run([*namespace, *script], cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    process = subprocess.Popen([*namespace, *script], cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # the training runs inside too
+            process.wait()
+    assert process.returncode == 0, stderr[-3000:]
     failed, resumed = json.loads((out / "results.json").read_text())
 
     assert failed["returncode"] == 2, failed["stderr"][-3000:]
@@ -472,6 +479,8 @@ def test_cli_on_a_really_full_disk_is_one_line_exit_2_and_resumes_after(finished
     assert f"--workdir={workdir}" in line and "No space left" in line and "ckpt-6, is intact" in line
     after = out / "after_failure"
     assert [p.name for p in paths.latest_checkpoints(after)][-1] == "ckpt-6"
+    state = tf.train.get_checkpoint_state(str(after / "checkpoints"))  # the index resume reads, whole
+    assert state.model_checkpoint_path.endswith("ckpt-6"), state
     assert not list((after / "checkpoints").glob("ckpt-9*")), sorted(p.name for p in (after / "checkpoints").iterdir())
     checkpoints.verify(after / "checkpoints" / "ckpt-6")
     assert not list(after.glob(".*.tmp*"))  # no half-written artefact either

@@ -175,11 +175,16 @@ class Trainer:
         config, strategy = self.config, self.strategy
         # Non-chief workers must take part in saving (it is collective) but write to a scratch folder.
         self.output_dir = self.workdir if self.chief else self.workdir / ".scratch" / f"task{self._task_id()}"
-        checkpoint_dir = self.output_dir / paths.CHECKPOINT_DIR
-        plan = resume.plan_resume(checkpoint_dir)  # reads only; raises rather than restart at step 0
+        # Every worker resumes from the chief's checkpoints (the shared workdir's): a worker killed during a
+        # collective save holds an older one in its scratch folder, and workers resuming from different steps wait
+        # on each other's all-reduces until one of them runs out of steps.
+        plan = resume.plan_resume(self.workdir / paths.CHECKPOINT_DIR)  # reads only; raises rather than restart at 0
         self.config_changes = resume.check_config(self.workdir, config, resuming_from=plan.checkpoint,
                                                   allow_change=allow_config_change)
-        resume.apply_plan(plan)  # temp folders, unusable files, the index: after the config was accepted
+        if self.chief:
+            resume.apply_plan(plan)  # temp folders, unusable files, the index: after the config was accepted
+        else:
+            self._tidy_scratch_checkpoints()
         self.resume_from = plan.checkpoint
         # folder: data: every file decoded once (a check this workdir kept is reused), the bad ones left out
         folder_images = sources.check_folder_images(config.dataset, self.output_dir)
@@ -222,6 +227,15 @@ class Trainer:
         trainer prunes after each save (`resume.prune_checkpoints`), keeping ckpt-0 whatever `keep_checkpoints` is."""
         folder = self.output_dir / paths.CHECKPOINT_DIR
         return tf.train.CheckpointManager(self.checkpoint, str(folder), max_to_keep=None)
+
+    def _tidy_scratch_checkpoints(self) -> None:
+        """A non-chief worker's own checkpoint folder (written only because saving is collective): the repairs a
+        plan of it asks for (temp folders of a killed save, the index), its choice of checkpoint unused."""
+        try:
+            resume.apply_plan(resume.plan_resume(self.output_dir / paths.CHECKPOINT_DIR))
+        except resume.ResumeError as error:  # nothing here is read back: say so and go on
+            logging.warning("Scratch checkpoints of this worker are unusable (%s); it resumes from the chief's.",
+                            error)
 
     def _task_id(self) -> int:
         resolver = getattr(self.strategy, "cluster_resolver", None)

@@ -27,8 +27,8 @@ import tensorflow as tf
 
 from bt_keras import paths
 from bt_keras.train.trainer import Trainer
-from tests.helpers import (REPO, finish_local_workers, run_cli, start_local_workers, tiny_config, train_command,
-                           train_lines, trainer)
+from tests.helpers import (REPO, finish_local_workers, last_error_line, run_cli, start_local_workers, tiny_config,
+                           train_command, train_lines, trainer)
 
 pytestmark = pytest.mark.slow  # a distributed run in subprocesses, and its one-device replay
 
@@ -171,6 +171,36 @@ def test_multi_worker_run_preempted_on_one_worker_stops_together_and_resumes_as_
     chief = keras.models.load_model(run / "barlow_twins.keras").get_weights()
     other = keras.models.load_model(run / ".scratch" / "task1" / "barlow_twins.keras").get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(chief, other))
+
+
+def test_multi_worker_run_with_a_worker_killed_says_so_in_one_line_and_resumes_as_one_device(tmp_path):
+    """SIGKILL to worker 1 of two (a crash, a lost machine): the chief stops within the coordination service's
+    heartbeat timeout with exit code 5 and one line naming the lost task and the intact checkpoint, not a traceback.
+    The same command on both workers resumes from it, and the 9 steps equal one device's on the joined shards."""
+    run = tmp_path / "workers"
+    shape = dict(extra=(*STEP_BY_STEP, "--config.optimizer.warmup_epochs=9"), epochs=9, steps=1)
+    processes = start_local_workers(run, **{**shape, "extra": (*shape["extra"], SLOW_STEPS)})
+    try:
+        deadline = time.time() + 240
+        while _logged_step(run) < 4 and all(p.poll() is None for p in processes) and time.time() < deadline:
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in processes), "the run ended before a worker could be killed"
+        processes[1].send_signal(signal.SIGKILL)
+        _, err = processes[0].communicate(timeout=180)
+    finally:
+        for p in processes:
+            p.kill()
+    assert processes[0].returncode == 5 and "Traceback" not in err, err[-3000:]
+    line = last_error_line(err)
+    kept = paths.latest_checkpoints(run)[-1].name
+    assert "another worker of this multi-worker run stopped (/job:worker/task:1" in line, line
+    assert f"the last checkpoint, {kept}, is intact" in line and "Run the same command on every worker" in line, line
+    assert 4 <= int(kept.removeprefix("ckpt-")) < 9 and not (run / "encoder.keras").exists()
+
+    finish_local_workers(start_local_workers(run, **shape), final_step=9)
+    batches = joined_batches(tmp_path / "reader", pipelines=2, replicas=2, steps=9)
+    assert_same_steps(run, one_device_replay(tmp_path / "replay", batches, epochs=9, warmup_epochs=9, steps_per_epoch=1),
+                      kinds=("train",))
 
 
 def test_the_joined_batches_are_what_one_pipeline_would_not_give(tmp_path):

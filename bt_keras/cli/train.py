@@ -94,7 +94,8 @@ def main(argv):
     from bt_keras import distribute, paths
     from bt_keras.config import complete
     from bt_keras.train import figures, host
-    from bt_keras.train.trainer import Interrupted, NonFiniteLossError, summary, Trainer
+    from bt_keras.train.trainer import (WORKER_LOST_EXIT_CODE, Interrupted, NonFiniteLossError, summary, Trainer,
+                                        WorkerLostError)
 
     if console.is_quiet() and not _VERBOSE.value:
         console.short_log_lines()
@@ -135,37 +136,13 @@ def main(argv):
     except Interrupted as stop:
         print(stop, file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
-    except Exception as error:  # noqa: BLE001  a lost worker, said in one line; anything else as it is
-        lost = _lost_worker(error, trainer)
-        if lost is None:
-            raise
-        print(f"ERROR: {lost}", file=sys.stderr, flush=True)
-        sys.exit(LOST_WORKER_EXIT_CODE)
+    except WorkerLostError as error:
+        print(f"ERROR: {error}", file=sys.stderr, flush=True)
+        sys.exit(WORKER_LOST_EXIT_CODE)
     if "loss" not in logs:  # nothing left to train (a finished run, rerun): its last logged metrics
         logs = {**figures.final_metrics(_WORKDIR.value), **logs}
     print(f"Finished at step {trainer.step}: {summary(logs)}")
     print(f"Encoder saved to {os.path.join(_WORKDIR.value, paths.ENCODER_FILE)}")
-
-
-LOST_WORKER_EXIT_CODE = 5
-
-
-def _lost_worker(error, trainer) -> str | None:
-    """The one line for a multi-worker run whose collectives were aborted because another worker stopped (killed,
-    crashed, its machine gone: TensorFlow's coordination service saw its heartbeats end), else None. Saving is
-    collective, so nothing was written after the last checkpoint; the same command on every worker resumes."""
-    import tensorflow as tf
-
-    from bt_keras import paths
-
-    if _STRATEGY.value != "multi_worker" or not isinstance(error, tf.errors.UnavailableError):
-        return None
-    tasks = sorted(set(re.findall(r"/job:\w+/task:\d+", str(error))))
-    checkpoints = paths.latest_checkpoints(trainer.output_dir)
-    kept = f"the last checkpoint, {checkpoints[-1].name}, is intact" if checkpoints else "no checkpoint was written"
-    return (f"another worker of this multi-worker run stopped ({', '.join(tasks) or 'TensorFlow: UNAVAILABLE'}: "
-            f"killed, crashed or unreachable), so this one stopped at step {trainer.step}; {kept}. Run the same "
-            "command on every worker to resume.")
 
 
 def _config_fields(argv) -> list[str]:

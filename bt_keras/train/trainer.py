@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -108,6 +109,14 @@ class _StopSignals:
 
 # The exit code of a run whose tf.data service dispatcher stopped answering mid-step (bt_keras.train.watchdog).
 DISPATCHER_LOST_EXIT_CODE = 4
+# The exit code of a multi-worker run that lost one of its workers (WorkerLostError, said by bt_keras.cli.train).
+WORKER_LOST_EXIT_CODE = 5
+
+
+class WorkerLostError(RuntimeError):
+    """Another worker of a multi-worker run stopped (killed, crashed, its machine gone): TensorFlow's coordination
+    service missed its heartbeats and aborted the collectives. Saving is collective, so nothing was written after the
+    last checkpoint; the same command on every worker resumes from it."""
 
 
 class DiskFullError(RuntimeError):
@@ -229,13 +238,10 @@ class Trainer:
         return tf.train.CheckpointManager(self.checkpoint, str(folder), max_to_keep=None)
 
     def _tidy_scratch_checkpoints(self) -> None:
-        """A non-chief worker's own checkpoint folder (written only because saving is collective): the repairs a
-        plan of it asks for (temp folders of a killed save, the index), its choice of checkpoint unused."""
-        try:
-            resume.apply_plan(resume.plan_resume(self.output_dir / paths.CHECKPOINT_DIR))
-        except resume.ResumeError as error:  # nothing here is read back: say so and go on
-            logging.warning("Scratch checkpoints of this worker are unusable (%s); it resumes from the chief's.",
-                            error)
+        """A non-chief worker's own checkpoint folder, written only because saving is collective and never read
+        back: the temporary folders of a save a kill cut short are removed, nothing is verified."""
+        for partial in resume.find_temp_folders(self.output_dir / paths.CHECKPOINT_DIR):
+            shutil.rmtree(partial, ignore_errors=True)
 
     def _task_id(self) -> int:
         resolver = getattr(self.strategy, "cluster_resolver", None)
@@ -433,7 +439,8 @@ class Trainer:
     def run(self, extra_callbacks=()) -> dict:
         """Trains to `config.epochs` (or until a callback sets `model.stop_training`); returns the last logs.
 
-        Releases the workdir lock when it returns or fails; a full disk is a DiskFullError naming the workdir.
+        Releases the workdir lock when it returns or fails; a full disk is a DiskFullError naming the workdir, a lost
+        worker of a multi-worker run a WorkerLostError naming it.
         """
         if self._lock is not None and not self._lock.held:
             self._lock.acquire()
@@ -447,9 +454,19 @@ class Trainer:
         except Exception as error:
             if files.is_disk_full(error):
                 raise DiskFullError(self._disk_full_message(error)) from error
+            if self._collective_stop and isinstance(error, tf.errors.UnavailableError):
+                raise WorkerLostError(self._worker_lost_message(error)) from error
             raise
         finally:
             self.close()
+
+    def _worker_lost_message(self, error) -> str:
+        tasks = sorted(set(re.findall(r"/job:\w+/task:\d+", str(error))))
+        saved = paths.latest_checkpoints(self.output_dir)
+        kept = f"the last checkpoint, {saved[-1].name}, is intact" if saved else "no checkpoint was written"
+        return (f"another worker of this multi-worker run stopped ({', '.join(tasks) or 'TensorFlow: UNAVAILABLE'}: "
+                f"killed, crashed or unreachable), so this one stopped at step {self.step}; {kept}. Run the same "
+                "command on every worker to resume.")
 
     def _run(self, extra_callbacks=()) -> dict:
         """The loop of `run`.

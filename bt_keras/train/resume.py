@@ -102,7 +102,7 @@ def plan_resume(folder) -> ResumePlan:
     folder = Path(folder)
     if not folder.is_dir():
         return ResumePlan(folder, None, [])
-    temp_folders = sorted(p for p in folder.glob("ckpt-*_temp*") if p.is_dir())
+    temp_folders = find_temp_folders(folder)
     complete = paths.latest_checkpoints(folder.parent)  # oldest first; .index present
     complete_names = {p.name for p in complete}
     orphans = sorted(p for p in folder.glob("ckpt-*") if p.is_file() and p.name.split(".", 1)[0] not in complete_names)
@@ -152,6 +152,11 @@ def describe(plan: ResumePlan) -> list[str]:
                      f"{plan.checkpoint.name if plan.checkpoint else 'nothing'}; the file(s) are moved to "
                      f"{plan.folder / paths.UNUSABLE_CHECKPOINTS}/ (not deleted).")
     return lines
+
+
+def find_temp_folders(folder) -> list[Path]:
+    """The temporary folders of saves a kill cut short in checkpoint folder `folder` (TensorFlow's ckpt-N_temp*)."""
+    return sorted(p for p in Path(folder).glob("ckpt-*_temp*") if p.is_dir())
 
 
 def apply_plan(plan: ResumePlan) -> None:

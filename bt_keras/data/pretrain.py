@@ -22,10 +22,6 @@ from bt_keras.augment import device as device_augment, host_crop, ops
 from bt_keras.data.sources import AUTOTUNE, dataset_info, fold_seed, open_source, want_cache
 from bt_keras.views import cifar_views, imagenet_views, ViewConfig
 
-# The pipeline's map functions branch on Python flags only: AutoGraph has nothing to rewrite in them, and rewriting
-# them and every op they call cost about a second of each start.
-plain = tf.autograph.experimental.do_not_convert
-
 
 def _split_pair(seed: tf.Tensor) -> list[tf.Tensor]:
     return tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -108,6 +104,7 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
     ds = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(epoch).skip(skip)
     crop_key, batch_key = fold_seed(key, 0), fold_seed(key, 1)
     if encoded:  # per-image decode + random resized crop, keyed by the global image index
+        @tf.autograph.experimental.do_not_convert  # Python flags only: AutoGraph's rewrite cost ~1 s a start
         def crop_pair(i, data):  # decodes a JPEG once, only the crop windows: same pixels as a full decode + crop
             e, data = data if epoch_keyed else (None, data)
             data, label = data if labels else (data, None)
@@ -117,9 +114,10 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
             crops = crops if label is None else crops + (label,)
             return (e, crops) if epoch_keyed else crops
 
-        ds = (ds.unbatch().enumerate(start=start_batch * batch_size).map(plain(crop_pair), num_parallel_calls=AUTOTUNE)
+        ds = (ds.unbatch().enumerate(start=start_batch * batch_size).map(crop_pair, num_parallel_calls=AUTOTUNE)
               .ignore_errors(log_warning=True).batch(batch_size, drop_remainder=True))
 
+    @tf.autograph.experimental.do_not_convert  # as crop_pair
     def augment_pair(i, batch):  # stage 1 (uint8 crops) here; stage 2 here or in the model (device_augment)
         if epoch_keyed:
             epochs, batch = batch
@@ -142,7 +140,7 @@ def pair_batches(images: tf.data.Dataset, *, batch_size: int, views, encoded: bo
             return device_augment.host_batch(crops1, crops2, views, s1, s2, labels=batch_labels)
         return (ops.photometric_batch(crops1, view1, s1), ops.photometric_batch(crops2, view2, s2)) + extra
 
-    ds = ds.enumerate(start=start_batch).map(plain(augment_pair), num_parallel_calls=AUTOTUNE)
+    ds = ds.enumerate(start=start_batch).map(augment_pair, num_parallel_calls=AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.prefetch(AUTOTUNE).with_options(options)

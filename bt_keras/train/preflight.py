@@ -87,7 +87,7 @@ def config_problems(config) -> list[str]:
     lambd = config.lambd
     need(isinstance(lambd, numbers.Real) and not isinstance(lambd, bool) and lambd > 0, "lambd",
          "must be a positive number (the off-diagonal weight; the paper uses 0.0051)")
-    need((_get(config, "optimizer.name") or "lars") in ("lars", "adamw"), "optimizer.name",
+    need(config.optimizer.name in ("lars", "adamw"), "optimizer.name",
          "must be 'lars' (the paper's) or 'adamw' (Keras's AdamW, solo-learn's ViT recipes)")
     if backbones.is_foreign(config.backbone):
         try:

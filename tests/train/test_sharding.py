@@ -99,6 +99,24 @@ STEP_BY_STEP = ("--config.log_every_steps=1",)
 SLOW_STEPS = "--callbacks=tests.subprocess_scripts.slow_steps:make"  # 0.25 s a step: time to kill between two
 
 
+def _logged_step(workdir) -> int:
+    try:
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return -1
+    # The last line may be half-written while the run appends it.
+    return max((json.loads(line)["step"] for line in lines if '"train"' in line and line.endswith("}")), default=-1)
+
+
+def _wait_for_logged_step(workdir, step: int, processes, timeout: float = 240) -> bool:
+    """Waits until `workdir`'s run has logged `step` (or a process ended, or `timeout` s passed); True when every
+    process still runs."""
+    deadline = time.time() + timeout
+    while _logged_step(workdir) < step and all(p.poll() is None for p in processes) and time.time() < deadline:
+        time.sleep(0.05)
+    return all(p.poll() is None for p in processes)
+
+
 def test_mirrored_run_killed_and_resumed_takes_the_steps_of_one_device(tmp_path):
     """Two replicas from one input pipeline, SIGKILLed after step 4 and resumed by the same command from its last
     checkpoint: the 9 steps equal one device's on the joined batches (the resume must start the pipeline at batch
@@ -108,9 +126,7 @@ def test_mirrored_run_killed_and_resumed_takes_the_steps_of_one_device(tmp_path)
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 240
-        while _logged_step(run) < 4 and process.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+        _wait_for_logged_step(run, 4, [process])
     finally:
         process.send_signal(signal.SIGKILL)
     assert process.wait(30) == -signal.SIGKILL, "the run finished before it could be killed"
@@ -126,15 +142,6 @@ def test_mirrored_run_killed_and_resumed_takes_the_steps_of_one_device(tmp_path)
     assert_same_steps(run, one_device_replay(tmp_path / "replay", batches, epochs=3))
 
 
-def _logged_step(workdir) -> int:
-    try:
-        lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return -1
-    # The last line may be half-written while the run appends it.
-    return max((json.loads(line)["step"] for line in lines if '"train"' in line and line.endswith("}")), default=-1)
-
-
 def test_multi_worker_run_preempted_on_one_worker_stops_together_and_resumes_as_one_device(tmp_path):
     """Two local workers, one input pipeline each. SIGTERM to worker 1 alone (a scheduler preempting one machine):
     both stop after the same step with exit 143, one line each, the chief's checkpoint of that step written. The same
@@ -146,10 +153,7 @@ def test_multi_worker_run_preempted_on_one_worker_stops_together_and_resumes_as_
     # to 1.7% by step 8, measured: too near the 3-20% of the bugs this test is for).
     shape = dict(extra=(*STEP_BY_STEP, "--config.optimizer.warmup_epochs=9"), epochs=9, steps=1)
     processes = start_local_workers(run, **shape)
-    deadline = time.time() + 240
-    while _logged_step(run) < 3 and all(p.poll() is None for p in processes) and time.time() < deadline:
-        time.sleep(0.05)
-    assert all(p.poll() is None for p in processes), "the run ended before it could be preempted"
+    assert _wait_for_logged_step(run, 3, processes), "the run ended before it could be preempted"
     processes[1].send_signal(signal.SIGTERM)
     outputs = [p.communicate(timeout=180) for p in processes]
     said = []
@@ -181,10 +185,7 @@ def test_multi_worker_run_with_a_worker_killed_says_so_in_one_line_and_resumes_a
     shape = dict(extra=(*STEP_BY_STEP, "--config.optimizer.warmup_epochs=9"), epochs=9, steps=1)
     processes = start_local_workers(run, **{**shape, "extra": (*shape["extra"], SLOW_STEPS)})
     try:
-        deadline = time.time() + 240
-        while _logged_step(run) < 4 and all(p.poll() is None for p in processes) and time.time() < deadline:
-            time.sleep(0.05)
-        assert all(p.poll() is None for p in processes), "the run ended before a worker could be killed"
+        assert _wait_for_logged_step(run, 4, processes), "the run ended before a worker could be killed"
         processes[1].send_signal(signal.SIGKILL)
         _, err = processes[0].communicate(timeout=180)
     finally:

@@ -3,14 +3,12 @@ to bt_keras.cli since the layout move, where absl listed no flags at first) and 
 
 import concurrent.futures
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, installed_script
 
 # command -> a flag (or usage word) its help must show
 MODULES = {
@@ -51,11 +49,7 @@ def module_helps():
 
 @pytest.fixture(scope="module")
 def script_helps():
-    paths = {script: shutil.which(script, path=str(Path(sys.executable).parent)) or shutil.which(script)
-             for script in SCRIPTS}
-    missing = [script for script, path in paths.items() if not path]
-    assert not missing, f"{missing} not installed: run `pip install -e .` again (setup.py's console_scripts)"
-    return _helps({script: [path] for script, path in paths.items()})
+    return _helps({script: [installed_script(script)] for script in SCRIPTS})
 
 
 @pytest.mark.slow

@@ -218,7 +218,8 @@ def format_report(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="imagenet_small", choices=sorted(harness.PRESETS))
-    parser.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "small_cnn"],
+                        help="small_cnn: three conv layers, a quick check of the script (the stem does not apply)")
     parser.add_argument("--stem", choices=["imagenet", "cifar"])
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--batch-size", type=int)

@@ -5,7 +5,8 @@ step a user's `fit` runs -- forward and backward of both views, the global-batch
 pipeline (benchmarks.input_pipeline measures that). An "image" is one sample with both of its views.
 
 Each configuration runs in its own child process (allocator settings such as MALLOC_* must be in place before a
-process starts; TensorFlow's thread pools are fixed at its first op). The child reports:
+process starts; TensorFlow's thread pools are fixed at its first op; --shared-child runs them all in one child
+instead, to check the script quickly, not to measure). The child reports:
 
   images/s           batch / median step time
   step s             median, p10, p90 of the timed steps (wall clock of one `train_function` call, `on_train_batch_begin`
@@ -176,25 +177,44 @@ def measure_collectives(tf, strategy, model, views, config) -> dict:
     return report
 
 
-def run_child(config: dict) -> dict:
+def replicas_of(config: dict) -> int:
+    strategy_name = config["strategy"]
+    return int(strategy_name.split(":")[1]) if strategy_name.startswith("mirrored:") else 1
+
+
+def run_child(configs: list[dict]) -> None:
+    """Sets the process up for `configs` (one, or several with --shared-child: the same allocator and threads, as
+    many logical CPU devices as the largest mirrored:N) and measures each in turn, printing one JSON line each."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from bt_keras.train import host as host_lib
 
-    host = {"malloc_tuned": host_lib.tune_malloc() if config["allocator"] in ("tuned", "system-tuned") else False}
-    strategy_name = config["strategy"]
-    replicas = int(strategy_name.split(":")[1]) if strategy_name.startswith("mirrored:") else 1
+    first = configs[0]
+    host = {"malloc_tuned": host_lib.tune_malloc() if first["allocator"] in ("tuned", "system-tuned") else False}
+    replicas = max(replicas_of(config) for config in configs)
 
     import tensorflow as tf
 
     if replicas > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
-    if config["threads"] != "tf-default":
-        host.update(host_lib.configure_threads(config["threads"], config["inter_op"]))
+    if first["threads"] != "tf-default":
+        host.update(host_lib.configure_threads(first["threads"], first["inter_op"]))
     else:
         host.update(intra_op=0, inter_op=0, applied=False)
+    for index, config in enumerate(configs):
+        if index:
+            import keras
+
+            keras.backend.clear_session()
+        print(json.dumps(measure_config(config, host)), flush=True)
+
+
+def measure_config(config: dict, host: dict) -> dict:
+    """Builds one configuration in this (already set up) process and times it: the child's result for it."""
+    replicas = replicas_of(config)
 
     import keras
+    import tensorflow as tf
     import numpy as np
 
     from bt_keras import BarlowTwins
@@ -204,8 +224,7 @@ def run_child(config: dict) -> dict:
     from bt_keras.method import loss_forms
 
     keras.config.set_dtype_policy(config["dtype_policy"])
-    if config.get("loss_form", "auto") != "auto":
-        loss_forms.set_form(config["loss_form"])
+    loss_forms.set_form(None if config.get("loss_form", "auto") == "auto" else config["loss_form"])
     from bt_keras import distribute
 
     strategy = (distribute.mirrored([f"/cpu:{i}" for i in range(replicas)], config.get("cross_device", "auto"))
@@ -305,15 +324,18 @@ def child_env(allocator: str) -> dict:
     return env
 
 
-def run_config(config: dict, log) -> dict:
-    cmd = harness.child_command("train_step", "--child", json.dumps(config))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(config["allocator"]), cwd=harness.REPO)
-    log.write(f"=== {config['name']}\n{proc.stderr}\n")
+def run_configs(configs: list[dict], log) -> list[dict]:
+    """Runs `configs` in one child process (one configuration, or all of them with --shared-child): their results,
+    in order; an error for each when the child fails."""
+    cmd = harness.child_command("train_step", "--child", json.dumps(configs))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(configs[0]["allocator"]),
+                          cwd=harness.REPO)
+    log.write(f"=== {' + '.join(config['name'] for config in configs)}\n{proc.stderr}\n")
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode != 0 or not lines:
+    if proc.returncode != 0 or len(lines) != len(configs):
         tail = "\n".join(proc.stderr.splitlines()[-15:])
-        return {"config": config, "error": f"exit {proc.returncode}: {tail}"}
-    return json.loads(lines[-1])
+        return [{"config": config, "error": f"exit {proc.returncode}: {tail}"} for config in configs]
+    return [json.loads(line) for line in lines]
 
 
 def one_device_name(config: dict) -> str:
@@ -418,7 +440,8 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--preset", nargs="*", choices=sorted(harness.PRESETS) + ["custom"],
                         help="default: cifar and imagenet_small (or custom when --backbone is given)")
-    parser.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "small_cnn"],
+                        help="small_cnn: three conv layers, a quick check of the script (the stem does not apply)")
     parser.add_argument("--stem", choices=["imagenet", "cifar"])
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--batch-size", type=int, help="global batch")
@@ -444,17 +467,25 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, help="untimed steps (default per preset: cifar 2, imagenet_small 3)")
     parser.add_argument("--steps", type=int, help="timed steps (default per preset: cifar 6, imagenet_small 10)")
     parser.add_argument("--profile", help="directory: trace 2 extra steps per configuration and report the top ops")
+    parser.add_argument("--shared-child", action="store_true",
+                        help="run every configuration in ONE child process, one after the other: a quick check of "
+                             "the script and its tables (one --allocator; the child has as many logical CPU devices "
+                             "as the largest mirrored:N, and peak RSS, page faults and thread pools are shared, so "
+                             "they are not each configuration's own)")
     parser.add_argument("--output", default=str(harness.RESULTS / "train_step.json"))
     args = parser.parse_args()
 
     if args.child:
-        print(json.dumps(run_child(json.loads(args.child))), flush=True)
+        configs = json.loads(args.child)
+        run_child(configs if isinstance(configs, list) else [configs])
         return
 
     for strategy in args.strategy:
         if strategy != "default" and not (strategy.startswith("mirrored:") and strategy.split(":")[1].isdigit()):
             raise SystemExit(f"--strategy {strategy!r}: use default or mirrored:N (N logical CPU devices)")
     args.allocator = args.allocator or ["default", "system"]
+    if args.shared_child and len(args.allocator) > 1:
+        raise SystemExit("--shared-child: give one --allocator (its settings are fixed when a process starts)")
     configs = build_configs(args)
     info = {"machine": harness.machine_info(), "versions": harness.versions(), "command": " ".join(sys.argv)}
     print(f"{info['machine'].get('cpu', '?')}, {info['machine'].get('usable_cores')} cores, "
@@ -464,19 +495,19 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     results = []
     with open(output.with_suffix(".log"), "w") as log:
-        for config in configs:
+        for group in ([configs] if args.shared_child else [[config] for config in configs]):
             started = time.perf_counter()
-            result = run_config(config, log)
-            results.append(result)
-            if "error" in result:
-                print(f"  {config['name']}: ERROR {result['error']}", flush=True)
-            else:
-                print(f"  {config['name']}: {result['images_per_s']:.1f} img/s, "
-                      f"{100 * result['fraction_of_matmul']:.0f}% of matmul, "
-                      f"{result['peak_rss_gib']:.2f} GiB, {result['page_faults_per_step']:.0f} faults/step "
-                      f"({time.perf_counter() - started:.0f} s)", flush=True)
-            for op in result.get("top_ops", [])[:15]:
-                print(f"      {op['share']:6.1%} {op['ms']:9.1f} ms  {op['count']:6d}x  {op['op']}")
+            for config, result in zip(group, run_configs(group, log)):
+                results.append(result)
+                if "error" in result:
+                    print(f"  {config['name']}: ERROR {result['error']}", flush=True)
+                else:
+                    print(f"  {config['name']}: {result['images_per_s']:.1f} img/s, "
+                          f"{100 * result['fraction_of_matmul']:.0f}% of matmul, "
+                          f"{result['peak_rss_gib']:.2f} GiB, {result['page_faults_per_step']:.0f} faults/step "
+                          f"({time.perf_counter() - started:.0f} s)", flush=True)
+                for op in result.get("top_ops", [])[:15]:
+                    print(f"      {op['share']:6.1%} {op['ms']:9.1f} ms  {op['count']:6d}x  {op['op']}")
     print()
     print(format_table(results))
     scaling = format_scaling_table(results)

@@ -201,10 +201,10 @@ def run_child(configs: list[dict]) -> None:
         host.update(host_lib.configure_threads(first["threads"], first["inter_op"]))
     else:
         host.update(intra_op=0, inter_op=0, applied=False)
-    for index, config in enumerate(configs):
-        if index:
-            import keras
+    import keras
 
+    for index, config in enumerate(configs):
+        if index:  # --shared-child: the previous configuration's models and functions go
             keras.backend.clear_session()
         print(json.dumps(measure_config(config, host)), flush=True)
 
@@ -214,8 +214,8 @@ def measure_config(config: dict, host: dict) -> dict:
     replicas = replicas_of(config)
 
     import keras
-    import tensorflow as tf
     import numpy as np
+    import tensorflow as tf
 
     from bt_keras import BarlowTwins
     from bt_keras.method.optim import LARS, WarmupCosine

@@ -53,7 +53,8 @@ def test_train_step_reports_replicas_against_one_device(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["config"]["name"]: r for r in json.loads(output.read_text())["results"]}
     one = results["custom/b8/p32/default"]
-    auto, collective = results["custom/b8/p32/default/mirrored:2"], results["custom/b8/p32/default/mirrored:2/collective"]
+    auto = results["custom/b8/p32/default/mirrored:2"]
+    collective = results["custom/b8/p32/default/mirrored:2/collective"]
     assert "collectives" not in one
     gradient_bytes = 4 * auto["trainable_parameters"]
     for two in (auto, collective):

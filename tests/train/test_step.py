@@ -4,10 +4,13 @@
 The fast paths: the loss's hand-written gradient and Gram form (bt_keras.method.loss_forms; B <= D on one device, the
 all-gather Gram form under replicas, B < D), the stacked projector, synchronised BatchNorm with one all-reduce each way
 (bt_keras.nets.batch_norm), LARS's native kernel on each replica's copy of the variables, and one all-reduce per
-gradient (not one over all of them concatenated). Two `fit` steps (the second uses the momentum buffers the first
-wrote), from identical weights and data: the loss before and after, first-step gradients and final weights (BatchNorm
-moving statistics included) must agree to 1e-10 (measured: ~1e-16 to 1e-15). LARS sizes a kernel's update from ||w||
-(its trust ratio), so a gradient-scale bug shows only in the 1-D parameters, which these checks include one by one.
+gradient (not one over all of them concatenated). Two steps of `train_step` as `fit` runs them (strategy.run in a
+tf.function; the second uses the momentum buffers the first wrote), from identical weights and data: the loss before
+and after, first-step gradients and final weights (BatchNorm moving statistics included) must agree to 1e-10
+(measured: ~1e-16 to 1e-15). LARS sizes a kernel's update from ||w|| (its trust ratio), so a gradient-scale bug
+shows only in the 1-D parameters, which these checks include one by one.
+4 replicas are the suite's one whole-step case at a replica count other than 2 (a count written as 2 somewhere would
+pass at 2); the other whole-step files (test_distributed, test_accelerator_path, test_probe) run 2 replicas.
 The traced step must contain the ops those paths are made of (and the plain one none of them), and no D x D
 collective. (The fused BatchNorm kernel is float32-only: tests/nets/test_batch_norm.py holds it to Keras's layer.)
 """
@@ -53,12 +56,16 @@ def _train(replicas, initial, batches):
 
     grads, first_loss = gradients(v1, v2)
     grads = [g.numpy() for g in grads]
-    graph = tf.function(lambda v1, v2: strategy.run(model.train_step, args=((v1, v2),))).get_concrete_function(
-        v1, v2).graph
-    dataset = tf.data.Dataset.from_tensor_slices(tuple(np.stack(parts) for parts in zip(*batches)))
-    model.fit(dataset, epochs=1, verbose=0)
+    # The step as `fit` runs it (strategy.run of train_step in a tf.function), traced once: its graph is both the
+    # one whose ops are checked and the one that trains.
+    train = tf.function(lambda v1, v2: strategy.run(model.train_step, args=((v1, v2),)))
+    graph = train.get_concrete_function(v1, v2).graph
     second = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batches[1]))
-    _, second_loss = gradients(*next(iter(second)))  # the loss at the weights after the two steps
+    second_v1, second_v2 = next(iter(second))
+    train(v1, v2)
+    train(second_v1, second_v2)
+    assert int(model.optimizer.iterations.numpy()) == 2
+    _, second_loss = gradients(second_v1, second_v2)  # the loss at the weights after the two steps
     losses = [float(first_loss), float(second_loss)]  # float64 (Keras's loss metric is float32)
     sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
     return losses, grads, model.get_weights(), graph, sizes

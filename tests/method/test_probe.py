@@ -104,9 +104,11 @@ def test_negative_labels_are_left_out():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("replicas", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_the_probe_is_exact_under_replicas(replicas):
-    """Its update with R replicas equals one device's on the same global batch (float64: maths, not round-off)."""
+def test_the_probe_is_exact_under_replicas():
+    """Its update with 2 replicas equals one device's on the same global batch (float64: maths, not round-off). The
+    unlabelled examples fall unevenly on the replicas (5 and 8 labelled of 8), so the labelled count must be summed
+    across them; 4 replicas run the same code (the whole step at 4 replicas: tests/train/test_step.py)."""
+    replicas = 2
     v1, v2, labels = labelled_views(n=16)
     labels[:3] = -1  # some unlabelled examples, not evenly spread over the replicas
     results = []

@@ -14,7 +14,7 @@ import tensorflow as tf
 from bt_keras import augment, config as config_lib, data
 from bt_keras.assembly import builders
 from bt_keras.augment import device as device_augment, host_crop
-from tests.helpers import tiny_config, tiny_model
+from tests.helpers import tiny_model
 
 
 def _smooth_images(count, sides=(90, 140), seed=0):
@@ -181,17 +181,16 @@ def test_config_mode_is_checked_and_wired():
 
 
 @pytest.mark.slow
-def test_accelerator_mode_under_two_replicas_and_in_the_trainer(tmp_path):
+def test_accelerator_mode_under_two_replicas():
     """The per-replica batches of a MirroredStrategy are dicts of uint8 crops + per-image draws, augmented in
     train_step on each replica: on the same batch, from the same weights, the global loss and the weights after one
-    SGD step equal host mode's (float round-off: the views agree to 1e-5; measured |dloss| and |dweight| 0); and
-    `Trainer` wires config.augment_on through to the pipeline and the model.
+    SGD step equal host mode's (float round-off: the views agree to 1e-5; measured |dloss| and |dweight| 0). (That
+    `Trainer` wires config.augment_on through to the pipeline and the model, and trains with it, is
+    tests/train/test_accelerator_path.py's test_xla_with_the_augmentation_on_the_device, which runs such a trainer.)
 
     The loss is computed here on the replicas (training=False: no BatchNorm update), not read from `fit`'s history
     (which tests/method/test_distributed.py judges: it once counted the failed end-of-data call of a dataset of
     unknown length, logging 1/2 or 2/3 of the loss)."""
-    from bt_keras.train.trainer import Trainer
-
     views = augment.cifar_views(8)
     images = tf.data.Dataset.from_tensor_slices(np.random.default_rng(5).integers(0, 256, (32, 8, 8, 3), np.uint8))
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -222,10 +221,3 @@ def test_accelerator_mode_under_two_replicas_and_in_the_trainer(tmp_path):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     initial = tiny_model(image_size=8).get_weights()
     assert max(np.abs(a - b).max() for a, b in zip(initial, host_weights)) > 1e-2  # the step moved the weights
-
-    trainer = Trainer(tiny_config(augment_on="accelerator", epochs=1, steps_per_epoch=2), tmp_path / "run",
-                      tf.distribute.get_strategy())
-    assert isinstance(trainer.model.device_augment, device_augment.DeviceAugment)
-    assert set(trainer.dataset.element_spec) == device_augment.HOST_KEYS
-    logs = trainer.run()
-    assert trainer.step == 2 and np.isfinite(logs["loss"])

@@ -4,8 +4,10 @@ Where variables live on a GPU or TPU, bt_keras's native CPU kernels step aside (
 synchronised BatchNorm run as TensorFlow ops; with `--xla` each replica's step is one XLA computation
 (bt_keras.train.step). Here the kernels are turned off in-process (`kernels.set_enabled(False)`, as `BT_KERAS_NATIVE=0`),
 so that path runs on this CPU too: two whole training steps (forward, loss, gradients, LARS update, BatchNorm moving
-statistics) at 1, 2 and 4 replicas, XLA on and off, must equal one device without XLA in float64 to 1e-10 (loss
-before and after, first-step gradients, final weights). `pytest -m accelerator` selects this tier on a GPU host.
+statistics) on 1 device with XLA and at 2 replicas without, and with XLA at 2 and 4 replicas where XLA compiles them
+(GPUs), must equal one device without XLA in float64 to 1e-10 (loss before and after, first-step gradients, final
+weights). `pytest -m accelerator` selects this tier on a GPU host. (Uncompiled, 4 replicas run the code 2 do: the
+TensorFlow-ops BatchNorm at 4 replicas is tests/nets/test_batch_norm.py's, the whole step's tests/train/test_step.py's.)
 
 XLA with several replicas compiles only where TensorFlow lets XLA take the all-reduces (GPUs, TPUs): on CPU devices
 those cases skip with the measured reason (bt_keras.train.step.xla_obstacle).
@@ -93,8 +95,7 @@ def test_the_reference_runs_tensorflow_ops_only(reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("replicas, jit_compile", [
-    (1, True), (2, False), (2, True), pytest.param(4, False, marks=pytest.mark.slow), (4, True)])
+@pytest.mark.parametrize("replicas, jit_compile", [(1, True), (2, False), (2, True), (4, True)])
 def test_whole_steps_equal_one_device_in_float64(reference, replicas, jit_compile):
     initial, batches, (loss_1, grads_1, weights_1, _) = reference
     loss_n, grads_n, weights_n, types = _train(replicas, initial, batches, jit_compile)
@@ -162,8 +163,10 @@ def test_the_xla_command_compiles_the_step_and_trains_as_the_uncompiled_loop(tmp
 
 @pytest.mark.slow  # two trainer runs
 def test_xla_with_the_augmentation_on_the_device(tmp_path):
-    """augment_on="accelerator": the device-side augmentation runs before the compiled step (its blur of a random
+    """augment_on="accelerator": `Trainer` wires config.augment_on through to the pipeline (uint8 crops + draws) and
+    the model (a DeviceAugment); the device-side augmentation runs before the compiled step (its blur of a random
     subset of the batch cannot be compiled), the rest is compiled, and training gives the uncompiled run's losses."""
+    from bt_keras.augment import device as device_augment
     from bt_keras.train.trainer import Trainer
 
     losses = {}
@@ -171,8 +174,10 @@ def test_xla_with_the_augmentation_on_the_device(tmp_path):
         config = tiny_config(augment_on="accelerator", epochs=1, steps_per_epoch=2, jit_compile=xla,
                              picture_every_epochs=100)
         trainer = Trainer(config, tmp_path / f"xla_{xla}", tf.distribute.get_strategy())
+        assert isinstance(trainer.model.device_augment, device_augment.DeviceAugment)
+        assert set(trainer.dataset.element_spec) == device_augment.HOST_KEYS
         graph = trainer._step_fn.get_concrete_function(trainer.iterator).graph
         assert trainer.xla_compiled == xla and (step_lib.xla_calls(graph) > 0) == xla  # the loop's own step
         losses[xla] = trainer.run()["loss"]
-        assert trainer.step == 2
+        assert trainer.step == 2 and np.isfinite(losses[xla])
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)

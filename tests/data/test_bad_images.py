@@ -1,6 +1,7 @@
 """A `folder:` dataset with files that do not decode (bt_keras.data.image_check): each one named once with its reason
 and counted, left out before the seeded shuffle (steps per epoch of the good files, a stopped and resumed run equal
-to the uninterrupted one bit for bit), the check kept in the workdir, and `python -m bt_keras.data_check`.
+to the uninterrupted one bit for bit), the check kept in the workdir, and the data_check command (`bt-keras-data-check`,
+`python -m bt_keras.data_check`).
 
 The bad files: a truncated JPEG, a JPEG whose middle is overwritten with garbage (no marker bytes in it, so
 TensorFlow decodes it without an error and only libjpeg's "Corrupt JPEG data" warning tells), a file holding only a
@@ -8,7 +9,6 @@ JPEG header, and a text file named .jpg."""
 
 import os
 import signal
-import sys
 from pathlib import Path
 
 import keras
@@ -17,9 +17,10 @@ import pytest
 import tensorflow as tf
 
 from bt_keras import augment, data
+from bt_keras.cli import data_check
 from bt_keras.data import image_check, sources
 from bt_keras.train.trainer import Interrupted
-from tests.helpers import REPO, installed_script, run_cli, trainer
+from tests.helpers import installed_script, run_cli, trainer
 
 pytestmark = pytest.mark.hostile
 
@@ -89,57 +90,6 @@ def test_the_garbage_jpeg_decodes_without_an_error(folder):
     assert image.shape == (64, 64, 3)
 
 
-@pytest.mark.slow
-def test_bad_files_are_counted_and_left_out_of_the_split_and_the_steps(folder):
-    info = data.dataset_info(f"folder:{folder}")
-    assert info.splits == {"train": GOOD}
-    assert info.bad_files == {"train": len(BAD)}
-    t = trainer(folder.parent / "steps", dataset=f"folder:{folder}", batch_size=BATCH, steps_per_epoch=None)
-    t.close()
-    assert t.steps_per_epoch == GOOD // BATCH
-
-
-@pytest.mark.slow
-def test_the_stream_is_a_function_of_seed_and_step_with_bad_files_present(folder):
-    """Batch k of a stream started at batch k equals batch k of the stream from the start (what resume relies on)."""
-    def batches(start, count):
-        ds = data.pretrain_dataset(f"folder:{folder}", global_batch_size=BATCH, seed=3, start_batch=start,
-                                   views=augment.imagenet_views(16))
-        return [b[0].numpy() for b in ds.take(count)]
-
-    from_start = batches(0, 9)
-    for k in (4, 8):  # inside the first epoch, and in the second
-        np.testing.assert_array_equal(batches(k, 1)[0], from_start[k])
-
-
-@pytest.mark.slow
-def test_a_run_names_each_bad_file_once_with_its_reason_in_the_workdir(folder, tmp_path, caplog):
-    workdir = tmp_path / "run"
-    t = trainer(workdir, dataset=f"folder:{folder}", batch_size=BATCH, steps_per_epoch=None, epochs=1)
-    t.close()
-    bad = listed(workdir)
-    assert set(bad) == expected_paths(folder)
-    for name, word in BAD.items():
-        assert word in bad[str(folder / name)], (name, bad[str(folder / name)])
-
-
-@pytest.mark.slow
-def test_a_resumed_start_reuses_the_check_kept_in_the_workdir(folder, tmp_path, monkeypatch):
-    workdir = tmp_path / "run"
-    trainer(workdir, dataset=f"folder:{folder}", batch_size=BATCH, steps_per_epoch=None, epochs=1).close()
-    assert list((workdir / image_check.CHECKS_DIR).glob("*.json"))
-    monkeypatch.setattr(image_check, "_MEMORY", {})  # a new process: only the workdir remembers
-    sources._scan_folder_checked.cache_clear()
-
-    def no_scan(*args, **kwargs):
-        raise AssertionError("the folder was decoded again")
-
-    monkeypatch.setattr(image_check, "scan", no_scan)
-    t = trainer(workdir, dataset=f"folder:{folder}", batch_size=BATCH, steps_per_epoch=None, epochs=1)
-    t.close()
-    assert t.steps_per_epoch == GOOD // BATCH and set(listed(workdir)) == expected_paths(folder)
-
-
 class _StopAt(keras.callbacks.Callback):
     """Sends this process SIGTERM after global step `step`: the trainer finishes it, saves it and stops."""
 
@@ -156,14 +106,74 @@ def _weights(workdir) -> list[np.ndarray]:
     return keras.models.load_model(Path(workdir) / "barlow_twins.keras").get_weights()
 
 
-@pytest.mark.slow
-def test_a_run_stopped_and_resumed_equals_the_uninterrupted_run_bit_for_bit(folder, tmp_path):
-    overrides = dict(dataset=f"folder:{folder}", batch_size=BATCH, steps_per_epoch=None, epochs=2, seed=5)
-    trainer(tmp_path / "whole", **overrides).run()
+@pytest.fixture(scope="module")
+def runs(folder, tmp_path_factory):
+    """Two-epoch runs on the folder, shared by the tests that read them: `whole` uninterrupted, `stopped` stopped by
+    SIGTERM after step 8 (in the second epoch) and resumed to the end. The resumed start is made as a new process
+    would make it (the in-memory check forgotten) with the folder's decoding disabled, so it can only finish by
+    reusing the check its first start kept in the workdir. Returns the workdirs, the whole run's and the resumed
+    start's steps per epoch, and whether the first start had kept a check."""
+    root = tmp_path_factory.mktemp("runs")
+    overrides = dict(dataset=f"folder:{folder}", batch_size=BATCH, steps_per_epoch=None, epochs=2, seed=5,
+                     picture_every_epochs=100)  # no C pictures: nothing here reads them
+    whole = trainer(root / "whole", **overrides)
+    whole.run()
     with pytest.raises(Interrupted):
-        trainer(tmp_path / "stopped", **overrides).run([_StopAt(8)])  # in the second epoch
-    trainer(tmp_path / "stopped", **overrides).run()
-    whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "stopped")
+        trainer(root / "stopped", **overrides).run([_StopAt(8)])
+    kept_a_check = bool(list((root / "stopped" / image_check.CHECKS_DIR).glob("*.json")))
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the folder was decoded again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(image_check, "_MEMORY", {})  # a new process: only the workdir remembers
+        patch.setattr(image_check, "scan", no_scan)
+        sources._scan_folder_checked.cache_clear()
+        resumed = trainer(root / "stopped", **overrides)
+        resumed.run()
+    return dict(whole=root / "whole", stopped=root / "stopped", whole_steps=whole.steps_per_epoch,
+                resumed_steps=resumed.steps_per_epoch, kept_a_check=kept_a_check)
+
+
+@pytest.mark.slow
+def test_bad_files_are_counted_and_left_out_of_the_split_and_the_steps(folder, runs):
+    info = data.dataset_info(f"folder:{folder}")
+    assert info.splits == {"train": GOOD}
+    assert info.bad_files == {"train": len(BAD)}
+    assert runs["whole_steps"] == GOOD // BATCH
+
+
+@pytest.mark.slow
+def test_the_stream_is_a_function_of_seed_and_step_with_bad_files_present(folder):
+    """Batch k of a stream started at batch k equals batch k of the stream from the start (what resume relies on)."""
+    def batches(start, count):
+        ds = data.pretrain_dataset(f"folder:{folder}", global_batch_size=BATCH, seed=3, start_batch=start,
+                                   views=augment.imagenet_views(16))
+        return [b[0].numpy() for b in ds.take(count)]
+
+    from_start = batches(0, 9)
+    for k in (4, 8):  # inside the first epoch, and in the second
+        np.testing.assert_array_equal(batches(k, 1)[0], from_start[k])
+
+
+@pytest.mark.slow
+def test_a_run_names_each_bad_file_once_with_its_reason_in_the_workdir(folder, runs):
+    bad = listed(runs["whole"])
+    assert set(bad) == expected_paths(folder)
+    for name, word in BAD.items():
+        assert word in bad[str(folder / name)], (name, bad[str(folder / name)])
+
+
+@pytest.mark.slow
+def test_a_resumed_start_reuses_the_check_kept_in_the_workdir(folder, runs):
+    """The `runs` fixture's resumed start ran with the folder's decoding disabled and the in-memory check forgotten."""
+    assert runs["kept_a_check"]
+    assert runs["resumed_steps"] == GOOD // BATCH and set(listed(runs["stopped"])) == expected_paths(folder)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_and_resumed_equals_the_uninterrupted_run_bit_for_bit(runs):
+    whole, resumed = _weights(runs["whole"]), _weights(runs["stopped"])
     difference = max(float(np.abs(a - b).max()) for a, b in zip(whole, resumed))
     print(f"max |w_resumed - w_uninterrupted| = {difference}")
     assert difference == 0.0
@@ -171,7 +181,7 @@ def test_a_run_stopped_and_resumed_equals_the_uninterrupted_run_bit_for_bit(fold
 
 @pytest.mark.slow
 def test_data_check_command_lists_the_bad_files_and_exits_1(folder, tmp_path):
-    # The installed bt-keras-data-check script (the other cases use `python -m bt_keras.data_check`).
+    # The installed bt-keras-data-check script, as a process: its exit status (the other cases run it in-process).
     result = run_cli([installed_script("bt-keras-data-check"), str(folder), f"--workdir={tmp_path / 'w'}"])
     assert result.returncode == 1, result.stderr[-3000:]
     summary, *lines = result.stdout.splitlines()
@@ -181,15 +191,17 @@ def test_data_check_command_lists_the_bad_files_and_exits_1(folder, tmp_path):
     assert listed(tmp_path / "w") == entries  # --workdir: the list a run there would write
 
 
-@pytest.mark.slow
-def test_data_check_command_exits_0_on_a_clean_folder_and_2_on_a_missing_one(folder, tmp_path):
+def test_data_check_command_exits_0_on_a_clean_folder_and_2_on_a_missing_one(folder, tmp_path, capsys):
+    """In-process (`bt_keras.cli.data_check.main`, whose return value the command exits with): the exit status and
+    the console lines, without a TensorFlow start-up per case; the command as a process is the test above."""
     clean = tmp_path / "clean"
     for name in ("cat", "dog"):
         (clean / name).mkdir(parents=True)
         for path in sorted((folder / name).glob("[0-9]*")):
             (clean / name / path.name).write_bytes(path.read_bytes())
-    result = run_cli([sys.executable, "-m", "bt_keras.data_check", f"folder:{clean}"], env={"PYTHONPATH": str(REPO)})
-    assert result.returncode == 0 and f"all {GOOD} image files decode" in result.stdout, result.stderr[-3000:]
-    missing = run_cli([sys.executable, "-m", "bt_keras.data_check", str(tmp_path / "nowhere")],
-                      env={"PYTHONPATH": str(REPO)})
-    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("ERROR: ")
+    assert data_check.main([f"folder:{clean}"]) == 0
+    out, err = capsys.readouterr()
+    assert f"all {GOOD} image files decode" in out, err[-3000:]
+    assert data_check.main([str(tmp_path / "nowhere")]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1].startswith("ERROR: ") and "Traceback" not in err, err[-3000:]

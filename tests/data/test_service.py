@@ -1,10 +1,13 @@
-"""tf.data service (`bt_keras.data.service`): a local dispatcher and two workers on 127.0.0.1, as subprocesses started
-with the module's own `--dispatcher` / `--worker` helpers, every one killed in `finally`; every wait is bounded.
+"""tf.data service (`bt_keras.data.service`): a local dispatcher and two workers on 127.0.0.1. Where a test kills a
+server or a worker is reached through another address, that one is a subprocess started with the module's own
+`--dispatcher` / `--worker` helper; the dispatcher and the other worker of those clusters are servers in this process
+(the same configs). Every one is stopped in `finally`; every wait is bounded.
 
 What is proven: a training run through the service trains and both workers delivered batches (counted at the consumer
-from per-worker tags); an unreachable dispatcher is a one-line error naming the address within 30 s (in-process and
-through `python -m bt_keras.train`); SIGKILLing a worker mid-run does not stop training, and the stall it causes is
-measured and printed.
+from per-worker tags); an unreachable dispatcher is a one-line error naming the address within 30 s (in-process, from
+the trainer, and through `python -m bt_keras.train` for a port that is no dispatcher); SIGKILLing a worker mid-run
+does not stop training, and the stall it causes is measured and printed; a dispatcher (and its worker) killed mid-run
+ends `python -m bt_keras.train` with exit code 4 and one line.
 """
 
 import os
@@ -85,25 +88,41 @@ class _Forwarder:
 
 
 class Cluster:
-    """A dispatcher and `workers` workers as subprocesses; `close()` kills every one of them. With `forwarded`, the
-    last worker is started with `--worker_address` naming a `_Forwarder` to its port (`self.forwarder`): trainers
-    reach it only if the dispatcher hands out that address."""
+    """A dispatcher and `workers` workers; `close()` stops every one of them. By default all are subprocesses of the
+    module's own `--dispatcher` / `--worker` helpers, killed by `close()`. With `local=True` the dispatcher and the
+    first worker are servers in this process (the same configs; a test that kills a process needs only that one to
+    be a process, and each process costs a TensorFlow start-up). With `forwarded`, the last worker is started with
+    `--worker_address` naming a `_Forwarder` to its port (`self.forwarder`): trainers reach it only if the dispatcher
+    hands out that address."""
 
-    def __init__(self, workers=2, forwarded=False):
+    def __init__(self, workers=2, forwarded=False, local=False):
         env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
         self.port = _free_port()
         self.address = f"grpc://127.0.0.1:{self.port}"
-        self.procs, self.forwarder = [], None
+        self.procs, self.servers, self.forwarder = [], [], None
+        service = tf.data.experimental.service
         try:
-            self.procs.append(self._start(["--dispatcher", f"--port={self.port}", "--worker_timeout_ms=2000"], env))
+            if local:
+                self.servers.append(service.DispatchServer(service.DispatcherConfig(port=self.port,
+                                                                                    worker_timeout_ms=2000)))
+            else:
+                self.procs.append(self._start(["--dispatcher", f"--port={self.port}", "--worker_timeout_ms=2000"],
+                                              env))
             ports = [_free_port() for _ in range(workers)]
             addresses = [[] for _ in ports]
             if forwarded:
                 self.forwarder = _Forwarder(ports[-1])
                 addresses[-1] = [f"--worker_address=127.0.0.1:{self.forwarder.port}"]
-            self.workers = [self._start(["--worker", f"--dispatcher_address=127.0.0.1:{self.port}", f"--port={port}",
-                                         "--heartbeat_ms=500", *address], env)
-                            for port, address in zip(ports, addresses)]
+            self.workers = []
+            for index, (port, address) in enumerate(zip(ports, addresses)):
+                if local and index == 0:
+                    self.servers.append(service.WorkerServer(service.WorkerConfig(
+                        dispatcher_address=f"127.0.0.1:{self.port}", port=port, worker_address=f"localhost:{port}",
+                        heartbeat_interval_ms=500)))
+                    self.workers.append(None)  # not a process
+                else:
+                    self.workers.append(self._start(["--worker", f"--dispatcher_address=127.0.0.1:{self.port}",
+                                                     f"--port={port}", "--heartbeat_ms=500", *address], env))
             self.ready_lines = [_read_line(proc, START_TIMEOUT) for proc in self.procs]
         except BaseException:
             self.close()
@@ -121,14 +140,19 @@ class Cluster:
                 proc.kill()
         for proc in self.procs:
             proc.wait(timeout=30)
+        for server in reversed(self.servers):  # the worker, then the dispatcher; bounded: a hang fails, not blocks
+            stopper = threading.Thread(target=server.stop, daemon=True)
+            stopper.start()
+            stopper.join(30)
+        self.servers = []
         if self.forwarder:
             self.forwarder.close()
 
 
 @pytest.fixture
 def cluster():
-    """A dispatcher and two workers of this test's own (it may kill one)."""
-    c = Cluster()
+    """A dispatcher and two workers of this test's own (it kills the second, a process)."""
+    c = Cluster(local=True)
     try:
         yield c
     finally:
@@ -137,9 +161,10 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def shared_cluster():
-    """A dispatcher and two workers shared by the tests that only read from them (each its own job); the second is
-    reached through `--worker_address` (a forwarded port), as a worker on another machine would be."""
-    c = Cluster(forwarded=True)
+    """A dispatcher and two workers shared by the tests that only read from them (each its own job); the second, a
+    process of the module's `--worker` helper, is reached through `--worker_address` (a forwarded port), as a worker
+    on another machine would be."""
+    c = Cluster(forwarded=True, local=True)
     try:
         yield c
     finally:
@@ -180,7 +205,8 @@ class _SlowSteps(keras.callbacks.Callback):
 def test_training_through_the_service_uses_both_workers(shared_cluster, tmp_path):
     cluster = shared_cluster
     # 32 steps: the client buffers the first worker's early batches, so the second's arrive after those.
-    config = tiny_config(data_service=cluster.address, augment_on="accelerator", epochs=4, steps_per_epoch=8)
+    config = tiny_config(data_service=cluster.address, augment_on="accelerator", epochs=4, steps_per_epoch=8,
+                         picture_every_epochs=100)  # no C pictures: not read here
     trainer = Trainer(config, tmp_path / "run", tf.distribute.get_strategy())
     # The tiny model steps in ~40 ms; a real step is slower. Until the second worker (which starts a new epoch) has
     # delivered, each step waits up to 3 s (at most 60 s in all), as the workers would see under a real model.
@@ -241,7 +267,7 @@ def test_epoch_keyed_streams_are_seeded_and_distinct_per_epoch():
 @pytest.mark.hostile
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_does_not_stop_training(cluster, tmp_path):
-    config = tiny_config(data_service=cluster.address, epochs=4, steps_per_epoch=8)
+    config = tiny_config(data_service=cluster.address, epochs=4, steps_per_epoch=8, picture_every_epochs=100)
     trainer = Trainer(config, tmp_path / "run", tf.distribute.get_strategy())
     times = _StepTimes(cluster.workers, kill_after=6, served=lambda: data_service.served(trainer.served_key))
     result = {}
@@ -261,7 +287,8 @@ def test_a_worker_killed_mid_run_does_not_stop_training(cluster, tmp_path):
     after = np.diff(times.times)[times.killed_step - 1:]  # the steps after the kill
     print(f"killed a serving worker after step {times.killed_step}: the {len(after)} steps after it took "
           f"{np.median(after):.3f} s (median), the longest {after.max():.3f} s "
-          f"(stall {after.max() - np.median(after):.3f} s); batches per worker at the kill {times.served_at_kill}, at the end {served}")
+          f"(stall {after.max() - np.median(after):.3f} s); batches per worker at the kill {times.served_at_kill}, "
+          f"at the end {served}")
     assert after.max() < 30  # a stall, if any, is bounded
 
 
@@ -329,15 +356,18 @@ def test_a_port_that_is_no_dispatcher_is_a_clear_error_not_a_hang(kind):
 
 @pytest.mark.hostile
 @pytest.mark.slow
-def test_unreachable_dispatcher_through_the_cli(tmp_path):
+def test_unreachable_dispatcher_through_the_trainer(tmp_path):
+    """The trainer probes `config.data_service` before it builds or writes anything: a ConnectionError naming the
+    address after its 10 s probe, no workdir left. In-process: the command turns that ConnectionError into its one
+    `ERROR:` line and exit code 2 by the same handler the HTTP-server case below runs as a process."""
     address = f"grpc://127.0.0.1:{_free_port()}"
     start = time.monotonic()
-    result = run_cli([sys.executable, "-m", "bt_keras.train", f"--config={QUICKSTART}", f"--workdir={tmp_path}",
-                      f"--data_service={address}", *TINY], timeout=120)
+    with pytest.raises(ConnectionError, match=f"tf.data service dispatcher {address.replace('.', '[.]')} cannot be "
+                                              "reached"):
+        Trainer(tiny_config(data_service=address), tmp_path / "run", tf.distribute.get_strategy())
     elapsed = time.monotonic() - start
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert f"ERROR: tf.data service dispatcher {address} cannot be reached" in result.stderr
-    assert elapsed < 60, elapsed  # TensorFlow's import + the 10 s probe; the probe alone is bounded by 10 s
+    assert elapsed < 30, elapsed  # the probe alone is bounded by 10 s
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.hostile
@@ -370,7 +400,8 @@ def test_a_dispatcher_that_dies_mid_run_ends_it_with_one_line_naming_it_and_no_l
         process = subprocess.Popen(
             [sys.executable, "-m", "bt_keras.train", f"--config={QUICKSTART}", f"--workdir={workdir}",
              f"--data_service={cluster.address}", *TINY, "--config.epochs=50", "--config.steps_per_epoch=4",
-             "--config.log_every_steps=1", "--config.data_service_stall_s=5"],
+             "--config.log_every_steps=1", "--config.data_service_stall_s=5",
+             "--config.picture_every_epochs=1000"],
             cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
         deadline = time.monotonic() + START_TIMEOUT

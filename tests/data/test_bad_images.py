@@ -109,10 +109,8 @@ def _weights(workdir) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def runs(folder, tmp_path_factory):
     """Two-epoch runs on the folder, shared by the tests that read them: `whole` uninterrupted, `stopped` stopped by
-    SIGTERM after step 8 (in the second epoch) and resumed to the end. The resumed start is made as a new process
-    would make it (the in-memory check forgotten) with the folder's decoding disabled, so it can only finish by
-    reusing the check its first start kept in the workdir. Returns the workdirs, the whole run's and the resumed
-    start's steps per epoch, and whether the first start had kept a check."""
+    SIGTERM after step 8 (in the second epoch) and resumed to the end. Returns the workdirs and the whole run's steps
+    per epoch."""
     root = tmp_path_factory.mktemp("runs")
     overrides = dict(dataset=f"folder:{folder}", batch_size=BATCH, steps_per_epoch=None, epochs=2, seed=5,
                      picture_every_epochs=100)  # no C pictures: nothing here reads them
@@ -120,19 +118,8 @@ def runs(folder, tmp_path_factory):
     whole.run()
     with pytest.raises(Interrupted):
         trainer(root / "stopped", **overrides).run([_StopAt(8)])
-    kept_a_check = bool(list((root / "stopped" / image_check.CHECKS_DIR).glob("*.json")))
-
-    def no_scan(*args, **kwargs):
-        raise AssertionError("the folder was decoded again")
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(image_check, "_MEMORY", {})  # a new process: only the workdir remembers
-        patch.setattr(image_check, "scan", no_scan)
-        sources._scan_folder_checked.cache_clear()
-        resumed = trainer(root / "stopped", **overrides)
-        resumed.run()
-    return dict(whole=root / "whole", stopped=root / "stopped", whole_steps=whole.steps_per_epoch,
-                resumed_steps=resumed.steps_per_epoch, kept_a_check=kept_a_check)
+    trainer(root / "stopped", **overrides).run()
+    return dict(whole=root / "whole", stopped=root / "stopped", whole_steps=whole.steps_per_epoch)
 
 
 @pytest.mark.slow
@@ -165,10 +152,20 @@ def test_a_run_names_each_bad_file_once_with_its_reason_in_the_workdir(folder, r
 
 
 @pytest.mark.slow
-def test_a_resumed_start_reuses_the_check_kept_in_the_workdir(folder, runs):
-    """The `runs` fixture's resumed start ran with the folder's decoding disabled and the in-memory check forgotten."""
-    assert runs["kept_a_check"]
-    assert runs["resumed_steps"] == GOOD // BATCH and set(listed(runs["stopped"])) == expected_paths(folder)
+def test_a_resumed_start_reuses_the_check_kept_in_the_workdir(folder, tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    trainer(workdir, dataset=f"folder:{folder}", batch_size=BATCH, steps_per_epoch=None, epochs=1).close()
+    assert list((workdir / image_check.CHECKS_DIR).glob("*.json"))
+    monkeypatch.setattr(image_check, "_MEMORY", {})  # a new process: only the workdir remembers
+    sources._scan_folder_checked.cache_clear()
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the folder was decoded again")
+
+    monkeypatch.setattr(image_check, "scan", no_scan)
+    t = trainer(workdir, dataset=f"folder:{folder}", batch_size=BATCH, steps_per_epoch=None, epochs=1)
+    t.close()
+    assert t.steps_per_epoch == GOOD // BATCH and set(listed(workdir)) == expected_paths(folder)
 
 
 @pytest.mark.slow

@@ -2,11 +2,10 @@
 built from a config, its BatchNorm made bt_keras's (synchronised), one training step on one device equal to one on
 2 replicas in float64, the one-line errors, and a CLI run that trains, evaluates and exports.
 
-Families: MobileNetV3Small (squeeze-excitation, hard-swish, a Rescaling layer; alpha 0.75, minimalistic, 0.27 M
-parameters) and MobileNetV2 (inverted residual blocks with ReLU6, 52 BatchNorm layers; alpha 0.35, 0.41 M
-parameters), both at 32 px, which they accept. (ResNet50V2, 23.6 M parameters, was the second family until its step
-took 80 s of the suite's time; what the test judges, BatchNorm made synchronised inside residual graphs, MobileNetV2
-has too.)
+The family: MobileNetV3Small (alpha 0.75, minimalistic: 0.27 M parameters) at 32 px, which it accepts: a Rescaling
+layer, 34 BatchNorm layers, depthwise convolutions and 6 residual Adds, so BatchNorm made synchronised inside residual
+graphs. (MobileNetV2 at alpha 0.35 was a second case of the exactness test; its graph has the same layer types, ReLU6
+being Keras's ReLU layer, so it judged nothing more, for ~20 CPU-s. ResNet50V2 before it took 80 s.)
 EfficientNetV2 is left out of the exactness test: its public callables fix stochastic depth at 0.2, so a training step
 draws random drops (different ones per replica) and no two runs are equal.
 """
@@ -27,7 +26,6 @@ from bt_keras.train import preflight
 from tests.helpers import cpu_strategy, run_cli, tiny_config, train_command, view_pair
 
 MOBILENET = ("keras.applications:MobileNetV3Small", {"alpha": 0.75, "minimalistic": True})
-MOBILENET_V2 = ("keras.applications:MobileNetV2", {"alpha": 0.35})
 SIZE, BATCH = 32, 8
 
 
@@ -91,8 +89,8 @@ def _difference(a, b) -> float:
 
 # Slow: a keras.applications network's float64 step, eagerly, takes 5-25 s per strategy on 2 cores.
 @pytest.mark.slow
-@pytest.mark.parametrize("family", [MOBILENET, MOBILENET_V2], ids=["MobileNetV3Small", "MobileNetV2"])
-def test_two_replicas_train_exactly_as_one_device(family):
+def test_two_replicas_train_exactly_as_one_device():
+    family = MOBILENET
     config = config_for(*family)
     keras.utils.set_random_seed(0)
     keras.config.set_dtype_policy("float64")
@@ -108,24 +106,33 @@ def test_two_replicas_train_exactly_as_one_device(family):
     assert abs(loss_1 - loss_2) <= 1e-12 * max(1.0, abs(loss_1))
     assert _difference(weights_1, weights_2) <= 1e-10
     assert _difference(initial, weights_1) > 1e-3  # the step moved the weights, or equality would prove nothing
-    if family is MOBILENET:  # the test can fail: Keras's per-replica statistics are far from the global batch's
-        loss_u, weights_u = _one_step(config_for(*family, synchronized_bn=False), 2, initial, views)
-        print(f"  with synchronized_bn=False: |dloss| {abs(loss_1 - loss_u):.1e}, "
-              f"|dweight| {_difference(weights_1, weights_u):.1e}")
-        assert abs(loss_1 - loss_u) > 1e-6
+    # The test can fail: Keras's per-replica statistics are far from the global batch's.
+    loss_u, weights_u = _one_step(config_for(*family, synchronized_bn=False), 2, initial, views)
+    print(f"  with synchronized_bn=False: |dloss| {abs(loss_1 - loss_u):.1e}, "
+          f"|dweight| {_difference(weights_1, weights_u):.1e}")
+    assert abs(loss_1 - loss_u) > 1e-6
 
 
 @pytest.mark.slow
 def test_cli_trains_evaluates_and_exports_a_keras_application(tmp_path):
+    """The train and export commands in fresh processes (the export loads the saved encoder anew); the kNN command in
+    this process through its own flags and run(), on the folder the training process wrote."""
     workdir, export_dir = tmp_path / "run", tmp_path / "export"
     trained = run_cli(train_command(workdir, f"--config.backbone={MOBILENET[0]}", "--config.image_size=32",
                                     "--config.batch_size=16", epochs=1, steps=2))
     assert trained.returncode == 0, trained.stderr[-3000:]
     metadata = json.loads((workdir / "encoder.json").read_text())
     assert metadata["backbone"] == MOBILENET[0] and metadata["feature_dim"] == 576
-    knn = run_cli([sys.executable, "-m", "bt_keras.evaluate.knn", f"--encoder={workdir}", "--dataset=digits",
-                   "--limit_train=200", "--limit_test=100"])
-    assert knn.returncode == 0, knn.stderr[-3000:]
+    from absl import flags
+
+    from bt_keras.cli import evaluate_knn
+
+    knn_flags = flags.FlagValues()
+    evaluate_knn.define_flags(knn_flags)
+    knn_flags(["knn", f"--encoder={workdir}", "--dataset=digits", "--limit_train=200", "--limit_test=100",
+               "--verbose=0", f"--output={tmp_path / 'knn.json'}"])
+    record = evaluate_knn.run(knn_flags)
+    assert record["encoder"]["backbone"] == MOBILENET[0] and 0 <= record["top1"] <= record["top5"] <= 1, record
     exported = run_cli([sys.executable, "-m", "export.savedmodel", f"--checkpoint={workdir}", f"--export_dir={export_dir}"])
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert list(export_dir.glob("*/saved_model.pb"))

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.request
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -310,12 +311,23 @@ def test_clear_errors_for_bad_checkpoints_and_metadata(workdir, tmp_path):
         signatures.preprocessing_from_metadata({**METADATA, "image_size": 224}, encoder)
 
 
-@pytest.mark.slow
-def test_cli_names_a_missing_checkpoint(tmp_path):
-    result = _run([sys.executable, "-m", "export.savedmodel", f"--checkpoint={tmp_path / 'missing'}",
-                   f"--export_dir={tmp_path / 'out'}"], timeout=120)
-    assert result.returncode != 0
-    assert "does not exist" in result.stderr and str(tmp_path / "missing") in result.stderr
+def test_cli_names_a_missing_checkpoint(tmp_path, monkeypatch):
+    """The export command's main in this process, its flags given as parsed values (the defaults but for the two
+    paths): it exits with the message naming the path (what Python prints on stderr, status 1). The command in a
+    fresh process: test_max_image_pixels_must_be_positive and the `export_dir` fixture."""
+    from absl import flags
+
+    from bt_keras.cli import export as export_cli
+
+    monkeypatch.setattr(flags, "FLAGS", types.SimpleNamespace(
+        checkpoint=str(tmp_path / "missing"), export_dir=str(tmp_path / "out"), version=None, l2_normalize=False,
+        include_projector=False, batch_warmup_sizes=["1"], model_name=MODEL_NAME,
+        max_image_pixels=DEFAULT_MAX_PIXELS))
+    with pytest.raises(SystemExit) as exited:
+        export_cli.main(["export"])
+    message = exited.value.code
+    assert isinstance(message, str) and message.startswith("export: "), message  # not 0, not a bare status
+    assert "does not exist" in message and str(tmp_path / "missing") in message
     assert not (tmp_path / "out").exists()
 
 

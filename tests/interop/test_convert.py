@@ -20,7 +20,7 @@ from bt_keras.assembly import artifacts
 from bt_keras.interop import torch_file
 from bt_keras.interop.convert import convert_torchvision_checkpoint
 from bt_keras.interop.torchvision_resnet import build_encoder, ConversionError
-from tests.helpers import TORCHVISION_FIXTURE, numpy_knn, numpy_knn_topk, run_module, run_script
+from tests.helpers import TORCHVISION_FIXTURE, numpy_knn, numpy_knn_topk, run_script
 from tests.interop import torch_reference as ref
 
 needs_fixture = pytest.mark.skipif(not (TORCHVISION_FIXTURE / "MANIFEST.json").is_file(),
@@ -274,14 +274,13 @@ def test_an_official_style_full_checkpoint_converts_from_its_file(tmp_path):
     assert relative_error(encoder.predict(nhwc(images), verbose=0), expected) < RTOL
 
 
-@pytest.mark.slow
 @pytest.mark.hostile
 @needs_fixture
-def test_cli_errors_are_one_line_with_exit_status_2(tmp_path):
-    done = run_module("bt_keras.convert", f"--torch_checkpoint={TORCHVISION_FIXTURE / 'resnet50_random.pth'}",
-                      f"--output={tmp_path / 'out'}", "--backbone=resnet18")
-    assert done.returncode == 2
-    last = done.stderr.strip().splitlines()[-1]
+def test_cli_errors_are_one_line_with_exit_status_2(tmp_path, convert_main):
+    """The command's main in this process (conftest.py's convert_main; the command in a fresh process, exit status
+    and console line included, is test_torch_file.py's pickled os.system case)."""
+    status, last = convert_main(TORCHVISION_FIXTURE / "resnet50_random.pth", tmp_path / "out", backbone="resnet18")
+    assert status == 2
     assert last.startswith("ERROR: The state dict does not fit torchvision's resnet18")
     assert "--backbone=resnet50" in last
     assert not (tmp_path / "out").exists()

@@ -11,7 +11,6 @@ import pickle
 import struct
 import subprocess
 import sys
-import types
 import zipfile
 
 import numpy as np
@@ -304,35 +303,16 @@ def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch):
         torch_file.read_torch_file(_small(tmp_path))
 
 
-def convert_main(monkeypatch, capsys, torch_checkpoint, output):
-    """bt_keras.cli.convert's `main` run in this process with the flags --torch_checkpoint and --output (the others at
-    their defaults): (exit status, last stderr line). The command in a fresh process, where absl parses the flags:
-    test_a_pickled_os_system_is_refused_without_running and test_convert.py's test_cli_errors_are_one_line_with..."""
-    from absl import flags
-
-    from bt_keras.cli import convert as command_line
-
-    monkeypatch.setattr(flags, "FLAGS", types.SimpleNamespace(
-        torch_checkpoint=str(torch_checkpoint), output=str(output), backbone=None, stem=None, cifar_stem_padding=1,
-        prefix=None, ignore_keys=[], image_size=None, mean=None, std=None, overwrite=False))
-    with pytest.raises(SystemExit) as exited:
-        command_line.main(["convert"])
-    stderr = capsys.readouterr().err
-    assert "Traceback" not in stderr
-    return exited.value.code, stderr.strip().splitlines()[-1]
-
-
 @pytest.mark.hostile
-def test_the_cli_reports_a_damaged_archive_and_an_expanded_view_in_one_line_with_status_2(tmp_path, monkeypatch,
-                                                                                       capsys):
-    """The convert command's error handling (in this process: its exit status and console line are those of a fresh
-    process, which test_a_pickled_os_system_is_refused_without_running runs) on a damaged archive, and on a 513-byte
-    file whose stride-0 view would be 100000 x 100000 float32 (40 GB) if it were materialised."""
+def test_the_cli_reports_a_damaged_archive_and_an_expanded_view_in_one_line_with_status_2(tmp_path, convert_main):
+    """The convert command's error handling (its main in this process: conftest.py's convert_main) on a damaged
+    archive, and on a 513-byte file whose stride-0 view would be 100000 x 100000 float32 (40 GB) if it were
+    materialised."""
     bad = _patched(tmp_path, "badcrc.pth", _flip_storage_byte)
     expand = write_archive(tmp_path / "expand.pth", tensor_pickle(1, 0, (100000, 100000), (0, 0)),
                            {"0": np.zeros(1, np.float32).tobytes()})
     for path, words in ((bad, "Bad CRC-32"), (expand, "more than once")):
-        status, last = convert_main(monkeypatch, capsys, path, tmp_path / "out")
+        status, last = convert_main(path, tmp_path / "out")
         assert status == 2 and last.startswith(f"ERROR: {path}: ") and words in last, last
         assert not (tmp_path / "out").exists()
 

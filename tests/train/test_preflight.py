@@ -1,6 +1,9 @@
 """Checks before a run starts (bt_keras.train.preflight, issue 15 item 7): unknown config fields and bad values, and
 folder data without a decodable batch, are one clear error (one line, exit status 2 from `python -m bt_keras.train`)
-before anything is written; a step that cannot be built leaves no checkpoint; small image sizes train."""
+before anything is written; a step that cannot be built leaves no checkpoint; small image sizes train.
+
+The command line's error paths run in-process (tests/in_process.py: the same entry point, without a fresh
+TensorFlow import each); one goes through a real `python -m bt_keras.train`, for the status and line a shell sees."""
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from bt_keras import paths
 from bt_keras.train import preflight
 from bt_keras.train.trainer import Trainer
 from tests.helpers import REPO, last_error_line, run_cli, tiny_config, train_command, trainer
+from tests.in_process import train_in_process
 
 pytestmark = pytest.mark.hostile
 
@@ -20,9 +24,19 @@ pytestmark = pytest.mark.hostile
     ("--config.knn.nope=1", "no field 'knn.nope'"),
 ])
 def test_an_unknown_config_field_is_one_line_exit_2(tmp_path, override, expected):
-    result = run_cli(train_command(tmp_path / "run", override), timeout=120)
+    result = train_in_process(train_command(tmp_path / "run", override)[3:])
     assert result.returncode == 2
     assert expected in last_error_line(result.stderr)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_cli_unknown_config_field_is_one_line_exit_2_in_a_fresh_process(tmp_path):
+    """The in-process runs above, once as a shell runs the command: the status it gets, the one line on the quiet
+    console."""
+    result = run_cli(train_command(tmp_path / "run", "--config.nope=1"), timeout=120)
+    assert result.returncode == 2
+    assert "--config.nope=1: the config has no field 'nope'" in last_error_line(result.stderr)
     assert not (tmp_path / "run").exists()
 
 
@@ -72,9 +86,8 @@ def test_a_small_image_size_trains(tmp_path):
         assert t._step_fn.experimental_get_tracing_count() == 1  # the trace before ckpt-0 is the one that runs
 
 
-@pytest.mark.slow
 def test_cli_image_size_0_is_one_line_exit_2_and_writes_nothing(tmp_path):
-    result = run_cli(train_command(tmp_path / "run", "--config.image_size=0"), timeout=120)
+    result = train_in_process(train_command(tmp_path / "run", "--config.image_size=0")[3:])
     assert result.returncode == 2
     assert "config.image_size=0 must be an integer >= 2" in last_error_line(result.stderr)
     assert not (tmp_path / "run").exists()
@@ -121,9 +134,8 @@ def test_folder_data_without_a_decodable_batch_is_a_clear_error(tmp_path, good, 
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
 def test_cli_folder_of_undecodable_images_is_one_line_exit_2(tmp_path):
     data_root = _image_folder(tmp_path / "images", 0, 40)
-    result = run_cli(train_command(tmp_path / "run", f"--config.dataset=folder:{data_root}"), timeout=180)
+    result = train_in_process(train_command(tmp_path / "run", f"--config.dataset=folder:{data_root}")[3:])
     assert result.returncode == 2
     assert "decode" in last_error_line(result.stderr) and "StopIteration" not in result.stderr

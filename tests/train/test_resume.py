@@ -15,7 +15,8 @@ import tensorflow as tf
 import bt_keras  # noqa: F401  (registers the classes saved models need)
 from bt_keras import checkpoints, paths
 from bt_keras.train import resume
-from tests.helpers import flip_a_byte, last_error_line, resumed_step, run_cli, train_command, trainer, tree_bytes
+from tests.helpers import flip_a_byte, last_error_line, resumed_step, train_command, trainer, tree_bytes
+from tests.in_process import train_in_process
 
 pytestmark = pytest.mark.hostile
 
@@ -195,10 +196,9 @@ def test_restoring_into_another_model_fails_naming_what_differs(run_copy, overri
     assert not (run_copy / paths.LOCK_FILE).exists()  # released on the way out
 
 
-@pytest.mark.slow
 def test_cli_resume_with_a_changed_projector_is_one_line_exit_2(run_copy):
     before = (run_copy / "config.json").read_bytes()
-    result = run_cli(train_command(run_copy, "--config.projector=64-64-64"), timeout=180)
+    result = train_in_process(train_command(run_copy, "--config.projector=64-64-64")[3:])
     assert result.returncode == 2, result.stderr[-3000:]
     line = last_error_line(result.stderr)
     assert "projector: '64-64' -> '64-64-64'" in line and "--allow_config_change" in line

@@ -32,8 +32,8 @@ def _clear_flags() -> None:
 def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
     """Runs bt_keras.cli.train.run() with sys.argv = ["bt_keras.train", *args] (e.g. `train_command(...)[3:]`) and
     returns what `run_cli(train_command(...))` would: the exit status (0, or SystemExit's code), stdout and stderr.
-    Log records (bt_keras's, absl's, TensorFlow's Python warnings) are written to that stderr too, as the command's
-    log handler writes them to its stderr, so a test can check that none of them appeared.
+    The log records of the run (bt_keras's, absl's, TensorFlow's Python warnings), which the command's log handler
+    writes to its stderr, follow that stderr's text, so a test can check that none of them appeared.
 
     absl's flags are global: they are cleared before and after (`_clear_flags`), so no value of one call leaks into
     the next. absl's
@@ -43,8 +43,9 @@ def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    stdout, stderr = io.StringIO(), io.StringIO()
-    log_lines = logging.StreamHandler(stderr)
+    stdout, stderr, logs = io.StringIO(), io.StringIO(), io.StringIO()
+    # Its own buffer: absl's first app.run removes the root's handlers that write to sys.stderr (here `stderr`).
+    log_lines = logging.StreamHandler(logs)
     log_lines.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(log_lines)  # TensorFlow's logger passes its records on to the root's too
     returncode = 0
@@ -64,4 +65,5 @@ def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
         _clear_flags()
         root.handlers[:] = handlers
         root.setLevel(level)
-    return subprocess.CompletedProcess(["bt_keras.train", *args], returncode, stdout.getvalue(), stderr.getvalue())
+    return subprocess.CompletedProcess(["bt_keras.train", *args], returncode, stdout.getvalue(),
+                                       stderr.getvalue() + logs.getvalue())

@@ -1,6 +1,9 @@
 """The workdir lock (bt_keras.train.workdir_lock, issue 15): a second trainer on a workdir stops at once naming the
 holder, a lock left by a killed trainer is taken over, planted symlinks and folders are refused, and the workers of
-one multi-worker run share their workdir while other trainers stay out."""
+one multi-worker run share their workdir while other trainers stay out.
+
+A trainer that is refused runs the `python -m bt_keras.train` entry point in-process (tests/in_process.py); the
+two trainers started together are real processes, and the loser's status 2 is what a shell gets."""
 
 import errno
 import json
@@ -17,8 +20,9 @@ from bt_keras import paths
 from bt_keras.train import workdir_lock
 from bt_keras.train.trainer import Trainer
 from bt_keras.train.workdir_lock import WorkdirLock, WorkdirLockedError
-from tests.helpers import (REPO, SUBPROCESS_SCRIPTS, finish_local_workers, last_error_line, resumed_step, run_cli,
+from tests.helpers import (REPO, SUBPROCESS_SCRIPTS, finish_local_workers, last_error_line, resumed_step,
                            start_local_workers, train_command, trainer)
+from tests.in_process import train_in_process
 
 pytestmark = pytest.mark.hostile
 
@@ -49,7 +53,7 @@ def test_a_second_trainer_stops_at_once_naming_the_holder(tmp_path, monkeypatch)
         assert str(tmp_path / paths.LOCK_FILE) in message and "another --workdir" in message
         assert not (tmp_path / "checkpoints").exists()
 
-        result = run_cli(train_command(tmp_path), timeout=120)
+        result = train_in_process(train_command(tmp_path)[3:])
         assert result.returncode == 2
         assert f"pid {holder.pid}" in last_error_line(result.stderr)
     finally:
@@ -132,12 +136,12 @@ def _wait_for_holder(path, timeout=120):
 @pytest.mark.slow
 def test_multi_worker_run_shares_its_workdir_and_still_keeps_others_out(tmp_path):
     """Two workers of one run share the workdir (only the chief locks it); a third trainer is kept out."""
-    processes = start_local_workers(tmp_path, epochs=2, steps=6)
+    processes = start_local_workers(tmp_path, epochs=1, steps=4)
     try:
         holder = _wait_for_holder(tmp_path / paths.LOCK_FILE)
-        intruder = run_cli(train_command(tmp_path), timeout=120)
+        intruder = train_in_process(train_command(tmp_path)[3:])  # a fraction of a second: the run is still on
     finally:
-        finish_local_workers(processes, final_step=12)
+        finish_local_workers(processes, final_step=4)
     assert holder["pid"] == processes[0].pid  # the chief (worker 0) holds the lock, worker 1 does not need it
     assert intruder.returncode == 2 and f"pid {processes[0].pid}" in last_error_line(intruder.stderr)
     assert not (tmp_path / paths.LOCK_FILE).exists()
@@ -146,7 +150,7 @@ def test_multi_worker_run_shares_its_workdir_and_still_keeps_others_out(tmp_path
 @pytest.mark.slow
 def test_two_trainers_started_together_one_runs_one_stops(tmp_path):
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    processes = [subprocess.Popen(train_command(tmp_path, epochs=1, steps=6), cwd=REPO, env=environment,
+    processes = [subprocess.Popen(train_command(tmp_path, epochs=1, steps=2), cwd=REPO, env=environment,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=240) for p in processes]
     codes = sorted(p.returncode for p in processes)

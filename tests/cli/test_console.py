@@ -12,7 +12,7 @@ import time
 import pytest
 
 from bt_keras.cli import console
-from tests.helpers import CPP_INFO_OR_WARNING, REPO, SUBPROCESS_SCRIPTS
+from tests.helpers import CPP_INFO_OR_WARNING, REPO, SUBPROCESS_SCRIPTS, train_command
 
 PROBE = SUBPROCESS_SCRIPTS / "stderr_filter.py"
 FATAL = b"F0000 00:00:1796606688.7    3791 parse_flags_from_env.cc:234] Unknown flag in TF_XLA_FLAGS: --bogus_flag\n"
@@ -155,10 +155,9 @@ def test_quiet_start_changes_nothing_outside_a_bt_keras_command():
 
 
 def _train(tmp_path, *flags):
-    args = [sys.executable, "-m", "bt_keras.train", "--config=experiments/quickstart.py", f"--workdir={tmp_path}",
-            "--config.epochs=2", "--config.steps_per_epoch=2", "--config.batch_size=32", "--config.knn.every_epochs=1",
-            "--config.knn.train_examples=256", "--config.knn.test_examples=128", "--config.knn.baselines=False",
-            "--config.log_every_steps=1", *flags]
+    """`python -m bt_keras.train` as a user starts it (no TF_CPP_MIN_LOG_LEVEL, no BT_KERAS_VERBOSE): the tiny network
+    for one step, no kNN and no picture, since only what the console shows is read."""
+    args = train_command(tmp_path, "--config.picture_every_epochs=1000", *flags, epochs=1, steps=1)
     return subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
 
 

@@ -2,7 +2,10 @@
 SIGKILL, strategies, clear errors, the Keras callback protocol, and a full disk.
 
 Most runs use a tiny network on the embedded digits data so each takes seconds; the full quickstart (the README's
-main job) runs once, in tests/test_quickstart.py.
+main job) runs once, in tests/test_quickstart.py. A fresh `python -m bt_keras.train` process is started where the
+point is one (a signal, SIGKILL, the exit status of a poisoned update, the installed script, a full disk); the
+command's other behaviours run its entry point in-process (tests/in_process.py), without a TensorFlow import each.
+Runs whose figures nobody reads draw none (a picture every 1000 epochs: config.picture_every_epochs=0 is refused).
 """
 
 import errno
@@ -27,6 +30,11 @@ from bt_keras.train import resume
 from bt_keras.train.trainer import DiskFullError, NonFiniteLossError, Trainer
 from tests.helpers import (REPO, installed_script, last_error_line, resumed_step, run_cli, tiny_config, train_command,
                            trainer)
+from tests.in_process import train_in_process
+
+# For runs whose cross_correlation.png nobody reads: none drawn (the run ends long before epoch 1000).
+PICTURES_NEVER = 1000
+NO_PICTURES = f"--config.picture_every_epochs={PICTURES_NEVER}"
 
 
 def weights(path):
@@ -59,10 +67,10 @@ def test_training_writes_checkpoints_logs_and_events_then_resumes(uninterrupted,
     assert json.loads((workdir / "encoder.json").read_text())["step"] == 24
     assert tf.train.latest_checkpoint(str(workdir / "checkpoints")).endswith("ckpt-24")
 
-    # Running again with a longer schedule continues from step 24 instead of starting over.
+    # Running again with a longer schedule continues from step 24 instead of starting over (the command in-process).
     rerun = tmp_path / "rerun"
-    subprocess.run(["cp", "-r", str(workdir), str(rerun)], check=True)
-    result = run_cli(train_command(rerun, epochs=5, steps=6))
+    shutil.copytree(workdir, rerun)
+    result = train_in_process(train_command(rerun, NO_PICTURES, epochs=5, steps=6)[3:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Finished at step 30" in result.stdout
     assert json.loads((rerun / "encoder.json").read_text())["step"] == 30
@@ -71,7 +79,7 @@ def test_training_writes_checkpoints_logs_and_events_then_resumes(uninterrupted,
 def _resume_to_the_end_and_compare(workdir, uninterrupted, label: str):
     """Runs the 4 x 6-step command again in `workdir` and checks it ends equal to the uninterrupted run, bit for bit;
     returns the resumed run's result."""
-    result = run_cli(train_command(workdir, epochs=4, steps=6))
+    result = run_cli(train_command(workdir, NO_PICTURES, epochs=4, steps=6))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Finished at step 24" in result.stdout
     difference = max_difference(weights(uninterrupted / "barlow_twins.keras"), weights(workdir / "barlow_twins.keras"))
@@ -80,36 +88,8 @@ def _resume_to_the_end_and_compare(workdir, uninterrupted, label: str):
     return result
 
 
-@pytest.mark.slow
-@pytest.mark.hostile
-def test_sigkill_mid_training_resumes_bit_exactly(uninterrupted, tmp_path):
-    workdir = tmp_path / "killed"
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    process = subprocess.Popen(train_command(workdir, epochs=4, steps=6), cwd=REPO, env=environment,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    def latest_step():  # ckpt-0 (the initialisation) is written first; wait for one written by training
-        latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
-        return int(latest.rsplit("-", 1)[1]) if latest else -1
-
-    deadline = time.time() + 180
-    while latest_step() < 6 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(30) == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (workdir / "encoder.keras").exists()
-    # Every checkpoint the index names is complete (data + index files), whatever moment the kill hit.
-    state = tf.train.get_checkpoint_state(str(workdir / "checkpoints"))
-    for path in state.all_model_checkpoint_paths:
-        assert Path(path + ".index").exists() and list(Path(path).parent.glob(Path(path).name + ".data-*"))
-    killed_at = int(state.model_checkpoint_path.rsplit("-", 1)[1])
-    assert 6 <= killed_at < 24
-
-    _resume_to_the_end_and_compare(workdir, uninterrupted, f"killed after step {killed_at}")
-
-
-@pytest.mark.slow
 def test_unknown_strategy_is_a_clear_flag_error(tmp_path):
-    result = run_cli(train_command(tmp_path, "--strategy=horovod"), timeout=120)
+    result = train_in_process(train_command(tmp_path, "--strategy=horovod")[3:])
     assert result.returncode != 0
     assert "--strategy" in result.stderr and "mirrored" in result.stderr
 
@@ -130,13 +110,13 @@ def test_batch_not_divisible_by_replicas_fails_before_building(tmp_path):
 def test_keep_checkpoints_keeps_ckpt_0_the_initialisation(tmp_path):
     """keep_checkpoints counts the newest checkpoints; ckpt-0 (the random-initialisation baseline) is kept besides
     them, on disk and in the index, and the run still resumes from its newest."""
-    trainer(tmp_path, epochs=3, keep_checkpoints=1).run()
+    trainer(tmp_path, epochs=3, keep_checkpoints=1, picture_every_epochs=PICTURES_NEVER).run()
     assert [p.name for p in paths.latest_checkpoints(tmp_path)] == ["ckpt-0", "ckpt-9"]
     state = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
     assert [Path(p).name for p in state.all_model_checkpoint_paths] == ["ckpt-0", "ckpt-9"]
     assert Path(state.model_checkpoint_path).name == "ckpt-9"
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(("ckpt-3", "ckpt-6"))]
-    assert resumed_step(tmp_path, epochs=4, keep_checkpoints=1) == 9
+    assert resumed_step(tmp_path, epochs=4, keep_checkpoints=1, picture_every_epochs=PICTURES_NEVER) == 9
 
 @pytest.mark.hostile
 def test_unwritable_workdir(tmp_path):
@@ -147,35 +127,27 @@ def test_unwritable_workdir(tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    Trainer(tiny_config(epochs=1), tmp_path, tf.distribute.get_strategy()).run()
-    good = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
-    config = tiny_config(epochs=3)
-    config.optimizer.lr_weights = 1e30
-    config.optimizer.lr_biases = 1e30
-    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):  # a deliberate change of the resumed run
-        Trainer(config, tmp_path, tf.distribute.get_strategy(), allow_config_change=True).run()
-    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")) == good
-    tf.train.Checkpoint().read(good).expect_partial()  # still readable
-
-
-
-@pytest.mark.slow
-def test_a_non_finite_stop_under_allow_config_change_leaves_the_recipe_of_the_last_good_checkpoint(tmp_path):
-    """A start with changed values that diverges before saving anything puts config.json back as the config of the
-    last good checkpoint, so the original recipe resumes it (not refused as a changed config)."""
-    trainer(tmp_path, epochs=1).run()
-    before = (tmp_path / "config.json").read_bytes()
-    diverging = tiny_config(epochs=3)
+def test_a_non_finite_stop_keeps_the_last_good_checkpoint_and_puts_its_recipe_back(run_copy):
+    """A resumed start with changed values (here a learning rate that diverges) that goes non-finite before saving
+    anything stops with NonFiniteLossError naming the last good checkpoint, which stays the latest and readable; and,
+    under allow_config_change, config.json is put back as the config of that checkpoint, so the original recipe
+    resumes it (not refused as a changed config). (One diverging run checks both; they were two tests of the same
+    scenario, each training its own first epoch instead of reading conftest.py's finished run.)"""
+    good = tf.train.latest_checkpoint(str(run_copy / "checkpoints"))
+    before = (run_copy / "config.json").read_bytes()
+    diverging = tiny_config(epochs=3, picture_every_epochs=PICTURES_NEVER)
     diverging.optimizer.lr_weights = diverging.optimizer.lr_biases = 1e30
-    with pytest.raises(NonFiniteLossError) as raised:
-        Trainer(diverging, tmp_path, tf.distribute.get_strategy(), allow_config_change=True).run()
-    assert resumed_step(tmp_path, epochs=1) == 3  # the original recipe, no --allow_config_change
-    assert "is again the config that wrote ckpt-3" in str(raised.value) and "\n" not in str(raised.value)
-    assert (tmp_path / "config.json").read_bytes() == before
-    recorded, reverted = [json.loads(line) for line in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint") as raised:
+        Trainer(diverging, run_copy, tf.distribute.get_strategy(), allow_config_change=True).run()
+    assert good.endswith("ckpt-6") and tf.train.latest_checkpoint(str(run_copy / "checkpoints")) == good
+    tf.train.Checkpoint().read(good).expect_partial()  # still readable
+    assert resumed_step(run_copy) == 6  # the original recipe (finished_run's), no --allow_config_change
+    assert "is again the config that wrote ckpt-6" in str(raised.value) and "\n" not in str(raised.value)
+    assert (run_copy / "config.json").read_bytes() == before
+    recorded, reverted = [json.loads(line) for line in (run_copy / "config_changes.jsonl").read_text().splitlines()]
     assert reverted["changes"]["optimizer.lr_weights"] == {"old": 1e30, "new": recorded["changes"][
-        "optimizer.lr_weights"]["old"]} and "ckpt-3" in reverted["reverted"]
+        "optimizer.lr_weights"]["old"]} and "ckpt-6" in reverted["reverted"]
+
 
 STOP_WHEN_BAD = """import keras, numpy as np
 
@@ -210,8 +182,8 @@ def test_an_update_that_poisons_the_weights_right_before_a_save_is_never_saved(r
     before = {name: (run_copy / name).read_bytes() for name in ("encoder.keras", "encoder.json", "barlow_twins.keras")}
     # No logging step reads the flag before the save: only the save's own check stands in the way.
     result = run_cli(train_command(run_copy, "--config.optimizer.eta=1e8", "--allow_config_change",
-                                   "--config.log_every_steps=1000", "--callbacks=stop_when_bad:callback", epochs=6,
-                                   steps=3),
+                                   "--config.log_every_steps=1000", "--callbacks=stop_when_bad:callback", NO_PICTURES,
+                                   epochs=6, steps=3),
                      env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-3000:]
     line = last_error_line(result.stderr)
@@ -247,8 +219,8 @@ def test_a_non_finite_loss_is_named_as_the_loss(tmp_path):
 
 def start_training(workdir, *extra, epochs=4, steps=6, env=None):
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    return subprocess.Popen(train_command(workdir, *extra, epochs=epochs, steps=steps), cwd=REPO, env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(train_command(workdir, NO_PICTURES, *extra, epochs=epochs, steps=steps), cwd=REPO,
+                            env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_logged_step(process, workdir, step, timeout=180):
@@ -274,9 +246,21 @@ def latest_checkpoint_step(workdir) -> int:
     return int(latest.rsplit("-", 1)[1]) if latest else -1
 
 
+def _assert_complete_checkpoints(workdir):
+    """Every checkpoint the index names is complete (data + index files), whatever moment a kill hit."""
+    state = tf.train.get_checkpoint_state(str(workdir / "checkpoints"))
+    for path in state.all_model_checkpoint_paths:
+        assert Path(path + ".index").exists() and list(Path(path).parent.glob(Path(path).name + ".data-*"))
+
+
 @pytest.mark.slow
 @pytest.mark.hostile
-def test_sigterm_finishes_the_step_saves_it_and_resumes_bit_exactly(uninterrupted, tmp_path):
+def test_sigterm_then_sigkill_then_resume_ends_bit_exactly_as_the_uninterrupted_run(uninterrupted, tmp_path):
+    """One 4 x 6-step run, stopped twice: a SIGTERM (exit 143: the step in flight finishes, its checkpoint is saved,
+    one line says so), then its resumed run is SIGKILLed after it wrote a checkpoint of its own (every checkpoint
+    left complete), then resumed to the end: the weights equal the uninterrupted run's bit for bit, which only holds
+    if both resumes were exact. (These were two runs of the uninterrupted schedule, each interrupted once and resumed;
+    one chain makes the same checks with one process less.)"""
     workdir = tmp_path / "preempted"
     process = start_training(workdir)
     wait_for_logged_step(process, workdir, 8)  # past the epoch-end checkpoint ckpt-6
@@ -288,11 +272,26 @@ def test_sigterm_finishes_the_step_saves_it_and_resumes_bit_exactly(uninterrupte
     assert len(said) == 1, out + err
     step = int(re.search(r"Interrupted \(SIGTERM\) at step (\d+): checkpoint ckpt-\1 saved; run the same command "
                          r"to resume\.", said[0]).group(1))
-    assert latest_checkpoint_step(workdir) == step and 8 <= step < 24
+    assert latest_checkpoint_step(workdir) == step and 8 <= step < 18  # an epoch-end checkpoint is left to reach
     assert not (workdir / "encoder.keras").exists()  # the run is not over
 
-    result = _resume_to_the_end_and_compare(workdir, uninterrupted, f"SIGTERM after step {step}")
-    assert f"Resuming from {workdir / 'checkpoints' / f'ckpt-{step}'} at step {step}." in result.stdout
+    # Resumed, then killed once it has saved a checkpoint of its own (ckpt-0 of the first start is long written).
+    process = start_training(workdir)
+    deadline = time.time() + 180
+    while latest_checkpoint_step(workdir) <= step and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    out, _ = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert f"Resuming from {workdir / 'checkpoints' / f'ckpt-{step}'} at step {step}." in out
+    assert not (workdir / "encoder.keras").exists()
+    _assert_complete_checkpoints(workdir)
+    killed_at = latest_checkpoint_step(workdir)
+    assert step < killed_at < 24
+
+    result = _resume_to_the_end_and_compare(workdir, uninterrupted, f"SIGTERM after step {step}, SIGKILL after "
+                                                                    f"step {killed_at}")
+    assert f"Resuming from {workdir / 'checkpoints' / f'ckpt-{killed_at}'} at step {killed_at}." in result.stdout
 
 
 @pytest.mark.slow
@@ -364,7 +363,8 @@ class StepCounter(keras.callbacks.Callback):
 @pytest.mark.slow
 def test_batch_hooks_run_every_step_and_logs_record_every_metric(tmp_path):
     counter = StepCounter()
-    Trainer(tiny_config(log_every_steps=2), tmp_path, tf.distribute.get_strategy()).run([counter])
+    Trainer(tiny_config(log_every_steps=2, picture_every_epochs=PICTURES_NEVER), tmp_path,
+            tf.distribute.get_strategy()).run([counter])
     assert counter.begins == counter.ends == 6 and counter.steps == [1, 2, 3, 4, 5, 6]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [line for line in lines if line["kind"] == "train"]
@@ -393,18 +393,20 @@ def test_terminate_on_nan_stops_at_the_first_bad_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_early_stopping_passed_on_the_command_line_stops_training(tmp_path):
+def test_early_stopping_passed_on_the_command_line_stops_training(tmp_path, monkeypatch):
+    """The command (in-process) loads a callback module from the path and the loop obeys its stop."""
     (tmp_path / "my_callbacks.py").write_text(
         "import keras\n\n\ndef early_stopping():\n"
         "    return keras.callbacks.EarlyStopping(monitor='loss', patience=0, min_delta=1e9)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # what PYTHONPATH does for the command
     workdir = tmp_path / "run"
-    result = run_cli(train_command(workdir, "--callbacks=my_callbacks:early_stopping", epochs=5, steps=2),
-                     env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    result = train_in_process(train_command(workdir, "--callbacks=my_callbacks:early_stopping", NO_PICTURES, epochs=5,
+                                            steps=2)[3:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Finished at step 4" in result.stdout  # epoch 2 of 5: no improvement of 1e9 -> stop
     assert json.loads((workdir / "encoder.json").read_text())["step"] == 4
     assert tf.train.latest_checkpoint(str(workdir / "checkpoints")).endswith("ckpt-4")
-    bad = run_cli(train_command(tmp_path / "bad", "--callbacks=no_such_module:thing"))
+    bad = train_in_process(train_command(tmp_path / "bad", "--callbacks=no_such_module:thing")[3:])
     assert bad.returncode == 2 and "--callbacks='no_such_module:thing'" in bad.stderr
 
 
@@ -416,7 +418,7 @@ def test_early_stopping_passed_on_the_command_line_stops_training(tmp_path):
 def test_disk_full_on_save_keeps_the_previous_checkpoint(run_copy, monkeypatch):
     """In-process: the checkpoint save fails as TensorFlow fails on a full disk, after leaving its temp folder."""
     folder = run_copy / "checkpoints"
-    t = trainer(run_copy, epochs=3)
+    t = trainer(run_copy, epochs=3, picture_every_epochs=PICTURES_NEVER)
 
     def full_disk_save(checkpoint_number=None, **kwargs):
         (folder / f"ckpt-{checkpoint_number}_temp").mkdir()

@@ -47,6 +47,7 @@ def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
     # Its own buffer: absl's first app.run removes the root's handlers that write to sys.stderr (here `stderr`).
     log_lines = logging.StreamHandler(logs)
     log_lines.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    gc.collect()  # what earlier code left (a restore status whose warnings would land here) is collected first
     root.addHandler(log_lines)  # TensorFlow's logger passes its records on to the root's too
     returncode = 0
     _clear_flags()

@@ -6,11 +6,7 @@
 export/README.md describes the signatures and how to serve the export.
 """
 
-from absl import flags
-
-from bt_keras.cli import export as export_cli
-
-flags.adopt_module_key_flags(export_cli)  # --help lists the export's flags
+from bt_keras.cli import export as export_cli  # its run() defines the flags and lists them in --help
 
 if __name__ == "__main__":
     export_cli.run()

@@ -68,11 +68,10 @@ def main(argv) -> None:
           f"--model_name={f.model_name} --model_base_path={base}")
 
 
-_define_flags()
-
-
 def run():
-    """Console entry point (`bt-keras-export`)."""
+    """Console entry point (`bt-keras-export`). The flags are defined here, not on import: two of them are required,
+    and a process that imports this module for `main` (a test, a notebook) must still parse other commands' flags."""
+    _define_flags()
     list_flags_in_help(__name__, doc=__doc__)
     app.run(main)
 

@@ -128,7 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_epochs = 1
     c.keep_checkpoints = 3  # the newest checkpoints kept; ckpt-0 (the initialisation) is kept besides them
     c.log_every_steps = 10
-    c.picture_every_epochs = 1
+    c.picture_every_epochs = 1  # 0: no picture of C (no TensorBoard image, cross_correlation.png or .npy)
+    c.report = True  # report.png when training ends; False: none (`python -m bt_keras.report WORKDIR` draws it)
     c.knn = ml_collections.ConfigDict()
     c.knn.every_epochs = 0  # 0: no online kNN monitor
     c.knn.train_split = "train"

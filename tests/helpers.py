@@ -311,8 +311,12 @@ def last_error_line(stderr: str) -> str:
 
 # ------------------------------------------------------------------ the tiny training run: the command and the loop
 
+# The tiny runs draw no picture of C and no report (about 5 CPU-s of matplotlib and a second input pipeline per run);
+# the tests that read them ask for them (PICTURES).
 TINY = ["--config.backbone=resnet18", "--config.width_multiplier=0.125", "--config.blocks=(1,1)",
-        "--config.projector=64-64", "--config.batch_size=32", "--config.knn.every_epochs=0", "--config.log_every_steps=2"]
+        "--config.projector=64-64", "--config.batch_size=32", "--config.knn.every_epochs=0", "--config.log_every_steps=2",
+        "--config.picture_every_epochs=0", "--config.report=False"]
+PICTURES = ("--config.picture_every_epochs=1", "--config.report=True")  # after TINY: the run's figures drawn
 
 
 def train_command(workdir, *extra, epochs=2, steps=3):
@@ -328,13 +332,14 @@ def run_cli(args, env=None, timeout=240):
 
 
 def tiny_config(**overrides):
-    """The quickstart recipe's config with TINY's network: two epochs of three steps."""
+    """The quickstart recipe's config with TINY's network, no picture of C and no report: two epochs of three
+    steps."""
     sys.path.insert(0, str(REPO / "experiments"))
     import quickstart
 
     config = quickstart.get_config()
     config.update(dict(backbone="resnet18", width_multiplier=0.125, blocks=(1, 1), projector="64-64", batch_size=32,
-                       epochs=2, steps_per_epoch=3))
+                       epochs=2, steps_per_epoch=3, picture_every_epochs=0, report=False))
     config.knn.every_epochs = 0
     config.update(overrides)
     return config

@@ -237,9 +237,6 @@ def default_callbacks(config, workdir, run, enabled: bool = True) -> list[keras.
     non-chief workers."""
     if not enabled:
         return []
-    fixed = pretrain.pretrain_dataset(config.dataset, global_batch_size=min(config.batch_size, 256), views=run.views,
-                                      data_dir=config.data_dir, download=config.download, split=config.split,
-                                      seed=config.seed + 1, repeat=False, cache=False, shuffle_buffer=1024)
     splits, knn = labelled_splits(config, run.info), config.knn
     monitor = table = None
     if splits is not None:
@@ -248,8 +245,19 @@ def default_callbacks(config, workdir, run, enabled: bool = True) -> list[keras.
         monitor.print_epochs = False  # the progress line shows it
         table = baselines.BaselineTable(config, workdir, splits, run.info.num_classes) if knn.baselines else None
     result = [monitor, online_probe_monitor_from_config(config, run), table,
-              CrossCorrelationPicture(next(iter(fixed)), workdir, every_epochs=config.picture_every_epochs),
+              correlation_picture_from_config(config, run, workdir),
               progress.ProgressLines(config.epochs, run.steps_per_epoch),
               MetricsLogger(workdir, every_steps=config.log_every_steps),
-              TrainingReport(workdir)]
+              TrainingReport(workdir) if config.report else None]
     return [cb for cb in result if cb is not None]
+
+
+def correlation_picture_from_config(config, run, workdir) -> CrossCorrelationPicture | None:
+    """The picture of C every `config.picture_every_epochs` epochs, on a fixed batch of view pairs drawn with the
+    run's views and seed + 1; None when that is 0 (then no fixed batch is built either)."""
+    if not config.picture_every_epochs:
+        return None
+    fixed = pretrain.pretrain_dataset(config.dataset, global_batch_size=min(config.batch_size, 256), views=run.views,
+                                      data_dir=config.data_dir, download=config.download, split=config.split,
+                                      seed=config.seed + 1, repeat=False, cache=False, shuffle_buffer=1024)
+    return CrossCorrelationPicture(next(iter(fixed)), workdir, every_epochs=config.picture_every_epochs)

@@ -76,7 +76,7 @@ def config_problems(config) -> list[str]:
     integer("keep_checkpoints", 1)
     integer("log_every_steps", 1)
     integer("checkpoint_every_epochs", 1)
-    integer("picture_every_epochs", 1)
+    integer("picture_every_epochs", 0, " (0: no picture of C)")
     integer("shuffle_buffer", 0)
     integer("seed", 0)
     if "knn" in config:

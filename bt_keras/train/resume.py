@@ -42,7 +42,7 @@ INDEX_FILE = "checkpoint"  # tf.train.CheckpointManager's index of a checkpoint 
 # Every other field changes the model, the optimisation or the data stream.
 HARMLESS_FIELDS = frozenset({
     "name", "data_dir", "download", "epochs", "log_every_steps", "keep_checkpoints", "checkpoint_every_epochs",
-    "picture_every_epochs", "jit_compile", "fast_paths", "data_service_stall_s",
+    "picture_every_epochs", "report", "jit_compile", "fast_paths", "data_service_stall_s",
 })
 HARMLESS_PREFIXES = ("knn.",)
 

@@ -157,7 +157,7 @@ def test_quiet_start_changes_nothing_outside_a_bt_keras_command():
 def _train(tmp_path, *flags):
     """`python -m bt_keras.train` as a user starts it (no TF_CPP_MIN_LOG_LEVEL, no BT_KERAS_VERBOSE): the tiny network
     for one step, no kNN and no picture, since only what the console shows is read."""
-    args = train_command(tmp_path, "--config.picture_every_epochs=1000", *flags, epochs=1, steps=1)
+    args = train_command(tmp_path, *flags, epochs=1, steps=1)
     return subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
 
 

@@ -112,8 +112,7 @@ def runs(folder, tmp_path_factory):
     SIGTERM after step 8 (in the second epoch) and resumed to the end. Returns the workdirs and the whole run's steps
     per epoch."""
     root = tmp_path_factory.mktemp("runs")
-    overrides = dict(dataset=f"folder:{folder}", batch_size=BATCH, steps_per_epoch=None, epochs=2, seed=5,
-                     picture_every_epochs=100)  # no C pictures: nothing here reads them
+    overrides = dict(dataset=f"folder:{folder}", batch_size=BATCH, steps_per_epoch=None, epochs=2, seed=5)
     whole = trainer(root / "whole", **overrides)
     whole.run()
     with pytest.raises(Interrupted):

@@ -205,8 +205,7 @@ class _SlowSteps(keras.callbacks.Callback):
 def test_training_through_the_service_uses_both_workers(shared_cluster, tmp_path):
     cluster = shared_cluster
     # 32 steps: the client buffers the first worker's early batches, so the second's arrive after those.
-    config = tiny_config(data_service=cluster.address, augment_on="accelerator", epochs=4, steps_per_epoch=8,
-                         picture_every_epochs=100)  # no C pictures: not read here
+    config = tiny_config(data_service=cluster.address, augment_on="accelerator", epochs=4, steps_per_epoch=8)
     trainer = Trainer(config, tmp_path / "run", tf.distribute.get_strategy())
     # The tiny model steps in ~40 ms; a real step is slower. Until the second worker (which starts a new epoch) has
     # delivered, each step waits up to 3 s (at most 60 s in all), as the workers would see under a real model.
@@ -267,7 +266,7 @@ def test_epoch_keyed_streams_are_seeded_and_distinct_per_epoch():
 @pytest.mark.hostile
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_does_not_stop_training(cluster, tmp_path):
-    config = tiny_config(data_service=cluster.address, epochs=4, steps_per_epoch=8, picture_every_epochs=100)
+    config = tiny_config(data_service=cluster.address, epochs=4, steps_per_epoch=8)
     trainer = Trainer(config, tmp_path / "run", tf.distribute.get_strategy())
     times = _StepTimes(cluster.workers, kill_after=6, served=lambda: data_service.served(trainer.served_key))
     result = {}
@@ -400,8 +399,7 @@ def test_a_dispatcher_that_dies_mid_run_ends_it_with_one_line_naming_it_and_no_l
         process = subprocess.Popen(
             [sys.executable, "-m", "bt_keras.train", f"--config={QUICKSTART}", f"--workdir={workdir}",
              f"--data_service={cluster.address}", *TINY, "--config.epochs=50", "--config.steps_per_epoch=4",
-             "--config.log_every_steps=1", "--config.data_service_stall_s=5",
-             "--config.picture_every_epochs=1000"],
+             "--config.log_every_steps=1", "--config.data_service_stall_s=5"],
             cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
         deadline = time.monotonic() + START_TIMEOUT

@@ -103,7 +103,7 @@ def test_a_run_whose_gradients_never_fit_float16_stops_instead_of_finishing(tmp_
     so the run stops as a non-finite loss does, keeping the last good checkpoint."""
     from bt_keras.train.trainer import NonFiniteLossError
 
-    config = tiny_config(precision="mixed_float16", log_every_steps=1, picture_every_epochs=100)
+    config = tiny_config(precision="mixed_float16", log_every_steps=1)
     trainer = Trainer(config, tmp_path, tf.distribute.get_strategy())
     trainer.model.optimizer.dynamic_scale.assign(0.5)
     with pytest.raises(NonFiniteLossError, match=r"loss scale fell to 0\.5 .* none of them trained") as error:
@@ -127,7 +127,7 @@ def test_a_mixed_run_ends_on_schedule_resumes_exactly_and_saves_a_float32_encode
     run is also stopped after an epoch and resumed (exactly), and refused by another precision. mixed_bfloat16's
     checkpoint is plain LARS, resumed by the code float32 runs resume with (tests/train/test_resume.py). The rerun of
     a finished mixed run, which trains nothing, is the command's test below."""
-    config = tiny_config(precision=policy, log_every_steps=1, picture_every_epochs=100)
+    config = tiny_config(precision=policy, log_every_steps=1)
     total = config.epochs * config.steps_per_epoch
     strategy = tf.distribute.get_strategy()
 
@@ -146,7 +146,7 @@ def test_a_mixed_run_ends_on_schedule_resumes_exactly_and_saves_a_float32_encode
         title = figures.figure(tmp_path / "whole")._suptitle.get_text()
         assert f"{int(skipped[-1])} step(s) skipped by loss scaling" in title
         # Its checkpoint holds the loss-scaling optimizer: no other precision resumes it.
-        other = tiny_config(precision="float32", log_every_steps=1, picture_every_epochs=100)
+        other = tiny_config(precision="float32", log_every_steps=1)
         with pytest.raises(ValueError, match="with --mixed_precision"):
             Trainer(other, tmp_path / "whole", strategy, allow_config_change=True)
     else:  # bfloat16 has float32's range: no loss scaling at all

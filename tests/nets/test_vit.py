@@ -92,7 +92,7 @@ def test_the_shipped_recipe_trains_two_steps_with_a_tiny_vit_and_its_encoder_rel
     config.projector = "64-64-64"
     config.batch_size, config.epochs, config.steps_per_epoch = 16, 1, 2
     config.knn.every_epochs, config.knn.baselines = 0, False  # as tests/test_recipes.py trains the other recipes
-    config.picture_every_epochs = 2  # more epochs than the run has: no picture of C, which is not read here
+    config.picture_every_epochs, config.report = 0, False  # no figures: none is read here
     trainer = Trainer(config, tmp_path / "run", tf.distribute.get_strategy())
     logs = trainer.run()
     assert trainer.step == 2 and np.isfinite(logs["loss"]), logs

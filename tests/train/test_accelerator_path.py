@@ -171,8 +171,7 @@ def test_xla_with_the_augmentation_on_the_device(tmp_path):
 
     losses = {}
     for xla in (False, True):
-        config = tiny_config(augment_on="accelerator", epochs=1, steps_per_epoch=2, jit_compile=xla,
-                             picture_every_epochs=100)
+        config = tiny_config(augment_on="accelerator", epochs=1, steps_per_epoch=2, jit_compile=xla)
         trainer = Trainer(config, tmp_path / f"xla_{xla}", tf.distribute.get_strategy())
         assert isinstance(trainer.model.device_augment, device_augment.DeviceAugment)
         assert set(trainer.dataset.element_spec) == device_augment.HOST_KEYS

@@ -5,7 +5,7 @@ Most runs use a tiny network on the embedded digits data so each takes seconds; 
 main job) runs once, in tests/test_quickstart.py. A fresh `python -m bt_keras.train` process is started where the
 point is one (a signal, SIGKILL, the exit status of a poisoned update, the installed script, a full disk); the
 command's other behaviours run its entry point in-process (tests/in_process.py), without a TensorFlow import each.
-Runs whose figures nobody reads draw none (a picture every 1000 epochs: config.picture_every_epochs=0 is refused).
+The tiny runs draw no figures (tests.helpers.TINY); the uninterrupted run, which checks them, asks for them.
 """
 
 import errno
@@ -28,14 +28,9 @@ import bt_keras  # noqa: F401  (registers the classes saved models need)
 from bt_keras import checkpoints, distribute, paths
 from bt_keras.train import resume
 from bt_keras.train.trainer import DiskFullError, NonFiniteLossError, Trainer
-from tests.helpers import (REPO, installed_script, last_error_line, resumed_step, run_cli, tiny_config, train_command,
+from tests.helpers import (PICTURES, REPO, installed_script, last_error_line, resumed_step, run_cli, tiny_config, train_command,
                            trainer)
 from tests.in_process import train_in_process
-
-# For runs whose cross_correlation.png nobody reads: none drawn (the run ends long before epoch 1000).
-PICTURES_NEVER = 1000
-NO_PICTURES = f"--config.picture_every_epochs={PICTURES_NEVER}"
-
 
 def weights(path):
     return keras.models.load_model(path).get_weights()
@@ -49,7 +44,7 @@ def max_difference(a, b):
 def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     # The installed bt-keras-train script (the other runs here use `python -m bt_keras.train`): one real use of it.
-    result = run_cli([installed_script("bt-keras-train"), *train_command(workdir, epochs=4, steps=6)[3:]])
+    result = run_cli([installed_script("bt-keras-train"), *train_command(workdir, *PICTURES, epochs=4, steps=6)[3:]])
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
@@ -58,7 +53,7 @@ def uninterrupted(tmp_path_factory):
 def test_training_writes_checkpoints_logs_and_events_then_resumes(uninterrupted, tmp_path):
     workdir = uninterrupted
     for name in ("encoder.keras", "encoder.json", "barlow_twins.keras", "config.json", "metrics.jsonl",
-                 "cross_correlation.png", "checkpoints/checkpoint"):
+                 "cross_correlation.png", "report.png", "checkpoints/checkpoint"):
         assert (workdir / name).exists(), name
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -70,7 +65,7 @@ def test_training_writes_checkpoints_logs_and_events_then_resumes(uninterrupted,
     # Running again with a longer schedule continues from step 24 instead of starting over (the command in-process).
     rerun = tmp_path / "rerun"
     shutil.copytree(workdir, rerun)
-    result = train_in_process(train_command(rerun, NO_PICTURES, epochs=5, steps=6)[3:])
+    result = train_in_process(train_command(rerun, epochs=5, steps=6)[3:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Finished at step 30" in result.stdout
     assert json.loads((rerun / "encoder.json").read_text())["step"] == 30
@@ -79,13 +74,21 @@ def test_training_writes_checkpoints_logs_and_events_then_resumes(uninterrupted,
 def _resume_to_the_end_and_compare(workdir, uninterrupted, label: str):
     """Runs the 4 x 6-step command again in `workdir` and checks it ends equal to the uninterrupted run, bit for bit;
     returns the resumed run's result."""
-    result = run_cli(train_command(workdir, NO_PICTURES, epochs=4, steps=6))
+    result = run_cli(train_command(workdir, epochs=4, steps=6))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Finished at step 24" in result.stdout
     difference = max_difference(weights(uninterrupted / "barlow_twins.keras"), weights(workdir / "barlow_twins.keras"))
     print(f"{label}; max |w_resumed - w_uninterrupted| = {difference}")
     assert difference == 0.0
     return result
+
+
+def test_a_run_with_the_picture_and_the_report_off_draws_neither(finished_run):
+    """config.picture_every_epochs=0 and config.report=False (the tiny runs' settings): no picture of C, none of its
+    data, no report; the run itself is whole."""
+    for name in (paths.CORRELATION_PICTURE, paths.CORRELATION_DATA, paths.CORRELATION_INFO, paths.REPORT_PICTURE):
+        assert not (finished_run / name).exists(), name
+    assert (finished_run / "encoder.keras").exists()
 
 
 def test_unknown_strategy_is_a_clear_flag_error(tmp_path):
@@ -110,13 +113,13 @@ def test_batch_not_divisible_by_replicas_fails_before_building(tmp_path):
 def test_keep_checkpoints_keeps_ckpt_0_the_initialisation(tmp_path):
     """keep_checkpoints counts the newest checkpoints; ckpt-0 (the random-initialisation baseline) is kept besides
     them, on disk and in the index, and the run still resumes from its newest."""
-    trainer(tmp_path, epochs=3, keep_checkpoints=1, picture_every_epochs=PICTURES_NEVER).run()
+    trainer(tmp_path, epochs=3, keep_checkpoints=1).run()
     assert [p.name for p in paths.latest_checkpoints(tmp_path)] == ["ckpt-0", "ckpt-9"]
     state = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
     assert [Path(p).name for p in state.all_model_checkpoint_paths] == ["ckpt-0", "ckpt-9"]
     assert Path(state.model_checkpoint_path).name == "ckpt-9"
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(("ckpt-3", "ckpt-6"))]
-    assert resumed_step(tmp_path, epochs=4, keep_checkpoints=1, picture_every_epochs=PICTURES_NEVER) == 9
+    assert resumed_step(tmp_path, epochs=4, keep_checkpoints=1) == 9
 
 @pytest.mark.hostile
 def test_unwritable_workdir(tmp_path):
@@ -135,7 +138,7 @@ def test_a_non_finite_stop_keeps_the_last_good_checkpoint_and_puts_its_recipe_ba
     scenario, each training its own first epoch instead of reading conftest.py's finished run.)"""
     good = tf.train.latest_checkpoint(str(run_copy / "checkpoints"))
     before = (run_copy / "config.json").read_bytes()
-    diverging = tiny_config(epochs=3, picture_every_epochs=PICTURES_NEVER)
+    diverging = tiny_config(epochs=3)
     diverging.optimizer.lr_weights = diverging.optimizer.lr_biases = 1e30
     with pytest.raises(NonFiniteLossError, match="last good checkpoint") as raised:
         Trainer(diverging, run_copy, tf.distribute.get_strategy(), allow_config_change=True).run()
@@ -182,7 +185,7 @@ def test_an_update_that_poisons_the_weights_right_before_a_save_is_never_saved(r
     before = {name: (run_copy / name).read_bytes() for name in ("encoder.keras", "encoder.json", "barlow_twins.keras")}
     # No logging step reads the flag before the save: only the save's own check stands in the way.
     result = run_cli(train_command(run_copy, "--config.optimizer.eta=1e8", "--allow_config_change",
-                                   "--config.log_every_steps=1000", "--callbacks=stop_when_bad:callback", NO_PICTURES,
+                                   "--config.log_every_steps=1000", "--callbacks=stop_when_bad:callback",
                                    epochs=6, steps=3),
                      env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-3000:]
@@ -219,7 +222,7 @@ def test_a_non_finite_loss_is_named_as_the_loss(tmp_path):
 
 def start_training(workdir, *extra, epochs=4, steps=6, env=None):
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    return subprocess.Popen(train_command(workdir, NO_PICTURES, *extra, epochs=epochs, steps=steps), cwd=REPO,
+    return subprocess.Popen(train_command(workdir, *extra, epochs=epochs, steps=steps), cwd=REPO,
                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -363,7 +366,7 @@ class StepCounter(keras.callbacks.Callback):
 @pytest.mark.slow
 def test_batch_hooks_run_every_step_and_logs_record_every_metric(tmp_path):
     counter = StepCounter()
-    Trainer(tiny_config(log_every_steps=2, picture_every_epochs=PICTURES_NEVER), tmp_path,
+    Trainer(tiny_config(log_every_steps=2), tmp_path,
             tf.distribute.get_strategy()).run([counter])
     assert counter.begins == counter.ends == 6 and counter.steps == [1, 2, 3, 4, 5, 6]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -400,7 +403,7 @@ def test_early_stopping_passed_on_the_command_line_stops_training(tmp_path, monk
         "    return keras.callbacks.EarlyStopping(monitor='loss', patience=0, min_delta=1e9)\n")
     monkeypatch.syspath_prepend(str(tmp_path))  # what PYTHONPATH does for the command
     workdir = tmp_path / "run"
-    result = train_in_process(train_command(workdir, "--callbacks=my_callbacks:early_stopping", NO_PICTURES, epochs=5,
+    result = train_in_process(train_command(workdir, "--callbacks=my_callbacks:early_stopping", epochs=5,
                                             steps=2)[3:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Finished at step 4" in result.stdout  # epoch 2 of 5: no improvement of 1e9 -> stop
@@ -418,7 +421,7 @@ def test_early_stopping_passed_on_the_command_line_stops_training(tmp_path, monk
 def test_disk_full_on_save_keeps_the_previous_checkpoint(run_copy, monkeypatch):
     """In-process: the checkpoint save fails as TensorFlow fails on a full disk, after leaving its temp folder."""
     folder = run_copy / "checkpoints"
-    t = trainer(run_copy, epochs=3, picture_every_epochs=PICTURES_NEVER)
+    t = trainer(run_copy, epochs=3)
 
     def full_disk_save(checkpoint_number=None, **kwargs):
         (folder / f"ckpt-{checkpoint_number}_temp").mkdir()

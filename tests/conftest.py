@@ -22,10 +22,10 @@ tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceCon
 
 
 
-# The files that take longest (CI's --durations), started first: the two xdist workers take whole files in collection
+# The files that take longest (CI's --durations), started first: the xdist workers take whole files in collection
 # order, and the quickstart's three minutes, collected near the end, ran alone while the other worker sat idle.
-LONGEST_FIRST = ("tests/test_quickstart.py", "tests/benchmarks/test_scaling.py", "tests/data/test_service.py",
-                 "tests/benchmarks/test_accelerator.py", "tests/train/test_trainer.py", "tests/train/test_sharding.py")
+LONGEST_FIRST = ("tests/test_quickstart.py", "tests/train/test_sharding.py", "tests/benchmarks/test_accelerator.py",
+                 "tests/train/test_trainer.py", "tests/data/test_service.py", "tests/method/test_precision.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -5,11 +5,7 @@
 Needs `pip install -e ".[onnx]"`; export/README.md ("ONNX") describes the model's contract.
 """
 
-from absl import flags
-
-from bt_keras.cli import onnx as onnx_cli
-
-flags.adopt_module_key_flags(onnx_cli)  # --help lists the export's flags
+from bt_keras.cli import onnx as onnx_cli  # its run() defines the flags and lists them in --help
 
 if __name__ == "__main__":
     onnx_cli.run()

@@ -19,11 +19,13 @@ from bt_keras.assembly import artifacts
 from bt_keras.cli import list_flags_in_help
 from bt_keras.serving.onnx_export import export_onnx
 
-flags.DEFINE_string("checkpoint", None, "Training workdir, converted folder, encoder.keras or BarlowTwins .keras.")
-flags.DEFINE_string("output", None, "The .onnx file to write.")
-flags.DEFINE_bool("l2_normalize", False, "Output L2-normalised embeddings.")
-flags.DEFINE_integer("opset", None, "ONNX opset (default: tf2onnx's).")
-flags.mark_flags_as_required(["checkpoint", "output"])
+
+def _define_flags():
+    flags.DEFINE_string("checkpoint", None, "Training workdir, converted folder, encoder.keras or BarlowTwins .keras.")
+    flags.DEFINE_string("output", None, "The .onnx file to write.")
+    flags.DEFINE_bool("l2_normalize", False, "Output L2-normalised embeddings.")
+    flags.DEFINE_integer("opset", None, "ONNX opset (default: tf2onnx's).")
+    flags.mark_flags_as_required(["checkpoint", "output"])
 
 
 def main(argv) -> None:
@@ -45,7 +47,9 @@ def main(argv) -> None:
 
 
 def run() -> None:
-    """Console entry point (`bt-keras-export-onnx`)."""
+    """Console entry point (`bt-keras-export-onnx`). The flags are defined here, not on import: two of them are
+    required, and a process that imports this module for `main` must still parse other commands' flags."""
+    _define_flags()
     list_flags_in_help(__name__, doc=__doc__)
     app.run(main)
 

@@ -16,12 +16,16 @@ import atexit
 import json
 import os
 import runpy
+import signal
 import sys
 import tempfile
+import time
 import traceback
 
 import keras  # noqa: F401  (loaded once here: what every child would otherwise import again)
 import tensorflow  # noqa: F401
+
+CHILD_TIMEOUT_S = 60  # a --help takes about a second; one that hangs fails its own test, not all of them
 
 
 def help_text(kind: str, target: str) -> tuple[int, str]:
@@ -51,9 +55,25 @@ def help_text(kind: str, target: str) -> tuple[int, str]:
                 sys.stderr.flush()
                 atexit._run_exitfuncs()  # what the interpreter's exit runs: the quiet console's filter hands over
                 os._exit(code)
-        _, status = os.waitpid(pid, 0)
+        status = _wait(pid, CHILD_TIMEOUT_S)
         out.seek(0)
-        return os.waitstatus_to_exitcode(status), out.read().decode(errors="replace")
+        text = out.read().decode(errors="replace")
+        if status is None:  # a child forked while a TensorFlow thread held a lock can hang: name it, go on
+            return -9, f"{target} --help did not finish in {CHILD_TIMEOUT_S} s (killed)\n{text}"
+        return os.waitstatus_to_exitcode(status), text
+
+
+def _wait(pid: int, timeout: float) -> int | None:
+    """The child's wait status, or None after killing it when it ran `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
 
 
 def main() -> None:

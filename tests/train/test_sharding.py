@@ -97,6 +97,7 @@ def assert_same_steps(distributed, replay, kinds=("train", "epoch")):
 
 STEP_BY_STEP = ("--config.log_every_steps=1",)
 SLOW_STEPS = "--callbacks=tests.subprocess_scripts.slow_steps:make"  # 0.25 s a step: time to kill between two
+SLOWER_STEPS = "--callbacks=tests.subprocess_scripts.slow_steps:make_half_second"  # 0.5 s: to stop twice in 9 steps
 
 
 def _logged_step(workdir) -> int:
@@ -157,10 +158,10 @@ def test_multi_worker_run_preempted_then_a_worker_killed_resumes_each_time_as_on
     both stops instead of one run each: the same checks, one multi-worker start and one replay less.)"""
     run = tmp_path / "workers"
     # One step per epoch, the learning rate warming up over all 9 (over 2, the float32 round-off of 2 workers grows
-    # to 1.7% by step 8, measured: too near the 3-20% of the bugs this test is for). SLOW_STEPS leaves time to stop
-    # the run between two steps, twice before step 9.
+    # to 1.7% by step 8, measured: too near the 3-20% of the bugs this test is for). SLOWER_STEPS leaves time to stop
+    # the run between two steps, twice before step 9, on a loaded machine too (2.5 s from the SIGTERM to step 7).
     shape = dict(extra=(*STEP_BY_STEP, "--config.optimizer.warmup_epochs=9"), epochs=9, steps=1)
-    slow = {**shape, "extra": (*shape["extra"], SLOW_STEPS)}
+    slow = {**shape, "extra": (*shape["extra"], SLOWER_STEPS)}
 
     processes = start_local_workers(run, **slow)
     assert _wait_for_logged_step(run, 2, processes), "the run ended before it could be preempted"

@@ -220,6 +220,11 @@ def test_a_non_finite_loss_is_named_as_the_loss(tmp_path):
 # ---------------------------------------------------------------------------------------- SIGTERM and SIGINT
 
 
+# 0.25 s a step (a callback; the training is the same): a signal sent after step 8 lands before step 18, and a kill
+# after a checkpoint of the resumed run lands before its end, on a loaded machine too.
+QUARTER_SECOND_STEPS = "--callbacks=tests.subprocess_scripts.slow_steps:make"
+
+
 def start_training(workdir, *extra, epochs=4, steps=6, env=None):
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     return subprocess.Popen(train_command(workdir, *extra, epochs=epochs, steps=steps), cwd=REPO,
@@ -265,7 +270,7 @@ def test_sigterm_then_sigkill_then_resume_ends_bit_exactly_as_the_uninterrupted_
     if both resumes were exact. (These were two runs of the uninterrupted schedule, each interrupted once and resumed;
     one chain makes the same checks with one process less.)"""
     workdir = tmp_path / "preempted"
-    process = start_training(workdir)
+    process = start_training(workdir, QUARTER_SECOND_STEPS)
     wait_for_logged_step(process, workdir, 8)  # past the epoch-end checkpoint ckpt-6
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
@@ -279,7 +284,7 @@ def test_sigterm_then_sigkill_then_resume_ends_bit_exactly_as_the_uninterrupted_
     assert not (workdir / "encoder.keras").exists()  # the run is not over
 
     # Resumed, then killed once it has saved a checkpoint of its own (ckpt-0 of the first start is long written).
-    process = start_training(workdir)
+    process = start_training(workdir, QUARTER_SECOND_STEPS)
     deadline = time.time() + 180
     while latest_checkpoint_step(workdir) <= step and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)

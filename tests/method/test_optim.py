@@ -5,6 +5,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import keras
 import numpy as np
@@ -112,7 +114,35 @@ def test_without_the_native_kernel_lars_falls_back_and_native_true_says_why(env,
     assert "REFUSED LARS(native=True) cannot use the native kernel" in out.stdout and reason in out.stdout
     if "CXX" in env:  # the case's own setting, not a CXX the developer's shell may export
         assert "native LARS kernel is unavailable" in out.stderr  # the warning users see
-        assert not list((tmp_path / "cache").glob("*"))  # no partial library left behind
+        left = [p.name for p in (tmp_path / "cache").glob("*") if not p.name.endswith(".lock")]  # the build's lock
+        assert not left, left  # no partial library left behind
+
+
+def test_processes_building_a_kernel_at_once_compile_it_once(tmp_path, monkeypatch):
+    """Several first uses at once (the workers of one host, test workers) take turns on the build's lock file: one
+    compiles, the others load its library. Threads stand in for the processes (each opens the lock file itself, and
+    flock excludes between open files, as between processes); the compiler is a stand-in that takes 0.2 s."""
+    from bt_keras import kernels
+
+    monkeypatch.setenv("BT_KERAS_CACHE_DIR", str(tmp_path))
+    compiled = []
+
+    def slow_compile(tf_module, compiler, source, path):
+        compiled.append(path)
+        time.sleep(0.2)
+        path.write_bytes(b"library")
+        return path
+
+    monkeypatch.setattr(kernels, "_compile", slow_compile)
+    monkeypatch.setattr(kernels, "_compiler", lambda: "c++")
+    paths = []
+    builders = [threading.Thread(target=lambda: paths.append(kernels._build(tf))) for _ in range(3)]
+    for builder in builders:
+        builder.start()
+    for builder in builders:
+        builder.join(30)
+    assert len(paths) == 3 and len(set(paths)) == 1 and paths[0].read_bytes() == b"library"
+    assert len(compiled) == 1, compiled  # without the lock: three compilations of the same library
 
 
 def test_lars_config_round_trip():

@@ -1,4 +1,5 @@
-"""`python -m bt_keras.train ARGS` run inside the test process, for the command line's error paths and short runs.
+"""Commands run inside the test process: `python -m bt_keras.train ARGS` (train_in_process), for the command line's
+error paths and short runs, and the evaluation commands (evaluate_in_process).
 
 A fresh `python -m bt_keras.train` spends about 5 CPU-seconds importing TensorFlow before it reads a flag. Where the
 test's point is what the command does with its flags (a one-line error and its exit status, a callback it loads, a
@@ -7,7 +8,7 @@ parsing, the same `main`, the same `except` clauses that turn errors into one li
 fresh process shows (a signal, the quiet console's filter on file descriptor 2, an installed script, the status a
 shell receives) stays with the tests that start one (tests.helpers.run_cli and train_command).
 
-Test files import from tests.helpers; this module is beside it for the train command's in-process runs.
+Test files import from tests.helpers; this module is beside it for the commands' in-process runs.
 """
 
 import contextlib
@@ -68,3 +69,14 @@ def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
         root.setLevel(level)
     return subprocess.CompletedProcess(["bt_keras.train", *args], returncode, stdout.getvalue(),
                                        stderr.getvalue() + logs.getvalue())
+
+
+def evaluate_in_process(command, *args) -> dict:
+    """An evaluation command (bt_keras.cli.evaluate_knn, _linear, _finetune) in this process: its flags parsed from
+    `args` into flag values of their own (no global FLAGS touched), then its run(); returns its result record."""
+    from absl import flags
+
+    values = flags.FlagValues()
+    command.define_flags(values)
+    values(["prog", *[str(a) for a in args]])
+    return command.run(values)

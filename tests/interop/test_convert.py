@@ -21,6 +21,7 @@ from bt_keras.interop import torch_file
 from bt_keras.interop.convert import convert_torchvision_checkpoint
 from bt_keras.interop.torchvision_resnet import build_encoder, ConversionError
 from tests.helpers import TORCHVISION_FIXTURE, numpy_knn, numpy_knn_topk, run_script
+from tests.in_process import evaluate_in_process
 from tests.interop import torch_reference as ref
 
 needs_fixture = pytest.mark.skipif(not (TORCHVISION_FIXTURE / "MANIFEST.json").is_file(),
@@ -221,15 +222,10 @@ def test_convert_then_evaluate_and_export_in_fresh_processes(tmp_path):
 
     # The kNN command on the folder the convert process wrote, run in this process (its flags parsed by absl into
     # flag values of its own): the export below is the fresh process that reads the folder again.
-    from absl import flags
-
     from bt_keras.cli import evaluate_knn
 
-    knn_flags = flags.FlagValues()
-    evaluate_knn.define_flags(knn_flags)
-    knn_flags(["knn", f"--encoder={out}", "--dataset=digits", "--limit_train=100", "--limit_test=50", "--k=10",
-               "--batch_size=50", "--verbose=0", f"--output={tmp_path / 'knn.json'}"])
-    evaluate_knn.run(knn_flags)
+    evaluate_in_process(evaluate_knn, f"--encoder={out}", "--dataset=digits", "--limit_train=100", "--limit_test=50",
+                        "--k=10", "--batch_size=50", "--verbose=0", f"--output={tmp_path / 'knn.json'}")
     record = json.loads((tmp_path / "knn.json").read_text())
     assert record["preprocessing"]["image_size"] == 64 and record["encoder"]["backbone"] == "resnet50"
     # The command's accuracies, recounted: the converted encoder's features of the same digits (protocol.setup,

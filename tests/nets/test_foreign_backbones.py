@@ -24,6 +24,7 @@ from bt_keras.method.optim import LARS
 from bt_keras.nets.batch_norm import BatchNormalization
 from bt_keras.train import preflight
 from tests.helpers import cpu_strategy, run_cli, tiny_config, train_command, view_pair
+from tests.in_process import evaluate_in_process
 
 MOBILENET = ("keras.applications:MobileNetV3Small", {"alpha": 0.75, "minimalistic": True})
 SIZE, BATCH = 32, 8
@@ -123,15 +124,10 @@ def test_cli_trains_evaluates_and_exports_a_keras_application(tmp_path):
     assert trained.returncode == 0, trained.stderr[-3000:]
     metadata = json.loads((workdir / "encoder.json").read_text())
     assert metadata["backbone"] == MOBILENET[0] and metadata["feature_dim"] == 576
-    from absl import flags
-
     from bt_keras.cli import evaluate_knn
 
-    knn_flags = flags.FlagValues()
-    evaluate_knn.define_flags(knn_flags)
-    knn_flags(["knn", f"--encoder={workdir}", "--dataset=digits", "--limit_train=200", "--limit_test=100",
-               "--verbose=0", f"--output={tmp_path / 'knn.json'}"])
-    record = evaluate_knn.run(knn_flags)
+    record = evaluate_in_process(evaluate_knn, f"--encoder={workdir}", "--dataset=digits", "--limit_train=200",
+                                 "--limit_test=100", "--verbose=0", f"--output={tmp_path / 'knn.json'}")
     assert record["encoder"]["backbone"] == MOBILENET[0] and 0 <= record["top1"] <= record["top5"] <= 1, record
     exported = run_cli([sys.executable, "-m", "export.savedmodel", f"--checkpoint={workdir}", f"--export_dir={export_dir}"])
     assert exported.returncode == 0, exported.stderr[-3000:]

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -314,8 +315,8 @@ def last_error_line(stderr: str) -> str:
 # The tiny runs draw no picture of C and no report (about 5 CPU-s of matplotlib and a second input pipeline per run);
 # the tests that read them ask for them (PICTURES).
 TINY = ["--config.backbone=resnet18", "--config.width_multiplier=0.125", "--config.blocks=(1,1)",
-        "--config.projector=64-64", "--config.batch_size=32", "--config.knn.every_epochs=0", "--config.log_every_steps=2",
-        "--config.picture_every_epochs=0", "--config.report=False"]
+        "--config.projector=64-64", "--config.batch_size=32", "--config.knn.every_epochs=0",
+        "--config.log_every_steps=2", "--config.picture_every_epochs=0", "--config.report=False"]
 PICTURES = ("--config.picture_every_epochs=1", "--config.report=True")  # after TINY: the run's figures drawn
 
 
@@ -382,6 +383,25 @@ def resumed_step(workdir, **overrides) -> int:
     t = trainer(workdir, **overrides)
     t.close()
     return t.start_step
+
+
+def logged_step(workdir) -> int:
+    """The last step a run in `workdir` has logged a train line for (-1: none yet); read while the run appends."""
+    try:
+        lines = (Path(workdir) / paths.METRICS_FILE).read_text().splitlines()
+    except FileNotFoundError:
+        return -1
+    # The last line may be half-written while the run appends it.
+    return max((json.loads(line)["step"] for line in lines if '"train"' in line and line.endswith("}")), default=-1)
+
+
+def wait_for_logged_step(workdir, step: int, processes, timeout: float = 240) -> bool:
+    """Waits until `workdir`'s run has logged `step` (or a process ended, or `timeout` s passed); True when every
+    process still runs (a test signals them next)."""
+    deadline = time.time() + timeout
+    while logged_step(workdir) < step and all(p.poll() is None for p in processes) and time.time() < deadline:
+        time.sleep(0.02)
+    return all(p.poll() is None for p in processes)
 
 
 def train_lines(workdir):

@@ -21,7 +21,7 @@ from bt_keras.data import sources
 from bt_keras.evaluation import classifiers, features, knn, preprocessing, protocol
 from bt_keras.nets import backbones
 from tests.helpers import TFDS_DIR, numpy_knn, numpy_knn_topk, numpy_topk_accuracy
-from tests.in_process import evaluate_in_process
+from tests.in_process import evaluate_in_process as run  # a command in this process: its flags, its run()
 
 needs_cifar = pytest.mark.skipif(not (TFDS_DIR / "cifar10").is_dir(),
                                  reason=f"CIFAR-10 in TFDS format not found at {TFDS_DIR}")
@@ -231,7 +231,7 @@ def test_finetune_cli_trains_on_the_balanced_subset(encoder_dir, tmp_path):
     """Through the CLI: --subset=2 on digits trains on exactly 2 images per class (the encoder's CIFAR statistics
     differ from the digits', so the re-normalisation path runs too)."""
     out = tmp_path / "ft.json"
-    record = evaluate_in_process(finetune_cli, f"--encoder={encoder_dir}", "--dataset=digits", "--subset=2", "--epochs=1",
+    record = run(finetune_cli, f"--encoder={encoder_dir}", "--dataset=digits", "--subset=2", "--epochs=1",
                  "--batch_size=32", "--limit_test=64", "--verbose=0", f"--output={out}")
     assert record["class_counts"] == [2] * 10 and record["num_train_examples"] == 20
     assert json.loads(out.read_text())["settings"]["subset"] == 2
@@ -239,12 +239,12 @@ def test_finetune_cli_trains_on_the_balanced_subset(encoder_dir, tmp_path):
 
 def test_empty_subset_is_refused_naming_the_fix(encoder_dir):
     with pytest.raises(ValueError, match=r"classes would be empty.*--subset >= 0\.0035.*--subset=1"):
-        evaluate_in_process(finetune_cli, f"--encoder={encoder_dir}", "--dataset=digits", "--subset=0.0001", "--verbose=0")
+        run(finetune_cli, f"--encoder={encoder_dir}", "--dataset=digits", "--subset=0.0001", "--verbose=0")
 
 
 def test_limit_and_subset_together_are_refused(encoder_dir):
     with pytest.raises(ValueError, match="use one of them"):
-        evaluate_in_process(finetune_cli, f"--encoder={encoder_dir}", "--dataset=digits", "--subset=2", "--limit_train=10",
+        run(finetune_cli, f"--encoder={encoder_dir}", "--dataset=digits", "--subset=2", "--limit_train=10",
             "--verbose=0")
 
 
@@ -280,11 +280,11 @@ def test_linear_cli_both_modes(encoder_dir, monkeypatch):
     linear_probe = classifiers.linear_probe
     monkeypatch.setattr(classifiers, "linear_probe", lambda encoder, train, test, *a, **k: probed.append(
         (encoder, test, linear_probe(encoder, train, test, *a, **k))) or probed[-1][-1])
-    record = evaluate_in_process(linear_cli, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--C=0.1,1", *QUICK)
+    record = run(linear_cli, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--C=0.1,1", *QUICK)
     assert record["protocol"] == "linear_features" and record["C"] in (0.1, 1.0)
     assert Path(record["output"]) == encoder_dir / "eval_linear_features_tfds_cifar10.json"  # beside the encoder
     assert json.loads(Path(record["output"]).read_text())["num_train_examples"] == 200
-    record = evaluate_in_process(linear_cli, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--mode=full", "--epochs=2",
+    record = run(linear_cli, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--mode=full", "--epochs=2",
                  "--batch_size=64", "--limit_train=128", "--limit_test=64", "--verbose=0")
     assert record["protocol"] == "linear_full" and record["num_train_examples"] == 128
     assert [h["lr_head"] for h in record["history"]] == pytest.approx([0.3, 0.15])
@@ -305,7 +305,7 @@ def test_linear_cli_both_modes(encoder_dir, monkeypatch):
 @pytest.mark.slow
 @needs_cifar
 def test_finetune_cli_on_cifar(encoder_dir, tmp_path):
-    record = evaluate_in_process(finetune_cli, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--epochs=1", "--batch_size=32",
+    record = run(finetune_cli, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--epochs=1", "--batch_size=32",
                  "--limit_train=64", "--limit_test=64", "--verbose=0", f"--output={tmp_path / 'ft.json'}")
     assert record["protocol"] == "finetune" and record["num_train_examples"] == 64
     assert sum(record["class_counts"]) == 64 and (tmp_path / "ft.json").is_file()
@@ -318,17 +318,17 @@ def test_savedmodel_export_is_evaluated_like_its_keras_encoder(encoder_dir, tmp_
     encoder, metadata = artifacts.load_encoder(encoder_dir)
     export.export_encoder(encoder, metadata, tmp_path / "models")
     monkeypatch.chdir(tmp_path)  # a SavedModel's default result goes to the current directory
-    exported = evaluate_in_process(knn_cli, f"--encoder={tmp_path / 'models'}", f"--data_dir={TFDS_DIR}", "--k=20", *QUICK)
+    exported = run(knn_cli, f"--encoder={tmp_path / 'models'}", f"--data_dir={TFDS_DIR}", "--k=20", *QUICK)
     assert exported["encoder"]["kind"] == "savedmodel" and exported["encoder"]["path"].endswith("models/1")
     assert Path(exported["output"]) == tmp_path / "eval_knn_tfds_cifar10.json"
-    keras_result = evaluate_in_process(knn_cli, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--k=20", *QUICK,
+    keras_result = run(knn_cli, f"--encoder={encoder_dir}", f"--data_dir={TFDS_DIR}", "--k=20", *QUICK,
                        f"--output={tmp_path / 'keras.json'}")
     assert (exported["top1"], exported["top5"]) == (keras_result["top1"], keras_result["top5"])
-    full = evaluate_in_process(linear_cli, f"--encoder={tmp_path / 'models' / '1'}", f"--data_dir={TFDS_DIR}", "--mode=full",
+    full = run(linear_cli, f"--encoder={tmp_path / 'models' / '1'}", f"--data_dir={TFDS_DIR}", "--mode=full",
                "--epochs=1", "--batch_size=64", "--limit_train=64", "--limit_test=64", "--verbose=0")
     assert full["encoder"]["kind"] == "savedmodel" and full["num_train_examples"] == 64
     with pytest.raises(ValueError, match="inference-only"):
-        evaluate_in_process(finetune_cli, f"--encoder={tmp_path / 'models' / '1'}", f"--data_dir={TFDS_DIR}", *QUICK)
+        run(finetune_cli, f"--encoder={tmp_path / 'models' / '1'}", f"--data_dir={TFDS_DIR}", *QUICK)
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -336,7 +336,7 @@ def test_savedmodel_export_is_evaluated_like_its_keras_encoder(encoder_dir, tmp_
 
 def test_missing_checkpoint_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist. Pass a training workdir"):
-        evaluate_in_process(knn_cli, f"--encoder={tmp_path / 'nowhere'}", "--dataset=digits")
+        run(knn_cli, f"--encoder={tmp_path / 'nowhere'}", "--dataset=digits")
     with pytest.raises(FileNotFoundError, match="No encoder at"):  # a folder without an encoder in it
         artifacts.open_encoder(tmp_path)
 
@@ -344,17 +344,17 @@ def test_missing_checkpoint_path(tmp_path):
 def test_encoder_of_another_input_size_is_refused(tmp_path):
     artifacts.save_encoder(tiny_encoder(16), tmp_path / "e16", {"image_size": 16, **CIFAR_STATS})
     with pytest.raises(ValueError, match=r"built for 16x16 inputs, but evaluation would feed 32x32"):
-        evaluate_in_process(knn_cli, f"--encoder={tmp_path / 'e16'}", "--dataset=digits", "--image_size=32")
+        run(knn_cli, f"--encoder={tmp_path / 'e16'}", "--dataset=digits", "--image_size=32")
     artifacts.save_encoder(tiny_encoder(16), tmp_path / "lying", {"image_size": 32, **CIFAR_STATS})
     with pytest.raises(ValueError, match=r"takes 16x16 images but its metadata says image_size=32"):
-        evaluate_in_process(knn_cli, f"--encoder={tmp_path / 'lying'}", "--dataset=digits")
+        run(knn_cli, f"--encoder={tmp_path / 'lying'}", "--dataset=digits")
 
 
 def test_model_of_another_architecture_is_refused(tmp_path):
     head = keras.Sequential([keras.Input((8,)), keras.layers.Dense(10)])
     artifacts.save_encoder(head, tmp_path / "head", {"image_size": 32, **CIFAR_STATS})
     with pytest.raises(ValueError, match="another architecture.*image encoder"):
-        evaluate_in_process(linear_cli, f"--encoder={tmp_path / 'head'}", "--dataset=digits")
+        run(linear_cli, f"--encoder={tmp_path / 'head'}", "--dataset=digits")
 
 
 def test_dataset_without_labels_is_refused(encoder_dir, tmp_path):
@@ -366,7 +366,7 @@ def test_dataset_without_labels_is_refused(encoder_dir, tmp_path):
         features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(32, 32, 3))}),
         split_datasets={"train": [(str(i), {"image": image}) for i, image in enumerate(images)]})
     with pytest.raises(ValueError, match="has no labels"):
-        evaluate_in_process(knn_cli, f"--encoder={encoder_dir}", "--dataset=tfds:bt_keras_unlabelled_images", f"--data_dir={tmp_path}")
+        run(knn_cli, f"--encoder={encoder_dir}", "--dataset=tfds:bt_keras_unlabelled_images", f"--data_dir={tmp_path}")
     with pytest.raises(ValueError, match="unlabelled examples"):  # e.g. STL-10's `unlabelled` split, labels -1
         features.check_labels(np.array([3, -1]), 10, "tfds:stl10 'unlabelled'")
 

@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import keras
 import numpy as np
@@ -28,7 +27,7 @@ import tensorflow as tf
 from bt_keras import paths
 from bt_keras.train.trainer import Trainer
 from tests.helpers import (REPO, finish_local_workers, last_error_line, run_cli, start_local_workers, tiny_config,
-                           train_command, train_lines, trainer)
+                           train_command, train_lines, trainer, wait_for_logged_step)
 
 pytestmark = pytest.mark.slow  # a distributed run in subprocesses, and its one-device replay
 
@@ -100,24 +99,6 @@ SLOW_STEPS = "--callbacks=tests.subprocess_scripts.slow_steps:make"  # 0.25 s a 
 SLOWER_STEPS = "--callbacks=tests.subprocess_scripts.slow_steps:make_half_second"  # 0.5 s: to stop twice in 9 steps
 
 
-def _logged_step(workdir) -> int:
-    try:
-        lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return -1
-    # The last line may be half-written while the run appends it.
-    return max((json.loads(line)["step"] for line in lines if '"train"' in line and line.endswith("}")), default=-1)
-
-
-def _wait_for_logged_step(workdir, step: int, processes, timeout: float = 240) -> bool:
-    """Waits until `workdir`'s run has logged `step` (or a process ended, or `timeout` s passed); True when every
-    process still runs."""
-    deadline = time.time() + timeout
-    while _logged_step(workdir) < step and all(p.poll() is None for p in processes) and time.time() < deadline:
-        time.sleep(0.05)
-    return all(p.poll() is None for p in processes)
-
-
 def test_mirrored_run_killed_and_resumed_takes_the_steps_of_one_device(tmp_path):
     """Two replicas from one input pipeline, SIGKILLed after step 4 and resumed by the same command from its last
     checkpoint: the 9 steps equal one device's on the joined batches (the resume must start the pipeline at batch
@@ -127,7 +108,7 @@ def test_mirrored_run_killed_and_resumed_takes_the_steps_of_one_device(tmp_path)
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_logged_step(run, 4, [process])
+        wait_for_logged_step(run, 4, [process])
     finally:
         process.send_signal(signal.SIGKILL)
     assert process.wait(30) == -signal.SIGKILL, "the run finished before it could be killed"
@@ -164,7 +145,7 @@ def test_multi_worker_run_preempted_then_a_worker_killed_resumes_each_time_as_on
     slow = {**shape, "extra": (*shape["extra"], SLOWER_STEPS)}
 
     processes = start_local_workers(run, **slow)
-    assert _wait_for_logged_step(run, 2, processes), "the run ended before it could be preempted"
+    assert wait_for_logged_step(run, 2, processes), "the run ended before it could be preempted"
     processes[1].send_signal(signal.SIGTERM)
     outputs = [p.communicate(timeout=180) for p in processes]
     said = []
@@ -180,7 +161,7 @@ def test_multi_worker_run_preempted_then_a_worker_killed_resumes_each_time_as_on
 
     processes = start_local_workers(run, **slow)
     try:
-        assert _wait_for_logged_step(run, stopped + 2, processes), "the run ended before a worker could be killed"
+        assert wait_for_logged_step(run, stopped + 2, processes), "the run ended before a worker could be killed"
         processes[1].send_signal(signal.SIGKILL)
         _, err = processes[0].communicate(timeout=180)
     finally:
@@ -196,8 +177,8 @@ def test_multi_worker_run_preempted_then_a_worker_killed_resumes_each_time_as_on
     finish_local_workers(start_local_workers(run, **shape), final_step=9)
     batches = joined_batches(tmp_path / "reader", pipelines=2, replicas=2, steps=9)
     # Train lines only: a stop between a step and its epoch's end writes no epoch line for that epoch.
-    assert_same_steps(run, one_device_replay(tmp_path / "replay", batches, epochs=9, warmup_epochs=9, steps_per_epoch=1),
-                      kinds=("train",))
+    replay = one_device_replay(tmp_path / "replay", batches, epochs=9, warmup_epochs=9, steps_per_epoch=1)
+    assert_same_steps(run, replay, kinds=("train",))
     chief = keras.models.load_model(run / "barlow_twins.keras").get_weights()
     other = keras.models.load_model(run / ".scratch" / "task1" / "barlow_twins.keras").get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(chief, other))

@@ -28,8 +28,8 @@ import bt_keras  # noqa: F401  (registers the classes saved models need)
 from bt_keras import checkpoints, distribute, paths
 from bt_keras.train import resume
 from bt_keras.train.trainer import DiskFullError, NonFiniteLossError, Trainer
-from tests.helpers import (PICTURES, REPO, installed_script, last_error_line, resumed_step, run_cli, tiny_config, train_command,
-                           trainer)
+from tests.helpers import (PICTURES, REPO, installed_script, last_error_line, resumed_step, run_cli, tiny_config,
+                           train_command, trainer, wait_for_logged_step)
 from tests.in_process import train_in_process
 
 def weights(path):
@@ -231,24 +231,6 @@ def start_training(workdir, *extra, epochs=4, steps=6, env=None):
                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_logged_step(process, workdir, step, timeout=180):
-    """Waits until metrics.jsonl has a train line at `step` or later; returns the step logged last."""
-    deadline = time.time() + timeout
-
-    def logged():
-        try:
-            lines = (Path(workdir) / paths.METRICS_FILE).read_text().splitlines()
-        except FileNotFoundError:
-            return -1
-        steps = [json.loads(line)["step"] for line in lines if '"train"' in line]
-        return max(steps, default=-1)
-
-    while logged() < step and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it could be signalled"
-    return logged()
-
-
 def latest_checkpoint_step(workdir) -> int:
     latest = tf.train.latest_checkpoint(str(Path(workdir) / "checkpoints"))
     return int(latest.rsplit("-", 1)[1]) if latest else -1
@@ -271,7 +253,8 @@ def test_sigterm_then_sigkill_then_resume_ends_bit_exactly_as_the_uninterrupted_
     one chain makes the same checks with one process less.)"""
     workdir = tmp_path / "preempted"
     process = start_training(workdir, QUARTER_SECOND_STEPS)
-    wait_for_logged_step(process, workdir, 8)  # past the epoch-end checkpoint ckpt-6
+    # Past the epoch-end checkpoint ckpt-6.
+    assert wait_for_logged_step(workdir, 8, [process]), "the run ended before it could be signalled"
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 143, err[-3000:]
@@ -306,7 +289,7 @@ def test_sigterm_then_sigkill_then_resume_ends_bit_exactly_as_the_uninterrupted_
 @pytest.mark.hostile
 def test_sigint_saves_the_step_and_exits_130_without_a_traceback(tmp_path):
     process = start_training(tmp_path, epochs=2, steps=40)
-    wait_for_logged_step(process, tmp_path, 4)
+    assert wait_for_logged_step(tmp_path, 4, [process]), "the run ended before it could be signalled"
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130, err[-3000:]
@@ -337,7 +320,7 @@ def test_a_second_sigint_exits_at_once_without_saving(tmp_path):
     workdir = tmp_path / "run"
     process = start_training(workdir, "--callbacks=slow_steps:callback", epochs=2, steps=40,
                              env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
-    wait_for_logged_step(process, workdir, 2)  # now in a 2 s batch end
+    assert wait_for_logged_step(workdir, 2, [process]), "the run ended early"  # now in a 2 s batch end
     process.send_signal(signal.SIGINT)
     notice = ""
     while "Ctrl-C again" not in notice and process.poll() is None:  # the first one is being handled

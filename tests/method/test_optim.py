@@ -98,24 +98,26 @@ def test_xla_steps_use_tensorflow_ops_and_native_true_says_why_not():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "env, reason",
-    [
-        (dict(BT_KERAS_NATIVE="0"), "BT_KERAS_NATIVE=0"),
-        (dict(CXX="false"), "compiler failed"),  # a fresh cache and a compiler that fails: fall back, say why
-    ],
-    ids=["turned-off", "compiler-fails"],
-)
-def test_without_the_native_kernel_lars_falls_back_and_native_true_says_why(env, reason, tmp_path):
-    child_env = dict(os.environ, BT_KERAS_CACHE_DIR=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="",
-                     TF_CPP_MIN_LOG_LEVEL="3", **env)
-    out = subprocess.run([sys.executable, str(SUBPROCESS_SCRIPTS / "lars_fallback.py")], env=child_env, capture_output=True, text=True, timeout=300)
+def test_without_the_native_kernel_lars_falls_back_and_native_true_says_why(tmp_path):
+    """One fresh process (tests/subprocess_scripts/lars_fallback.py) runs two cases one after the other: native
+    kernels turned off (BT_KERAS_NATIVE=0), and a fresh cache with a compiler that fails (CXX=false). In each LARS
+    falls back to TensorFlow ops and native=True refuses, saying why; the failed build warns and leaves no partial
+    library behind. Both settings are read at the first use of the kernel, not at import, so one interpreter
+    serves both (the turned-off case caches nothing)."""
+    child_env = {key: value for key, value in os.environ.items() if key not in ("BT_KERAS_NATIVE", "CXX")}
+    child_env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, str(SUBPROCESS_SCRIPTS / "lars_fallback.py"), str(tmp_path / "cache")],
+                         env=child_env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "REFUSED LARS(native=True) cannot use the native kernel" in out.stdout and reason in out.stdout
-    if "CXX" in env:  # the case's own setting, not a CXX the developer's shell may export
-        assert "native LARS kernel is unavailable" in out.stderr  # the warning users see
-        left = [p.name for p in (tmp_path / "cache").glob("*") if not p.name.endswith(".lock")]  # the build's lock
-        assert not left, left  # no partial library left behind
+    stdout = dict(zip(["turned-off", "compiler-fails"], out.stdout.split("CASE ")[1:]))
+    stderr = dict(zip(["turned-off", "compiler-fails"], out.stderr.split("CASE ")[1:]))
+    for case, reason in [("turned-off", "BT_KERAS_NATIVE=0"), ("compiler-fails", "compiler failed")]:
+        assert stdout[case].startswith(case) and stderr[case].startswith(case), (out.stdout, out.stderr[-3000:])
+        assert "REFUSED LARS(native=True) cannot use the native kernel" in stdout[case] and reason in stdout[case]
+    assert "native LARS kernel is unavailable" in stderr["compiler-fails"]  # the warning users see
+    assert "native LARS kernel is unavailable" not in stderr["turned-off"]  # turned off: nothing to warn of
+    left = [p.name for p in (tmp_path / "cache" / "compiler-fails").glob("*") if not p.name.endswith(".lock")]
+    assert not left, left  # no partial library left behind (the build's lock file aside)
 
 
 def test_processes_building_a_kernel_at_once_compile_it_once(tmp_path, monkeypatch):

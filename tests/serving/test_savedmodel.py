@@ -23,7 +23,6 @@ import types
 import urllib.request
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -148,7 +147,9 @@ def probe(export_dir, inputs, tmp_path_factory):
                    str(folder / "images.json"), str(folder / "bodies.json"), str(folder / "out")])
     assert result.returncode == 0 and "PROBE DONE" in result.stdout, result.stderr[-3000:]
     arrays = dict(np.load(folder / "out.npz"))
-    return arrays, json.loads((folder / "out.json").read_text())
+    report = json.loads((folder / "out.json").read_text())
+    report["cli_listing"] = (folder / "out.cli.txt").read_text()
+    return arrays, report
 
 
 def _reference(encoder, projector, images):
@@ -258,13 +259,11 @@ def test_one_pixel_image_matches_evaluation(workdir, probe):
     _assert_close(arrays["one_pixel/embedding"], _reference(encoder, projector, [one])["embedding"], "1x1 image")
 
 
-@pytest.mark.slow
-def test_saved_model_cli_lists_the_documented_signatures(export_dir):
-    cli = Path(sys.executable).parent / "saved_model_cli"
-    command = [str(cli)] if cli.exists() else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
-    result = _run(command + ["show", "--dir", str(_version_dir(export_dir)), "--tag_set", "serve", "--all"])
-    assert result.returncode == 0, result.stderr[-2000:]
-    text = result.stdout
+def test_saved_model_cli_lists_the_documented_signatures(probe):
+    """`saved_model_cli show --all`, run by the probe's fresh process through the installed script's entry point."""
+    _, report = probe
+    assert report["cli_status"] == 0, report["cli_listing"][-2000:]
+    text = report["cli_listing"]
     blocks = {name: text.split(f"signature_def['{name}']")[1].split("Method name is")[0]
               for name in ("serving_default", "embed_pixels", "embed_normalized")}
     expected_inputs = {"serving_default": ("images", "DT_STRING", "(-1)"),
@@ -352,22 +351,30 @@ def test_a_non_finite_input_row_gets_nan_outputs_not_a_plausible_vector(exported
     np.testing.assert_array_equal(out[2], clean[2])
 
 
-@pytest.mark.slow
 @pytest.mark.hostile
-def test_max_image_pixels_must_be_positive(tmp_path):
+def test_max_image_pixels_must_be_positive(tmp_path, monkeypatch, capsys):
+    from absl import flags
+
+    from bt_keras.cli import export as export_cli
+
     encoder = backbones.resnet18(input_shape=(16, 16, 3), stem="cifar", width_multiplier=1 / 16, blocks=(1, 1))
     for bad in (-5, 0, 2.5, True):
         with pytest.raises(ValueError, match="max_image_pixels must be a positive integer"):
             savedmodel.export_encoder(encoder, {"image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3},
                                       tmp_path / "m", max_image_pixels=bad)
     assert not (tmp_path / "m").exists()  # refused before anything was written
-    result = subprocess.run([sys.executable, "-m", "export.savedmodel", f"--checkpoint={tmp_path}",
-                             f"--export_dir={tmp_path / 'm'}", "--max_image_pixels=-5"],
-                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("export:")]
+    # The command's main in this process, as in test_cli_names_a_missing_checkpoint (the command in a fresh process:
+    # the `export_dir` fixture): a usage error, status 2, one line naming the flag, before the checkpoint is read.
+    monkeypatch.setattr(flags, "FLAGS", types.SimpleNamespace(
+        checkpoint=str(tmp_path), export_dir=str(tmp_path / "m"), version=None, l2_normalize=False,
+        include_projector=False, batch_warmup_sizes=["1"], model_name=MODEL_NAME, max_image_pixels=-5))
+    with pytest.raises(SystemExit) as exited:
+        export_cli.main(["export"])
+    assert exited.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("export:")]
     assert lines == ["export: --max_image_pixels must be a positive integer (the most pixels serving_default "
-                     f"decodes, default {DEFAULT_MAX_PIXELS}), got -5"], result.stderr[-2000:]
+                     f"decodes, default {DEFAULT_MAX_PIXELS}), got -5"], lines
+    assert not (tmp_path / "m").exists()
 
 
 # ----------------------------------------------------------------------------- the client against TF Serving stand-ins

@@ -1,6 +1,8 @@
 """Probe run by tests/serving/test_savedmodel.py in a fresh process: loads an export as TF Serving would (no Keras
 objects), runs every signature, the warm-up records and the REST bodies, and writes the results for the test to
-compare."""
+compare. Last, `saved_model_cli show --all` on the export: the entry point of TensorFlow's installed `saved_model_cli`
+script (tensorflow.python.tools.saved_model_cli.main), run here instead of in a process of its own; its listing goes to
+OUT.cli.txt and its exit status to the report's "cli_status"."""
 
 import base64
 import json
@@ -110,6 +112,23 @@ for name, (signature, kwargs) in cases.items():
     except tf.errors.InvalidArgumentError as error:
         bad[name] = {"ok": False, "error": "InvalidArgumentError", "message": error.message}
 report["bad"] = bad
+
+# saved_model_cli show: what a user runs to see the signatures; it reads the SavedModel's files, not this process's
+# loaded model. main() ends through absl's app.run, with SystemExit.
+import contextlib
+import io
+from tensorflow.python.tools import saved_model_cli
+
+listing = io.StringIO()
+sys.argv = ["saved_model_cli", "show", "--dir", version_dir, "--tag_set", "serve", "--all"]
+with contextlib.redirect_stdout(listing):
+    try:
+        status = saved_model_cli.main()
+    except SystemExit as stop:
+        status = stop.code
+report["cli_status"] = status or 0
+open(out_path + ".cli.txt", "w").write(listing.getvalue())
+
 np.savez(out_path + ".npz", **arrays)
 json.dump(report, open(out_path + ".json", "w"))
 print("PROBE DONE")

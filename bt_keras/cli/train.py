@@ -139,7 +139,7 @@ def main(argv):
     except WorkerLostError as error:
         print(f"ERROR: {error}", file=sys.stderr, flush=True)
         sys.exit(WORKER_LOST_EXIT_CODE)
-    if "loss" not in logs:  # nothing left to train (a finished run, rerun): its last logged metrics
+    if "loss" not in logs:  # nothing trained (a finished run's end written again): its last logged metrics
         logs = {**figures.final_metrics(_WORKDIR.value), **logs}
     print(f"Finished at step {trainer.step}: {summary(logs)}")
     print(f"Encoder saved to {os.path.join(_WORKDIR.value, paths.ENCODER_FILE)}")

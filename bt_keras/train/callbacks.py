@@ -180,14 +180,19 @@ class OnlineProbeMonitor(keras.callbacks.Callback):
         print(f"\nepoch {epoch + 1}: online probe top-1 on {self.split_name} {top1:.4f}", flush=True)
 
 
+def knn_monitored(config, info) -> bool:
+    """Whether the run has a kNN monitor (and the baseline table, if `config.knn.baselines`): `knn.every_epochs` set
+    and the dataset labelled."""
+    return bool(config.knn.every_epochs and info.num_classes)
+
+
 def labelled_splits(config, info) -> tuple[tf.data.Dataset, tf.data.Dataset] | None:
     """The kNN monitor's (train, test) labelled streams of `config.knn`, built once for the monitor and the baseline
     table (None when the monitor is off or the dataset has no labels)."""
     knn = config.knn
-    if not knn.every_epochs:
-        return None
-    if not info.num_classes:
-        logging.warning("kNN monitor disabled: %s has no labels.", config.dataset)
+    if not knn_monitored(config, info):
+        if knn.every_epochs:
+            logging.warning("kNN monitor disabled: %s has no labels.", config.dataset)
         return None
 
     def split(name, limit):
@@ -261,3 +266,45 @@ def correlation_picture_from_config(config, run, workdir) -> CrossCorrelationPic
                                       data_dir=config.data_dir, download=config.download, split=config.split,
                                       seed=config.seed + 1, repeat=False, cache=False, shuffle_buffer=1024)
     return CrossCorrelationPicture(next(iter(fixed)), workdir, every_epochs=config.picture_every_epochs)
+
+
+# ------------------------------------------------------------------ a finished run, started again (Trainer.run)
+
+
+def _trained_row(workdir, step: int) -> dict | None:
+    """The baseline table's trained-encoder row if `workdir/baselines.json` holds it for `step`, else None (also when
+    the file is unreadable: the loop then measures the table again, and says what is wrong with the file)."""
+    try:
+        saved = baselines.read(workdir) or {}
+    except ValueError:
+        return None
+    if not isinstance(saved, dict) or saved.get("step") != step or not isinstance(saved.get("rows"), list):
+        return None
+    rows = saved["rows"]
+    return next((row for row in rows if isinstance(row, dict) and row.get("name") == baselines.ROWS[2]), None)
+
+
+def end_of_run_written(config, workdir, run, step: int) -> bool:
+    """Whether `workdir` holds what `default_callbacks` write when training ends at `step`, the last step of a
+    finished run: report.png (`config.report`) and the baseline table with its trained row of `step`
+    (`config.knn.baselines`, with the kNN monitor on). What they write at epoch ends (metrics, picture of C) was
+    written before the checkpoint of `step`. `run`: the run's dataset facts (`builders.RunData`)."""
+    if config.report and not (Path(workdir) / paths.REPORT_PICTURE).is_file():
+        return False
+    if config.knn.baselines and knn_monitored(config, run.info) and _trained_row(workdir, step) is None:
+        return False
+    return True
+
+
+def final_knn(config, workdir, run, step: int) -> dict | None:
+    """The kNN monitor's top-1/top-5 of the encoder at `step` (a finished run's last), from what the run wrote: {}
+    when there is no monitor; the metrics' record of `step` when the last epoch measured it; else the baseline
+    table's trained row of `step` (the same splits, k, temperature and features: the same numbers), rounded as the
+    metrics are. None when neither holds it (then a rerun measures it, as the monitor does at every start)."""
+    if not knn_monitored(config, run.info):
+        return {}
+    measured = [r for r in figures.read_metrics(workdir) if r["step"] == step and "knn_top1" in r]
+    row = measured[-1] if measured else _trained_row(workdir, step)
+    if row is None or "knn_top1" not in row or "knn_top5" not in row:
+        return None
+    return {"knn_top1": round(float(row["knn_top1"]), 6), "knn_top5": round(float(row["knn_top5"]), 6)}

@@ -41,7 +41,7 @@ from bt_keras.config import complete
 from bt_keras.data import pretrain, sources
 from bt_keras.distribute import check_global_batch, is_chief
 from bt_keras.method import precision
-from bt_keras.train import callbacks, preflight, resume, step as step_lib, watchdog
+from bt_keras.train import callbacks, figures, preflight, resume, step as step_lib, watchdog
 from bt_keras.train.workdir_lock import WorkdirLock
 
 
@@ -476,9 +476,51 @@ class Trainer:
         `keras.callbacks.EarlyStopping` and `TerminateOnNaN` work as they do under `fit`. Metrics are tensors in
         batch logs and are read back from the device only every `config.log_every_steps` steps (and at epoch ends),
         where the progress line (bt_keras.train.progress, a callback) and the NaN check use them.
+
+        A run that finished before and wrote its end-of-run files skips the loop (`_finished_before`).
         """
+        if self._finished_before(extra_callbacks):
+            return self._finished_logs()
         with self._signals, self._watchdog:
             return self._run_with_signals(extra_callbacks)
+
+    def _finished_before(self, extra_callbacks=()) -> bool:
+        """Whether this start has nothing to do: it resumed, with the same config, at the last step of the schedule,
+        and the run's end already wrote all it writes (`_encoder_written`; the callbacks' end of run:
+        `callbacks.end_of_run_written`), with the final kNN accuracy on record (`callbacks.final_knn`).
+
+        Why: the loop would then train nothing, yet trace the step, rewrite config.json, run the callbacks' begin and
+        end (the end-of-run baseline table alone is ~37 CPU-s on the quickstart recipe, for the numbers it wrote
+        before) and save the same encoder again. The loop is kept wherever skipping it is not certain to be the same:
+        a changed config (recorded, and it may ask for other end-of-run files), extra callbacks (they expect
+        on_train_begin and on_train_end), and a multi-worker run (every worker must take the same path, and a
+        non-chief worker writes its files to a scratch folder)."""
+        if (self.resume_from is None or self.start_step != self.total_steps or self.config_changes
+                or list(extra_callbacks) or self._collective_stop or not self.chief):
+            return False
+        return (self._encoder_written()
+                and callbacks.end_of_run_written(self.config, self.workdir, self.run_data, self.start_step)
+                and callbacks.final_knn(self.config, self.workdir, self.run_data, self.start_step) is not None)
+
+    def _encoder_written(self) -> bool:
+        """Whether `save_encoder` finished at this step: encoder.json, its last file, names the step, and the two
+        models are there (an end cut short by a kill leaves no encoder.json of this step)."""
+        try:
+            metadata = json.loads((self.output_dir / paths.ENCODER_METADATA).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return (isinstance(metadata, dict) and metadata.get("step") == self.start_step
+                and (self.output_dir / paths.ENCODER_FILE).is_file() and (self.output_dir / paths.MODEL_FILE).is_file())
+
+    def _finished_logs(self) -> dict:
+        """What `run` returns for a finished run (`_finished_before`), without writing anything: the last epoch's
+        logged metrics (`figures.final_metrics`) with the final encoder's kNN accuracy, the numbers the loop's rerun
+        returned (its kNN monitor measured that accuracy again when it started)."""
+        logging.info("%s finished at step %d and holds its encoder and end-of-run files: nothing to train or write.",
+                     self.workdir, self.start_step)
+        logs = figures.final_metrics(self.workdir)
+        logs.update(callbacks.final_knn(self.config, self.workdir, self.run_data, self.start_step))
+        return logs
 
     def _run_with_signals(self, extra_callbacks=()) -> dict:
         """`_run` while SIGTERM and SIGINT are recorded (`_StopSignals`): on one, the step in flight finishes, its
@@ -554,18 +596,20 @@ class Trainer:
         return logs
 
     def save_encoder(self) -> None:
-        """Writes `workdir/encoder.keras` + `encoder.json`, the artefact evaluation and export read (other workers
-        of a multi-worker run write theirs to their scratch folder, where tests compare them with the chief's)."""
+        """Writes `workdir/barlow_twins.keras`, then `encoder.keras` + `encoder.json`, the artefact evaluation and
+        export read (other workers of a multi-worker run write theirs to their scratch folder, where tests compare
+        them with the chief's)."""
         c = self.config
         view = self.views[0]
+        # The projector too, for exports that serve the projection (a BarlowTwins .keras holds both). First: the
+        # encoder's files come last, so an encoder.json of this step says that the end of the run is all written.
+        artifacts.save_model(self.model, self.output_dir)
         # A mixed-precision run saves a float32 encoder: it loads and runs in float32 anywhere (same weights).
         artifacts.save_encoder(precision.float32_copy(self.model.encoder), self.output_dir, {
             "backbone": c.backbone, "image_size": c.image_size, "mean": list(view.mean), "std": list(view.std),
             "dataset": c.dataset, "step": self.step, "epochs": c.epochs, "projector": c.projector,
             "recipe": c.name,
         })
-        # The projector too, for exports that serve the projection (a BarlowTwins .keras holds both).
-        artifacts.save_model(self.model, self.output_dir)
 
 
 _BAD_OUTPUTS, _BAD_WEIGHTS, _BAD_LOSS_SCALE = 1, 2, 3  # what `_bad_what` records

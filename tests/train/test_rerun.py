@@ -95,7 +95,7 @@ def test_a_finished_run_killed_before_its_end_was_written_writes_it_on_the_rerun
     workdir = copy(finished, tmp_path)
     saved = baselines.read(workdir)
     (workdir / paths.BASELINES_FILE).write_text(json.dumps({"step": 0, "rows": saved["rows"][:2]}))
-    for name in END_FILES[:3] + (paths.REPORT_PICTURE,):
+    for name in (paths.ENCODER_FILE, paths.ENCODER_METADATA, paths.MODEL_FILE, paths.REPORT_PICTURE):
         (workdir / name).unlink()
 
     result = train_in_process(command(workdir))

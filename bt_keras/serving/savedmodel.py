@@ -88,9 +88,12 @@ def export_encoder(
     size = preprocessing["image_size"]
     servable = Servable(encoder, projector, preprocessing, l2_normalize, max_image_pixels)
     archive = keras.export.ExportArchive()
-    archive.track(encoder)
-    if projector is not None:
-        archive.track(projector)
+    # The loaded object's variables, trainable_variables and non_trainable_variables, as archive.track(model) lists
+    # them, without track's search of the models for lookup tables: that traces each model's Keras serving function
+    # once more, the encoder's whole network again. An image encoder has none; an untracked one fails the save.
+    models = [encoder] + ([projector] if projector is not None else [])
+    for kind in ("variables", "trainable_variables", "non_trainable_variables"):
+        archive.add_variable_collection(kind, [v for model in models for v in getattr(model, kind)])
     # The first endpoint also becomes serving_default when none is named so; ours is named explicitly.
     archive.add_endpoint(SIGNATURE_BYTES, servable.from_bytes, [tf.TensorSpec([None], tf.string, name="images")])
     archive.add_endpoint(SIGNATURE_PIXELS, servable.from_pixels,

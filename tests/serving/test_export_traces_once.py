@@ -48,4 +48,3 @@ def test_export_traces_the_network_once_and_stores_it_once(tmp_path):
     assert CountedIdentity.calls - before == 1
     assert library_ops(version, "Conv2D") == 1
     assert library_ops(version, "MatMul") == 1
-

@@ -479,6 +479,7 @@ class Trainer:
 
         A run that finished before and wrote its end-of-run files skips the loop (`_finished_before`).
         """
+        extra_callbacks = list(extra_callbacks)  # read twice below: a generator would be used up by the first
         if self._finished_before(extra_callbacks):
             return self._finished_logs()
         with self._signals, self._watchdog:
@@ -498,7 +499,7 @@ class Trainer:
         if (self.resume_from is None or self.start_step != self.total_steps or self.config_changes
                 or list(extra_callbacks) or self._collective_stop or not self.chief):
             return False
-        return (self._encoder_written()
+        return (self._encoder_written() and self._end_written_after_the_config()
                 and callbacks.end_of_run_written(self.config, self.workdir, self.run_data, self.start_step)
                 and callbacks.final_knn(self.config, self.workdir, self.run_data, self.start_step) is not None)
 
@@ -511,6 +512,23 @@ class Trainer:
             return False
         return (isinstance(metadata, dict) and metadata.get("step") == self.start_step
                 and (self.output_dir / paths.ENCODER_FILE).is_file() and (self.output_dir / paths.MODEL_FILE).is_file())
+
+    def _end_written_after_the_config(self) -> bool:
+        """Whether config.json is there and the files the run's end writes (encoder.json; report.png and
+        baselines.json where the config asks for them) are newer than it. Every start that runs the loop rewrites
+        config.json before its end, so an end cut short after a start with a changed (harmless) config, or a report
+        that failed to draw, leaves an older file of the same step behind: that end must be written again. (A copy
+        that does not keep file times only makes the rerun run the loop.)"""
+        names = [paths.ENCODER_METADATA]
+        if self.config.report:
+            names.append(paths.REPORT_PICTURE)
+        if self.config.knn.baselines and callbacks.knn_monitored(self.config, self.run_data.info):
+            names.append(paths.BASELINES_FILE)
+        try:
+            written = (self.workdir / paths.CONFIG_FILE).stat().st_mtime_ns
+            return all((self.workdir / name).stat().st_mtime_ns >= written for name in names)
+        except OSError:
+            return False
 
     def _finished_logs(self) -> dict:
         """What `run` returns for a finished run (`_finished_before`), without writing anything: the last epoch's

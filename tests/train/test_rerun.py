@@ -107,11 +107,18 @@ def test_a_finished_run_killed_before_its_end_was_written_writes_it_on_the_rerun
     assert finished_line(result.stdout) == finished_line(intact.stdout)
 
 
+def older_than_the_config(workdir, name):
+    """Sets `name`'s modification time a second before config.json's."""
+    written = (workdir / paths.CONFIG_FILE).stat().st_mtime_ns
+    os.utime(workdir / name, ns=(written - 10**9, written - 10**9))
+
+
 def test_each_missing_end_of_run_file_alone_makes_the_rerun_run_the_loop(finished, tmp_path):
     """What `Trainer._finished_before` requires, one missing piece at a time (each would be left unwritten if the
     rerun skipped the loop): the encoder of the last step (encoder.json names it; encoder.keras and
-    barlow_twins.keras), the report, the baseline table's trained row of the last step. Extra callbacks keep the
-    loop too (they expect on_train_begin and on_train_end)."""
+    barlow_twins.keras), the report, the baseline table's trained row of the last step, config.json, and end files
+    newer than config.json. Extra callbacks keep the loop too (they expect on_train_begin and on_train_end), also
+    when they come as a generator, which the check must not use up before the loop gets them."""
     workdir = copy(finished, tmp_path)
     metadata = json.loads((workdir / paths.ENCODER_METADATA).read_text())
     table = baselines.read(workdir)
@@ -125,6 +132,10 @@ def test_each_missing_end_of_run_file_alone_makes_the_rerun_run_the_loop(finishe
             json.dumps({**table, "rows": table["rows"][:2]})),
         "a table of an earlier step": lambda: (workdir / paths.BASELINES_FILE).write_text(
             json.dumps({**table, "step": 3})),
+        # A later start rewrote config.json (a harmless change) and was killed before its end was written again.
+        **{f"{name} older than config.json": (lambda name=name: older_than_the_config(workdir, name))
+           for name in (paths.ENCODER_METADATA, paths.REPORT_PICTURE, paths.BASELINES_FILE)},
+        "no config.json": lambda: (workdir / paths.CONFIG_FILE).unlink(),
     }
     config = tiny_config(report=True, log_every_steps=2)  # what command() asks for, as a config
     config.knn.update(every_epochs=3, baselines=True, train_examples=256, test_examples=128)
@@ -135,7 +146,12 @@ def test_each_missing_end_of_run_file_alone_makes_the_rerun_run_the_loop(finishe
         for name, damage in damages.items():
             damage()
             assert not t._finished_before(), name
-            for end_file in END_FILES:  # the intact files again, for the next one
+            for end_file in (*END_FILES, paths.CONFIG_FILE):  # the intact files again, for the next one
                 shutil.copy2(finished / end_file, workdir / end_file)
+        seen = []
+        recorder = keras.callbacks.LambdaCallback(on_train_begin=lambda logs: seen.append("begin"),
+                                                  on_train_end=lambda logs: seen.append("end"))
+        t.run(callback for callback in [recorder])
+        assert seen == ["begin", "end"]
     finally:
         t.close()

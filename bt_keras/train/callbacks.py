@@ -284,26 +284,34 @@ def _trained_row(workdir, step: int) -> dict | None:
     return next((row for row in rows if isinstance(row, dict) and row.get("name") == baselines.ROWS[2]), None)
 
 
+def end_of_run_files(config, run) -> list[str]:
+    """The files `default_callbacks` write when training ends: report.png (`config.report`) and baselines.json
+    (`config.knn.baselines`, with the kNN monitor on). `run`: the run's dataset facts (`builders.RunData`)."""
+    names = [paths.REPORT_PICTURE] if config.report else []
+    if config.knn.baselines and knn_monitored(config, run.info):
+        names.append(paths.BASELINES_FILE)
+    return names
+
+
 def end_of_run_written(config, workdir, run, step: int) -> bool:
     """Whether `workdir` holds what `default_callbacks` write when training ends at `step`, the last step of a
-    finished run: report.png (`config.report`) and the baseline table with its trained row of `step`
-    (`config.knn.baselines`, with the kNN monitor on). What they write at epoch ends (metrics, picture of C) was
-    written before the checkpoint of `step`. `run`: the run's dataset facts (`builders.RunData`)."""
-    if config.report and not (Path(workdir) / paths.REPORT_PICTURE).is_file():
+    finished run: the `end_of_run_files`, the baseline table with its trained row of `step`. What they write at
+    epoch ends (metrics, picture of C) was written before the checkpoint of `step`."""
+    names = end_of_run_files(config, run)
+    if not all((Path(workdir) / name).is_file() for name in names):
         return False
-    if config.knn.baselines and knn_monitored(config, run.info) and _trained_row(workdir, step) is None:
-        return False
-    return True
+    return paths.BASELINES_FILE not in names or _trained_row(workdir, step) is not None
 
 
-def final_knn(config, workdir, run, step: int) -> dict | None:
+def final_knn(config, records: list[dict], workdir, run, step: int) -> dict | None:
     """The kNN monitor's top-1/top-5 of the encoder at `step` (a finished run's last), from what the run wrote: {}
-    when there is no monitor; the metrics' record of `step` when the last epoch measured it; else the baseline
-    table's trained row of `step` (the same splits, k, temperature and features: the same numbers), rounded as the
-    metrics are. None when neither holds it (then a rerun measures it, as the monitor does at every start)."""
+    when there is no monitor; the metrics' record of `step` (`records`: `figures.read_metrics(workdir)`) when the
+    last epoch measured it; else the baseline table's trained row of `step` (the same splits, k, temperature and
+    features: the same numbers), rounded as the metrics are. None when neither holds it (then a rerun measures it,
+    as the monitor does at every start)."""
     if not knn_monitored(config, run.info):
         return {}
-    measured = [r for r in figures.read_metrics(workdir) if r["step"] == step and "knn_top1" in r]
+    measured = [r for r in records if r["step"] == step and "knn_top1" in r]
     row = measured[-1] if measured else _trained_row(workdir, step)
     if row is None or "knn_top1" not in row or "knn_top5" not in row:
         return None

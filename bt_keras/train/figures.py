@@ -78,10 +78,11 @@ def read_metrics(workdir) -> list[dict]:
     return sorted(records.values(), key=lambda r: (r["step"], r.get("kind") != "start"))
 
 
-def final_metrics(workdir) -> dict:
+def final_metrics(workdir, records: list[dict] | None = None) -> dict:
     """The last epoch's logged values (loss, terms, lr, ..., step, epoch), with the latest kNN accuracy wherever it
-    was logged; {} when the run logged no epoch. What a rerun of a finished run prints."""
-    records = read_metrics(workdir)
+    was logged; {} when the run logged no epoch. What a rerun of a finished run prints. `records`: `read_metrics`'s
+    of `workdir`, when the caller has read them already."""
+    records = read_metrics(workdir) if records is None else records
     epochs = [r for r in records if r.get("kind") == "epoch"]
     result = {k: v for k, v in (epochs[-1] if epochs else {}).items() if k not in ("kind", "time")}
     knn = [r for r in records if "knn_top1" in r]

@@ -477,18 +477,21 @@ class Trainer:
         batch logs and are read back from the device only every `config.log_every_steps` steps (and at epoch ends),
         where the progress line (bt_keras.train.progress, a callback) and the NaN check use them.
 
-        A run that finished before and wrote its end-of-run files skips the loop (`_finished_before`).
+        A run that finished before and wrote its end-of-run files skips the loop (`_finished_logs`).
         """
         extra_callbacks = list(extra_callbacks)  # read twice below: a generator would be used up by the first
-        if self._finished_before(extra_callbacks):
-            return self._finished_logs()
+        finished = self._finished_logs(extra_callbacks)
+        if finished is not None:
+            return finished
         with self._signals, self._watchdog:
             return self._run_with_signals(extra_callbacks)
 
-    def _finished_before(self, extra_callbacks=()) -> bool:
-        """Whether this start has nothing to do: it resumed, with the same config, at the last step of the schedule,
-        and the run's end already wrote all it writes (`_encoder_written`; the callbacks' end of run:
-        `callbacks.end_of_run_written`), with the final kNN accuracy on record (`callbacks.final_knn`).
+    def _finished_logs(self, extra_callbacks=()) -> dict | None:
+        """What `run` returns when this start has nothing to do, without writing anything; None when the loop must
+        run. Nothing to do: it resumed, with the same config, at the last step of the schedule, the run's end already
+        wrote all it writes (`_end_written`), and the final kNN accuracy is on record (`callbacks.final_knn`). The
+        logs are then the last epoch's logged metrics (`figures.final_metrics`) with that accuracy: the numbers the
+        loop's rerun returned (its kNN monitor measured the accuracy again when it started).
 
         Why: the loop would then train nothing, yet trace the step, rewrite config.json, run the callbacks' begin and
         end (the end-of-run baseline table alone is ~37 CPU-s on the quickstart recipe, for the numbers it wrote
@@ -496,49 +499,40 @@ class Trainer:
         a changed config (recorded, and it may ask for other end-of-run files), extra callbacks (they expect
         on_train_begin and on_train_end), and a multi-worker run (every worker must take the same path, and a
         non-chief worker writes its files to a scratch folder)."""
-        if (self.resume_from is None or self.start_step != self.total_steps or self.config_changes
-                or list(extra_callbacks) or self._collective_stop or not self.chief):
-            return False
-        return (self._encoder_written() and self._end_written_after_the_config()
-                and callbacks.end_of_run_written(self.config, self.workdir, self.run_data, self.start_step)
-                and callbacks.final_knn(self.config, self.workdir, self.run_data, self.start_step) is not None)
+        if (self.resume_from is None or self.start_step != self.total_steps or self.config_changes or extra_callbacks
+                or self._collective_stop or not self.chief or not self._end_written()):
+            return None
+        records = figures.read_metrics(self.workdir)
+        knn = callbacks.final_knn(self.config, records, self.workdir, self.run_data, self.start_step)
+        if knn is None:
+            return None
+        logging.info("%s finished at step %d and holds its encoder and end-of-run files: nothing to train or write.",
+                     self.workdir, self.start_step)
+        return {**figures.final_metrics(self.workdir, records), **knn}
 
-    def _encoder_written(self) -> bool:
-        """Whether `save_encoder` finished at this step: encoder.json, its last file, names the step, and the two
-        models are there (an end cut short by a kill leaves no encoder.json of this step)."""
+    def _end_written(self) -> bool:
+        """Whether the run's end at this step wrote all it writes, after the last start that ran the loop:
+        - `save_encoder` finished: encoder.json, its last file, names this step, and the two models are there (an
+          end cut short by a kill leaves no encoder.json of this step);
+        - the callbacks' end-of-run files are there (`callbacks.end_of_run_written`);
+        - config.json is there, and encoder.json and those files are newer than it. Every start that runs the loop
+          rewrites config.json before its end, so an end cut short after a start with a changed (harmless) config,
+          or a report that failed to draw, leaves an older file of the same step behind, to be written again. (A
+          copy that does not keep file times only makes the rerun run the loop.)"""
         try:
-            metadata = json.loads((self.output_dir / paths.ENCODER_METADATA).read_text(encoding="utf-8"))
+            metadata = json.loads((self.workdir / paths.ENCODER_METADATA).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return False
-        return (isinstance(metadata, dict) and metadata.get("step") == self.start_step
-                and (self.output_dir / paths.ENCODER_FILE).is_file() and (self.output_dir / paths.MODEL_FILE).is_file())
-
-    def _end_written_after_the_config(self) -> bool:
-        """Whether config.json is there and the files the run's end writes (encoder.json; report.png and
-        baselines.json where the config asks for them) are newer than it. Every start that runs the loop rewrites
-        config.json before its end, so an end cut short after a start with a changed (harmless) config, or a report
-        that failed to draw, leaves an older file of the same step behind: that end must be written again. (A copy
-        that does not keep file times only makes the rerun run the loop.)"""
-        names = [paths.ENCODER_METADATA]
-        if self.config.report:
-            names.append(paths.REPORT_PICTURE)
-        if self.config.knn.baselines and callbacks.knn_monitored(self.config, self.run_data.info):
-            names.append(paths.BASELINES_FILE)
+        if not (isinstance(metadata, dict) and metadata.get("step") == self.start_step
+                and (self.workdir / paths.ENCODER_FILE).is_file() and (self.workdir / paths.MODEL_FILE).is_file()
+                and callbacks.end_of_run_written(self.config, self.workdir, self.run_data, self.start_step)):
+            return False
+        names = [paths.ENCODER_METADATA, *callbacks.end_of_run_files(self.config, self.run_data)]
         try:
             written = (self.workdir / paths.CONFIG_FILE).stat().st_mtime_ns
             return all((self.workdir / name).stat().st_mtime_ns >= written for name in names)
         except OSError:
             return False
-
-    def _finished_logs(self) -> dict:
-        """What `run` returns for a finished run (`_finished_before`), without writing anything: the last epoch's
-        logged metrics (`figures.final_metrics`) with the final encoder's kNN accuracy, the numbers the loop's rerun
-        returned (its kNN monitor measured that accuracy again when it started)."""
-        logging.info("%s finished at step %d and holds its encoder and end-of-run files: nothing to train or write.",
-                     self.workdir, self.start_step)
-        logs = figures.final_metrics(self.workdir)
-        logs.update(callbacks.final_knn(self.config, self.workdir, self.run_data, self.start_step))
-        return logs
 
     def _run_with_signals(self, extra_callbacks=()) -> dict:
         """`_run` while SIGTERM and SIGINT are recorded (`_StopSignals`): on one, the step in flight finishes, its

@@ -114,7 +114,7 @@ def older_than_the_config(workdir, name):
 
 
 def test_each_missing_end_of_run_file_alone_makes_the_rerun_run_the_loop(finished, tmp_path):
-    """What `Trainer._finished_before` requires, one missing piece at a time (each would be left unwritten if the
+    """What `Trainer._finished_logs` requires, one missing piece at a time (each would be left unwritten if the
     rerun skipped the loop): the encoder of the last step (encoder.json names it; encoder.keras and
     barlow_twins.keras), the report, the baseline table's trained row of the last step, config.json, and end files
     newer than config.json. Extra callbacks keep the loop too (they expect on_train_begin and on_train_end), also
@@ -141,11 +141,11 @@ def test_each_missing_end_of_run_file_alone_makes_the_rerun_run_the_loop(finishe
     config.knn.update(every_epochs=3, baselines=True, train_examples=256, test_examples=128)
     t = Trainer(config, workdir, tf.distribute.get_strategy())
     try:
-        assert t.config_changes == [] and t._finished_before()  # the intact run: the rerun skips the loop
-        assert not t._finished_before([keras.callbacks.TerminateOnNaN()])
+        assert t.config_changes == [] and t._finished_logs() is not None  # the intact run: the rerun skips the loop
+        assert t._finished_logs([keras.callbacks.TerminateOnNaN()]) is None
         for name, damage in damages.items():
             damage()
-            assert not t._finished_before(), name
+            assert t._finished_logs() is None, name
             for end_file in (*END_FILES, paths.CONFIG_FILE):  # the intact files again, for the next one
                 shutil.copy2(finished / end_file, workdir / end_file)
         seen = []

@@ -310,21 +310,27 @@ def test_clear_errors_for_bad_checkpoints_and_metadata(workdir, tmp_path):
         signatures.preprocessing_from_metadata({**METADATA, "image_size": 224}, encoder)
 
 
-def test_cli_names_a_missing_checkpoint(tmp_path, monkeypatch):
-    """The export command's main in this process, its flags given as parsed values (the defaults but for the two
-    paths): it exits with the message naming the path (what Python prints on stderr, status 1). The command in a
-    fresh process: test_max_image_pixels_must_be_positive and the `export_dir` fixture."""
+def _export_main(monkeypatch, checkpoint, export_dir, **flag_values) -> SystemExit:
+    """Runs the export command's main in this process, its flags given as parsed values (the defaults but for the
+    two paths and `flag_values`); returns the SystemExit it ends with. (The command in a fresh process: the
+    `export_dir` fixture.)"""
     from absl import flags
 
     from bt_keras.cli import export as export_cli
 
-    monkeypatch.setattr(flags, "FLAGS", types.SimpleNamespace(
-        checkpoint=str(tmp_path / "missing"), export_dir=str(tmp_path / "out"), version=None, l2_normalize=False,
-        include_projector=False, batch_warmup_sizes=["1"], model_name=MODEL_NAME,
-        max_image_pixels=DEFAULT_MAX_PIXELS))
+    values = dict(checkpoint=str(checkpoint), export_dir=str(export_dir), version=None, l2_normalize=False,
+                  include_projector=False, batch_warmup_sizes=["1"], model_name=MODEL_NAME,
+                  max_image_pixels=DEFAULT_MAX_PIXELS)
+    monkeypatch.setattr(flags, "FLAGS", types.SimpleNamespace(**{**values, **flag_values}))
     with pytest.raises(SystemExit) as exited:
         export_cli.main(["export"])
-    message = exited.value.code
+    return exited.value
+
+
+def test_cli_names_a_missing_checkpoint(tmp_path, monkeypatch):
+    """The export command's main (`_export_main`) exits with the message naming the path (what Python prints on
+    stderr, status 1)."""
+    message = _export_main(monkeypatch, tmp_path / "missing", tmp_path / "out").code
     assert isinstance(message, str) and message.startswith("export: "), message  # not 0, not a bare status
     assert "does not exist" in message and str(tmp_path / "missing") in message
     assert not (tmp_path / "out").exists()
@@ -353,24 +359,15 @@ def test_a_non_finite_input_row_gets_nan_outputs_not_a_plausible_vector(exported
 
 @pytest.mark.hostile
 def test_max_image_pixels_must_be_positive(tmp_path, monkeypatch, capsys):
-    from absl import flags
-
-    from bt_keras.cli import export as export_cli
-
     encoder = backbones.resnet18(input_shape=(16, 16, 3), stem="cifar", width_multiplier=1 / 16, blocks=(1, 1))
     for bad in (-5, 0, 2.5, True):
         with pytest.raises(ValueError, match="max_image_pixels must be a positive integer"):
             savedmodel.export_encoder(encoder, {"image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3},
                                       tmp_path / "m", max_image_pixels=bad)
     assert not (tmp_path / "m").exists()  # refused before anything was written
-    # The command's main in this process, as in test_cli_names_a_missing_checkpoint (the command in a fresh process:
-    # the `export_dir` fixture): a usage error, status 2, one line naming the flag, before the checkpoint is read.
-    monkeypatch.setattr(flags, "FLAGS", types.SimpleNamespace(
-        checkpoint=str(tmp_path), export_dir=str(tmp_path / "m"), version=None, l2_normalize=False,
-        include_projector=False, batch_warmup_sizes=["1"], model_name=MODEL_NAME, max_image_pixels=-5))
-    with pytest.raises(SystemExit) as exited:
-        export_cli.main(["export"])
-    assert exited.value.code == 2
+    # The command's main (`_export_main`): a usage error, status 2, one line naming the flag, before the checkpoint
+    # is read.
+    assert _export_main(monkeypatch, tmp_path, tmp_path / "m", max_image_pixels=-5).code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("export:")]
     assert lines == ["export: --max_image_pixels must be a positive integer (the most pixels serving_default "
                      f"decodes, default {DEFAULT_MAX_PIXELS}), got -5"], lines
